@@ -1,0 +1,1 @@
+"""Submitting documents: reading sources on the client and enqueueing them as batches. No torch here."""

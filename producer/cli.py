@@ -1,0 +1,334 @@
+"""The `embedpipe` command line. Every setting is a flag that defaults to its EMBEDPIPE_* variable."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+
+from shared.errors import EmbedpipeError
+from shared.settings import STAGES, Settings, env_name, setting_fields
+
+log = logging.getLogger("embedpipe")
+
+FIELDS = {f.name: f for f in setting_fields()}
+REDIS = ["redis_url"]
+MODEL = ["model", "device", "batch_size"]
+CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
+JOBS = ["payload_ttl_s", "job_timeout_s", "job_retries"]
+
+
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one flag per named setting, defaulting to its environment variable, and pass the
+    command a ready `settings` object instead of the raw values."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in names}
+            ctx = click.get_current_context()
+            if "redis_url" in given and ctx.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE:
+                if urlsplit(given["redis_url"]).password:
+                    raise click.UsageError(
+                        "a password on the command line shows in `ps`: put it in EMBEDPIPE_REDIS_PASSWORD, "
+                        "EMBEDPIPE_REDIS_PASSWORD_FILE, or the URL in EMBEDPIPE_REDIS_URL"
+                    )
+            try:
+                settings = Settings.from_env(**given, log_level=ctx.find_root().params["log_level"])
+            except EmbedpipeError as e:
+                raise click.UsageError(str(e)) from e
+            return command(*args, settings=settings, **kwargs)
+
+        for name in reversed(names):
+            f = FIELDS[name]
+            wrapper = click.option(
+                "--" + name.replace("_", "-"),
+                name,
+                type=type(f.default),
+                default=f.default,
+                envvar=env_name(name),
+                show_default=True,
+                show_envvar=True,
+                help=f.metadata["help"],
+            )(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def fail_clearly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn known errors into one clear line and exit status 1, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+
+        try:
+            return command(*args, **kwargs)
+        except EmbedpipeError as e:
+            raise click.ClickException(str(e)) from e
+        except (RedisConnectionError, ResponseError) as e:
+            settings = kwargs.get("settings")
+            where = f" at {settings.redis_url_redacted}" if settings else ""
+            raise click.ClickException(f"cannot use Redis{where}: {e}") from e
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--log-level", default="WARNING", envvar="EMBEDPIPE_LOG_LEVEL", show_default=True, show_envvar=True,
+              help="Logging level (workers and janitor log each job at INFO).")
+@click.version_option(package_name="embedpipe")
+def main(log_level: str) -> None:
+    """embedpipe turns documents into vectors and keeps them fresh.
+
+    \b
+    Embedded (one process, no Redis, a local store):
+      embedpipe run examples/            embed a directory, show a summary
+      embedpipe search "a question"      ask the store
+    Distributed (Redis queues, a pool of workers per stage):
+      embedpipe janitor                  housekeeping: inbox, retries, recovery (run one)
+      embedpipe worker load|chunk|embed|write
+      embedpipe enqueue PATH... | -      submit documents
+      embedpipe status / failed / wait   watch it work
+
+    Every flag defaults to its EMBEDPIPE_* environment variable. Secrets never go on the command line:
+    the Redis password comes from EMBEDPIPE_REDIS_URL, EMBEDPIPE_REDIS_PASSWORD or EMBEDPIPE_REDIS_PASSWORD_FILE.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@settings_options("store", *MODEL, *CHUNKING)
+@fail_clearly
+def run(paths: tuple[str, ...], as_json: bool, progress: bool | None, settings: Settings) -> None:
+    """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
+    one process with no Redis. Failed documents are listed by `embedpipe failed`."""
+    from tqdm import tqdm
+
+    from producer.sources import iter_sources, resolve
+    from workers.embedded import EmbeddedRun
+
+    inputs = resolve(list(paths))
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
+        summary = EmbeddedRun(settings, progress=bar).run(iter_sources(inputs, settings.max_doc_bytes))
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    click.echo(
+        f"{summary.documents} documents ({summary.documents_stored} stored, {summary.failed} failed), "
+        f"{summary.chunks} chunks, {summary.tokens} tokens in {summary.seconds:.1f} s "
+        f"({summary.chunks_per_s:.1f} chunks/s)\nvectors: {summary.store}"
+    )
+    if summary.failed:
+        click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
+
+
+@main.command()
+@click.argument("query")
+@click.option("-k", "k", default=5, show_default=True, help="How many chunks to return.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of hits.")
+@settings_options("store", *MODEL)
+@fail_clearly
+def search(query: str, k: int, as_json: bool, settings: Settings) -> None:
+    """Find the K chunks closest to QUERY in the store (document ID, chunk, score, text)."""
+    from shared.store import open_store
+    from workers.embed import Embedder
+
+    if not settings.store_path.is_dir():
+        raise click.ClickException(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
+    store = open_store(settings.store, settings.model)
+    vector = Embedder(settings.model, settings.device, settings.batch_size).warm_up().embed([query])[0]
+    hits = store.search(vector, k)
+    if as_json:
+        click.echo(json.dumps([{**asdict(h), "chunk": h.index} for h in hits]))
+        return
+    if not hits:
+        click.echo("no results: the store is empty")
+    for rank, h in enumerate(hits, 1):
+        text = " ".join(h.text.split())
+        click.echo(f"{rank}. {h.score:.3f}  {h.doc_id}  #{h.index}\n   {text[:300]}{'…' if len(text) > 300 else ''}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@settings_options(*REDIS, "batch_docs", "max_doc_bytes", *JOBS)
+@fail_clearly
+def enqueue(paths: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
+    """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
+    distributed pipeline. Local files are sent by content; URLs are fetched by the loaders."""
+    from tqdm import tqdm
+
+    from producer.sources import iter_sources, resolve
+    from producer.submit import submit
+    from workers.runtime import connect
+
+    inputs = resolve(list(paths))
+    redis = connect(settings)
+    redis.ping()
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
+        result = submit(redis, settings, iter_sources(inputs, settings.max_doc_bytes), on_progress=bar.update)
+    click.echo(f"enqueued {result.documents} documents in {result.batches} batches"
+               + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else ""))
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(STAGES))
+@click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit 0.")
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS)
+@fail_clearly
+def worker(stage: str, burst: bool, settings: Settings) -> None:
+    """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
+    stage needs once (tokenizer, model or store), then takes jobs from the rq queue STAGE.
+    SIGTERM finishes the current job, then exits."""
+    from workers.runtime import run_worker
+
+    run_worker(settings, stage, burst=burst)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
+@settings_options(*REDIS, "batch_docs", "inbox_wait_s", *JOBS)
+@fail_clearly
+def janitor(burst: bool, settings: Settings) -> None:
+    """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's
+    scheduler (delayed retries) and recovers jobs of dead workers every few seconds."""
+    from workers.janitor import Janitor
+
+    Janitor(settings).run(burst=burst)
+
+
+def _use_local(local: bool | None) -> bool:
+    """status/failed read the embedded store's state unless a Redis URL was set (or --redis)."""
+    if local is not None:
+        return local
+    source = click.get_current_context().get_parameter_source("redis_url")
+    return source == click.core.ParameterSource.DEFAULT
+
+
+local_option = click.option(
+    "--local/--redis", "local", default=None,
+    help="Read the embedded store's state, or Redis. Default: Redis if a Redis URL is set, else the store.",
+)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@local_option
+@settings_options(*REDIS, "store")
+@fail_clearly
+def status(as_json: bool, local: bool | None, settings: Settings) -> None:
+    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
+    failed (dead letters)."""
+    if _use_local(local):
+        from shared.ledger import LocalLedger, local_ledger_path
+        from shared.store import open_store
+
+        from producer.status import local_status
+
+        path = local_ledger_path(settings.store_path)
+        if not path.is_file():
+            raise click.ClickException(f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode")
+        data = local_status(LocalLedger(path), open_store(settings.store, settings.model).count())
+    else:
+        from producer.status import distributed_status
+        from workers.runtime import connect
+
+        data = distributed_status(connect(settings))
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    if data["mode"] == "distributed":
+        click.echo(f"inbox: {data['inbox']}")
+        header = ["stage", "queued", "running", "scheduled", "failed", "workers"]
+        click.echo("  ".join(f"{h:>9}" for h in header))
+        for stage, s in data["stages"].items():
+            click.echo("  ".join(f"{v:>9}" for v in [stage, s["queued"] + s["dequeuing"], s["running"],
+                                                      s["scheduled"] + s["deferred"], s["failed"], s["workers"]]))
+    else:
+        click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
+    click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@local_option
+@settings_options(*REDIS, "store")
+@fail_clearly
+def failed(as_json: bool, local: bool | None, settings: Settings) -> None:
+    """Failed documents (dead letters): document ID, stage, reason and message."""
+    if _use_local(local):
+        from shared.ledger import LocalLedger, local_ledger_path
+
+        path = local_ledger_path(settings.store_path)
+        letters = LocalLedger(path).dead() if path.is_file() else []
+    else:
+        from shared.ledger import RedisLedger
+        from workers.runtime import connect
+
+        letters = RedisLedger(connect(settings)).dead()
+    rows = [{k: v for k, v in asdict(d).items() if k != "source"} for d in letters]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no failed documents")
+    for r in rows:
+        click.echo(f"{r['doc_id']}  [{r['stage']}/{r['reason']}]  {r['message']}")
+
+
+@main.command()
+@click.option("--timeout", "timeout_s", type=float, default=0, show_default=True, help="Give up after S seconds (0: never); exit 1.")
+@settings_options(*REDIS)
+@fail_clearly
+def wait(timeout_s: float, settings: Settings) -> None:
+    """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
+    scheduled for retry."""
+    from producer.status import distributed_status, is_idle
+    from workers.runtime import connect
+
+    redis = connect(settings)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    idle_rounds = 0
+    while idle_rounds < 2:  # twice in a row: a job between two stages is never missed
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis)) else 0
+        if deadline and time.monotonic() > deadline:
+            raise click.ClickException(f"still busy after {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+@main.command()
+@click.option("--stage", type=click.Choice(["janitor", *STAGES, "embedded"]), default="janitor", show_default=True,
+              help="What the checked process needs: Redis always except embedded, the store for write, the model for chunk/embed.")
+@settings_options(*REDIS, "store", "model")
+@fail_clearly
+def health(stage: str, settings: Settings) -> None:
+    """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason."""
+    from shared.models import resolve_model_path
+
+    if stage != "embedded":
+        from workers.runtime import connect
+
+        connect(settings).ping()
+    if stage in ("chunk", "embed", "embedded"):
+        resolve_model_path(settings.model)
+    if stage in ("write", "embedded"):
+        from shared.store import open_store
+
+        open_store(settings.store, settings.model)
+    click.echo("ok")

@@ -1,0 +1,72 @@
+"""Enqueue documents as load batches: one claim-check payload and one rq job per batch."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from redis import Redis
+
+from shared import keys
+from shared.ledger import RedisLedger
+from shared.messages import DeadLetter, SourceDoc, pack
+from shared.settings import Settings
+
+
+def batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
+    """itertools.batched, which Python 3.11 lacks."""
+    it = iter(items)
+    while group := list(islice(it, n)):
+        yield group
+
+
+def new_batch_id() -> str:
+    """Time-ordered and unique; downstream job IDs derive from it deterministically."""
+    return f"{time.time_ns() // 1_000_000:x}-{os.urandom(4).hex()}"
+
+
+def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pipe: Any) -> str:
+    """Add one batch (payload + load job) to `pipe`; the caller executes it."""
+    from workers.runtime import enqueue_jobs, queue
+
+    batch_id = new_batch_id()
+    pipe.set(keys.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
+    enqueue_jobs(queue(redis, "load"), settings, "load", [(batch_id,)], pipe)
+    return batch_id
+
+
+@dataclass
+class SubmitResult:
+    batches: int = 0
+    documents: int = 0
+    rejected: int = 0
+
+
+def submit(
+    redis: Redis,
+    settings: Settings,
+    items: Iterable[SourceDoc | DeadLetter],
+    on_progress: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Enqueue sources in batches of settings.batch_docs; items the client already rejected
+    (unreadable files, malformed JSONL lines) are recorded as dead letters."""
+    result = SubmitResult()
+    ledger = RedisLedger(redis)
+    for group in batched(items, settings.batch_docs):
+        sources = [i for i in group if isinstance(i, SourceDoc)]
+        rejected = [i for i in group if isinstance(i, DeadLetter)]
+        with redis.pipeline() as pipe:
+            if sources:
+                enqueue_batch(redis, settings, sources, pipe)
+                result.batches += 1
+            ledger.add_dead(rejected, pipe=pipe)
+            pipe.execute()
+        result.documents += len(sources)
+        result.rejected += len(rejected)
+        if on_progress:
+            on_progress(len(group))
+    return result

@@ -1,0 +1,1 @@
+"""Code shared by the producer and the workers: settings, messages, keys, store and ledger."""

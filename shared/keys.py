@@ -1,0 +1,50 @@
+"""Every Redis key embedpipe uses, in one place. rq's own keys (rq:queue:<stage>, ...) are rq's."""
+
+PREFIX = "embedpipe"
+
+INBOX = f"{PREFIX}:inbox"  # list: JSON or msgpack documents pushed by any client
+DEAD = f"{PREFIX}:dead"  # hash: doc_id -> msgpack DeadLetter
+COUNTERS = f"{PREFIX}:counters"  # hash: documents_done, chunks_written, ...
+
+
+def sources(batch_id: str) -> str:
+    """msgpack list of submitted SourceDoc dicts (claim check of a load job)."""
+    return f"{PREFIX}:sources:{batch_id}"
+
+
+def documents(batch_id: str) -> str:
+    """msgpack list of loaded Documents (claim check of a chunk job)."""
+    return f"{PREFIX}:docs:{batch_id}"
+
+
+def chunks(batch_id: str, part: int) -> str:
+    """msgpack list of Chunks of one embed part."""
+    return f"{PREFIX}:chunks:{batch_id}:{part}"
+
+
+def vectors(batch_id: str, part: int) -> str:
+    """float32 bytes, row-major, one row per chunk of the part."""
+    return f"{PREFIX}:vecs:{batch_id}:{part}"
+
+
+def batch_plan(batch_id: str) -> str:
+    """hash: parts -> number of embed parts; doc:<id> -> msgpack list of the document's chunk IDs."""
+    return f"{PREFIX}:plan:{batch_id}"
+
+
+def parts_written(batch_id: str) -> str:
+    """set of part numbers the writer has stored."""
+    return f"{PREFIX}:written:{batch_id}"
+
+
+def batch_finalized(batch_id: str) -> str:
+    """set once (SET NX) by the writer that finalizes the batch, so documents are counted once."""
+    return f"{PREFIX}:final:{batch_id}"
+
+
+def batch_keys(batch_id: str, parts: int) -> list[str]:
+    """All claim-check keys of a batch, deleted once the batch is finalized."""
+    keys = [sources(batch_id), documents(batch_id), batch_plan(batch_id), parts_written(batch_id)]
+    for p in range(parts):
+        keys += [chunks(batch_id, p), vectors(batch_id, p)]
+    return keys

@@ -1,0 +1,195 @@
+"""Messages that travel between stages: frozen dataclasses with explicit msgpack encode/decode.
+
+Every payload read from Redis goes through `decode_*`, which validates types and wraps every
+failure in one `DecodeError`; nothing is unpickled, nothing is trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from shared.errors import DecodeError
+
+SCHEMA_VERSION = 1
+MAX_ID_CHARS = 512
+
+
+def content_hash(text: str) -> str:
+    """A stable fingerprint of a document's clean text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def chunk_id(doc_id: str, text: str, occurrence: int) -> str:
+    """A chunk's ID comes from its document and its text, not its position: inserting a paragraph
+    does not rename every later chunk. `occurrence` tells repeated texts in one document apart."""
+    key = f"{doc_id}\0{occurrence}\0{text}".encode()
+    return hashlib.blake2b(key, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceDoc:
+    """A submitted document before loading: inline text, raw file bytes, or a URI to fetch."""
+
+    id: str
+    text: str | None = None
+    content: bytes | None = None
+    uri: str | None = None
+    name: str | None = None  # the original file name; its suffix picks the parser
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": SCHEMA_VERSION, "id": self.id}
+        for key in ("text", "content", "uri", "name"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.metadata:
+            d["metadata"] = self.metadata
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SourceDoc:
+        """Validate one message (from the inbox, a JSONL line or a claim-check payload)."""
+        if not isinstance(d, dict):
+            raise DecodeError(f"a document must be an object, got {type(d).__name__}")
+        version = d.get("v", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise DecodeError(f"unsupported schema version {version!r} (this build reads v{SCHEMA_VERSION})")
+        doc_id = d.get("id")
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            raise DecodeError("a document needs a non-empty string 'id'")
+        if len(doc_id) > MAX_ID_CHARS:
+            raise DecodeError(f"document id longer than {MAX_ID_CHARS} characters")
+        bodies = [k for k in ("text", "content", "uri") if d.get(k) is not None]
+        if len(bodies) != 1:
+            raise DecodeError(f"document {doc_id!r} needs exactly one of 'text', 'content', 'uri'")
+        expected = {"text": str, "content": bytes, "uri": str, "name": str, "metadata": dict}
+        for key, kind in expected.items():
+            if d.get(key) is not None and not isinstance(d[key], kind):
+                raise DecodeError(f"document {doc_id!r}: {key!r} must be {kind.__name__}")
+        unknown = set(d) - set(expected) - {"v", "id"}
+        if unknown:
+            raise DecodeError(f"document {doc_id!r}: unknown fields {sorted(unknown)}")
+        return cls(
+            id=doc_id,
+            text=d.get("text"),
+            content=d.get("content"),
+            uri=d.get("uri"),
+            name=d.get("name"),
+            metadata=d.get("metadata") or {},
+        )
+
+
+@dataclass(frozen=True)
+class Document:
+    """A loaded, cleaned document."""
+
+    id: str
+    text: str
+    content_hash: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document that fits the model; `text == document.text[char_start:char_end]`."""
+
+    chunk_id: str
+    doc_id: str
+    index: int
+    text: str
+    tokens: int
+    char_start: int
+    char_end: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A document that failed for good, with what is needed to understand and redrive it."""
+
+    doc_id: str
+    stage: str
+    reason: str
+    message: str
+    attempts: int = 1
+    at: float = 0.0
+    source: dict[str, Any] | None = None  # the SourceDoc as submitted, when small enough to keep
+
+
+def pack(items: list[Any]) -> bytes:
+    """Encode a list of message dataclasses (or plain dicts) as msgpack."""
+    return msgpack.packb(
+        [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in items], use_bin_type=True
+    )
+
+
+def _unpack_list(raw: bytes | None, what: str) -> list[Any]:
+    if raw is None:
+        raise DecodeError(f"{what} payload is missing (expired or never written)")
+    try:
+        items = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise DecodeError(f"{what} payload is not valid msgpack: {e}") from e
+    if not isinstance(items, list):
+        raise DecodeError(f"{what} payload must be a list")
+    return items
+
+
+def _build(cls: type, items: list[Any], what: str) -> list[Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or not set(item) <= names:
+                raise DecodeError(f"{what} item has unexpected shape")
+            out.append(cls(**item))
+        return out
+    except TypeError as e:
+        raise DecodeError(f"{what} item is incomplete: {e}") from e
+
+
+def decode_documents(raw: bytes | None) -> list[Document]:
+    return _build(Document, _unpack_list(raw, "documents"), "documents")
+
+
+def decode_chunks(raw: bytes | None) -> list[Chunk]:
+    return _build(Chunk, _unpack_list(raw, "chunks"), "chunks")
+
+
+def decode_sources(raw: bytes | None) -> list[dict[str, Any]]:
+    """Source payloads stay dicts here: each is validated one by one, so one bad item only
+    fails its own document."""
+    return _unpack_list(raw, "sources")
+
+
+def decode_inbox_message(raw: bytes) -> SourceDoc:
+    """An inbox message is a JSON object or a msgpack map (see the README for the schema)."""
+    data: Any
+    if raw[:1] in (b"{", b" ", b"\n", b"\t"):
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DecodeError(f"inbox message is not valid JSON: {e}") from e
+    else:
+        try:
+            data = msgpack.unpackb(raw, raw=False)
+        except Exception as e:
+            raise DecodeError(f"inbox message is neither JSON nor msgpack: {e}") from e
+    return SourceDoc.from_dict(data)
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    return msgpack.packb(dataclasses.asdict(letter), use_bin_type=True)
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    try:
+        return DeadLetter(**msgpack.unpackb(raw, raw=False))
+    except Exception as e:
+        raise DecodeError(f"dead letter is not valid: {e}") from e

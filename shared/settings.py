@@ -1,0 +1,119 @@
+"""One settings object per process, read from the environment once in `main()` and passed down.
+
+Every setting is an `EMBEDPIPE_*` environment variable and, in the CLI, a flag defaulting to it.
+Secrets (the Redis password, API keys) are never flags: they come from the environment or a file
+named by `<NAME>_FILE`, so they never show in `ps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "EMBEDPIPE_"
+STAGES = ("load", "chunk", "embed", "write")
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors click's keyword
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = setting("redis://localhost:6379/0", "Redis for the queues (passwords only via the environment).")
+    model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
+    store: str = setting("./embedpipe-store", "Vector store: a directory for the embedded store.")
+    device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
+    batch_size: int = setting(16, "Texts per model forward pass (micro-batch).")
+    chunk_tokens: int = setting(0, "Max tokens per chunk; 0 = the model's limit less its special tokens.")
+    chunk_overlap: float = setting(0.1, "Overlap between consecutive chunks, as a share of chunk_tokens.")
+    batch_docs: int = setting(64, "Documents per load batch (the unit of work of load and chunk).")
+    part_max_chunks: int = setting(512, "Max chunks per embed part (the unit of work of embed and write).")
+    part_max_tokens: int = setting(131072, "Max tokens per embed part.")
+    max_doc_bytes: int = setting(20_000_000, "Documents larger than this become dead letters (too_large).")
+    payload_ttl_s: int = setting(7 * 86400, "How long claim-check payloads live in Redis.")
+    job_timeout_s: int = setting(900, "rq job timeout of every stage.")
+    job_retries: int = setting(3, "rq retries of a failed job before its documents become dead letters.")
+    inbox_wait_s: float = setting(1.0, "The janitor waits this long for a full batch from the inbox.")
+    log_level: str = setting("INFO", "Logging level.")
+    # Secrets: environment or file only (see module docstring).
+    redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `EMBEDPIPE_*` variables; `overrides` (e.g. CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("secret"):
+                values[f.name] = read_secret(env_name(f.name), env)
+            elif env_name(f.name) in env:
+                values[f.name] = _parse(f, env[env_name(f.name)])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        for name in ("batch_size", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.chunk_overlap < 0.5:
+            raise ConfigError(f"{env_name('chunk_overlap')} must be in [0, 0.5), got {self.chunk_overlap}")
+        if self.chunk_tokens < 0:
+            raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
+        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"{env_name('redis_url')} must be a redis://, rediss:// or unix:// URL")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store).expanduser()
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def read_secret(name: str, environ: Mapping[str, str]) -> str | None:
+    """A secret comes from `NAME` or from the file named by `NAME_FILE` (Docker/Kubernetes secrets)."""
+    if environ.get(name):
+        return environ[name]
+    path = environ.get(name + "_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read {name}_FILE={path}: {e.strerror}") from e
+    return None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        return kind(raw) if kind in (int, float) else raw
+    except ValueError as e:
+        raise ConfigError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from e
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    """The settings that are also CLI flags (everything but secrets)."""
+    return [f for f in dataclasses.fields(Settings) if not f.metadata.get("secret")]

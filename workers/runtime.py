@@ -1,0 +1,177 @@
+"""The distributed runtime: one rq SimpleWorker per process on exactly one stage queue.
+
+The worker loads what its stage needs (tokenizer, model, store) once, before `work()`; the job
+functions reach it through `context()`. SimpleWorker runs jobs in this process: the default forking
+Worker would reload the model for every job and could not use a CUDA context made in the parent.
+With a single queue rq dequeues with BLMOVE, so a job of a worker killed after the pop is recovered.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from rq import Queue, Retry, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from shared import keys
+from shared.errors import ConfigError
+from shared.ledger import RedisLedger
+from shared.settings import STAGES, Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTIONS = {
+    "load": "workers.load.load_job",
+    "chunk": "workers.chunk.chunk_job",
+    "embed": "workers.embed.embed_job",
+    "write": "workers.write.write_job",
+}
+RETRY_INTERVALS_S = [5, 30, 120]
+RESULT_TTL_S = 3600
+
+
+def connect(settings: Settings) -> Redis:
+    """A Redis client that retries transient connection errors; the password comes from the
+    environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL in EMBEDPIPE_REDIS_URL."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+    from redis.retry import Retry as RedisRetry
+
+    kwargs: dict[str, Any] = {
+        "retry": RedisRetry(ExponentialBackoff(cap=10, base=0.5), retries=6),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "health_check_interval": 30,
+    }
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
+    return Redis.from_url(settings.redis_url, **kwargs)
+
+
+def queue(redis: Redis, stage: str) -> Queue:
+    return Queue(stage, connection=redis, serializer=JSONSerializer)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    redis: Redis
+    ledger: RedisLedger
+    queues: dict[str, Queue]
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._resource("tokenizer")
+
+    @property
+    def chunk_policy(self) -> Any:
+        return self._resource("chunk_policy")
+
+    @property
+    def embedder(self) -> Any:
+        return self._resource("embedder")
+
+    @property
+    def store(self) -> Any:
+        return self._resource("store")
+
+    def _resource(self, name: str) -> Any:
+        if name not in self.resources:
+            raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
+        return self.resources[name]
+
+    def batch_finalized(self, batch_id: str) -> bool:
+        return bool(self.redis.exists(keys.batch_finalized(batch_id)))
+
+
+_context: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError("no worker context: stage jobs run inside `embedpipe worker STAGE`")
+    return _context
+
+
+def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> WorkerContext:
+    """Load what the stage needs, once per process."""
+    global _context
+    redis = redis or connect(settings)
+    ctx = WorkerContext(settings, redis, RedisLedger(redis), {s: queue(redis, s) for s in STAGES})
+    if stage == "chunk":
+        from shared.models import ModelTokenizer
+        from workers.chunk import ChunkPolicy
+
+        tokenizer = ModelTokenizer(settings.model)
+        ctx.resources["tokenizer"] = tokenizer
+        ctx.resources["chunk_policy"] = ChunkPolicy.for_model(
+            tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
+        )
+    elif stage == "embed":
+        from workers.embed import Embedder
+
+        ctx.resources["embedder"] = Embedder(settings.model, settings.device, settings.batch_size).warm_up()
+    elif stage == "write":
+        from shared.store import open_store
+
+        ctx.resources["store"] = open_store(settings.store, settings.model)
+    elif stage != "load":
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    _context = ctx
+    return ctx
+
+
+def enqueue_next(ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Any) -> None:
+    """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
+    enqueue_jobs(ctx.queues[stage], ctx.settings, stage, args_list, pipe)
+
+
+def job_id(stage: str, args: tuple[Any, ...]) -> str:
+    """Deterministic: a redelivered job enqueues the same next job, not a second one."""
+    return ":".join([stage, *map(str, args)])
+
+
+def enqueue_jobs(q: Queue, settings: Settings, stage: str, args_list: list[tuple[Any, ...]], pipe: Any) -> None:
+    retry = Retry(max=settings.job_retries, interval=RETRY_INTERVALS_S) if settings.job_retries else None
+    q.enqueue_many(
+        [
+            Queue.prepare_data(
+                JOB_FUNCTIONS[stage],
+                args=args,
+                job_id=job_id(stage, args),
+                timeout=settings.job_timeout_s,
+                result_ttl=RESULT_TTL_S,
+                failure_ttl=settings.payload_ttl_s,
+                retry=retry,
+            )
+            for args in args_list
+        ],
+        pipeline=pipe,
+    )
+
+
+class StageWorker(SimpleWorker):
+    """Runs only embedpipe's own stage function for its queue: a job naming any other function
+    (os.system, say) is refused and never imported or executed."""
+
+    def execute_job(self, job: Any, queue: Queue) -> Any:
+        allowed = JOB_FUNCTIONS.get(queue.name)
+        if job.func_name != allowed:
+            log.error("refused job %s: it names %r, this pool runs only %r", job.id, job.func_name, allowed)
+            job.func_name = "workers.runtime.refused_job"
+            job.args, job.kwargs = (job.id,), {}
+        return super().execute_job(job, queue)
+
+
+def refused_job(job_id: str) -> None:
+    raise PermissionError(f"job {job_id} named a function that is not an embedpipe stage; refused")
+
+
+def run_worker(settings: Settings, stage: str, burst: bool = False) -> bool:
+    ctx = init_context(settings, stage)
+    worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
+    log.info("%s worker %s on %s", stage, worker.name, settings.redis_url_redacted)
+    return worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
