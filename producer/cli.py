@@ -107,13 +107,19 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+exclude_option = click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Skip files whose ID or name matches GLOB (repeatable)."
+)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @settings_options("store", *MODEL, *CHUNKING)
 @fail_clearly
-def run(paths: tuple[str, ...], as_json: bool, progress: bool | None, settings: Settings) -> None:
+def run(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
     """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
     one process with no Redis. Failed documents are listed by `embedpipe failed`."""
     from tqdm import tqdm
@@ -121,7 +127,7 @@ def run(paths: tuple[str, ...], as_json: bool, progress: bool | None, settings: 
     from producer.sources import iter_sources, resolve
     from workers.embedded import EmbeddedRun
 
-    inputs = resolve(list(paths))
+    inputs = resolve(list(paths), exclude)
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
         summary = EmbeddedRun(settings, progress=bar).run(iter_sources(inputs, settings.max_doc_bytes))
@@ -165,10 +171,11 @@ def search(query: str, k: int, as_json: bool, settings: Settings) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
+@exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @settings_options(*REDIS, "batch_docs", "max_doc_bytes", *JOBS)
 @fail_clearly
-def enqueue(paths: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
+def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
     """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
     distributed pipeline. Local files are sent by content; URLs are fetched by the loaders."""
     from tqdm import tqdm
@@ -177,7 +184,7 @@ def enqueue(paths: tuple[str, ...], progress: bool | None, settings: Settings) -
     from producer.submit import submit
     from workers.runtime import connect
 
-    inputs = resolve(list(paths))
+    inputs = resolve(list(paths), exclude)
     redis = connect(settings)
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress

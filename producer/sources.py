@@ -7,6 +7,7 @@ record's own id. What cannot be submitted becomes a DeadLetter here, before anyt
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -31,8 +32,9 @@ class Input:
     doc_id: str
 
 
-def resolve(paths: list[str]) -> list[Input]:
-    """Expand files, directories and globs; fail on a path that matches nothing, before any work."""
+def resolve(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Input]:
+    """Expand files, directories and globs; fail on a path that matches nothing, before any work.
+    `exclude` globs are matched against document IDs and file names."""
     inputs: list[Input] = []
     for raw in paths:
         if raw == "-":
@@ -52,7 +54,12 @@ def resolve(paths: list[str]) -> list[Input]:
             inputs += [Input("file", str(m), m.relative_to(root).as_posix()) for m in matches]
         else:
             raise ConfigError(f"no such file or directory: {raw!r}")
-    return inputs
+    return [i for i in inputs if not _excluded(i.doc_id, exclude)]
+
+
+def _excluded(doc_id: str, patterns: tuple[str, ...]) -> bool:
+    name = doc_id.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(doc_id, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def _walk(root: Path) -> list[Path]:

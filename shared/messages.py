@@ -171,7 +171,7 @@ def decode_sources(raw: bytes | None) -> list[dict[str, Any]]:
 def decode_inbox_message(raw: bytes) -> SourceDoc:
     """An inbox message is a JSON object or a msgpack map (see the README for the schema)."""
     data: Any
-    if raw[:1] in (b"{", b" ", b"\n", b"\t"):
+    if raw[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):  # msgpack maps never start so
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

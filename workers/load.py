@@ -96,10 +96,13 @@ def decode_bytes(data: bytes) -> str:
     """UTF-8 when it is; otherwise the most likely legacy encoding; binary is refused."""
     if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DocumentError("unsupported_type", "binary content (NUL bytes)")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
+    for encoding in ("utf-8-sig", "cp1252"):
+        # cp1252 is by far the most common legacy encoding of text files; statistical detection
+        # confuses it with its Central European cousin cp1250 on short texts, so try it first.
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
     from charset_normalizer import from_bytes
 
     best = from_bytes(data).best()

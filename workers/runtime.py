@@ -131,7 +131,7 @@ def enqueue_next(ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]
 
 def job_id(stage: str, args: tuple[Any, ...]) -> str:
     """Deterministic: a redelivered job enqueues the same next job, not a second one."""
-    return ":".join([stage, *map(str, args)])
+    return "_".join([stage, *map(str, args)])  # rq allows letters, digits, _ and - only
 
 
 def enqueue_jobs(q: Queue, settings: Settings, stage: str, args_list: list[tuple[Any, ...]], pipe: Any) -> None:

@@ -1,0 +1,98 @@
+"""Shared fixtures: a private redis-server per test session, the real model, the real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+EMBEDPIPE = str(Path(sys.executable).with_name("embedpipe"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A redis-server of our own on a free port: tests may flush it without touching anyone's data."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run `make test`, which installs it")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except Exception:
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+_next_db = iter(range(16))
+
+
+@pytest.fixture
+def redis_url(redis_server: int) -> Iterator[str]:
+    """A fresh database number on the private server per test, flushed afterwards."""
+    db = next(_next_db) % 16
+    client = Redis(port=redis_server, db=db)
+    client.flushdb()
+    yield f"redis://127.0.0.1:{redis_server}/{db}"
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from shared.models import ModelTokenizer
+
+    return ModelTokenizer("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from workers.embed import Embedder
+
+    return Embedder("all-MiniLM-L6-v2").warm_up()
+
+
+@pytest.fixture(scope="session")
+def scifact() -> Path:
+    if not (SCIFACT / "corpus.jsonl").is_file():
+        pytest.skip(f"SciFact eval data not found at {SCIFACT} (../shared/data/scifact beside the repo)")
+    return SCIFACT
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_")}
+    env.update(extra)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def embedpipe(*args: str, env: dict[str, str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([EMBEDPIPE, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"embedpipe {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result

@@ -1,0 +1,69 @@
+"""The load stage's batch function, with plain lists."""
+
+from pathlib import Path
+
+from shared.messages import SourceDoc
+from workers.load import clean_text, load_batch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+LIMIT = 1_000_000
+
+
+def load(*sources: SourceDoc):
+    return load_batch([s.to_dict() for s in sources], LIMIT)
+
+
+def test_text_is_normalised_and_paragraphs_kept():
+    assert clean_text("Cafe\u0301  au\tlait\x07\r\n\r\n\r\n\r\nNext   para ") == "Café au lait\n\nNext para"
+
+
+def test_html_loses_scripts_styles_and_boilerplate():
+    html = b"<html><head><title>T</title><style>p{}</style><script>alert(1)</script></head><body><nav>menu</nav><main><p>Body text.</p></main></body></html>"
+    [doc], dead = load(SourceDoc(id="p.html", content=html, name="p.html"))
+    assert dead == []
+    assert "Body text." in doc.text and "alert" not in doc.text and "menu" not in doc.text
+
+
+def test_pdf_text_is_extracted():
+    pdf = EXAMPLES / "pdf" / "houseplant-repotting.pdf"
+    [doc], dead = load(SourceDoc(id="r.pdf", content=pdf.read_bytes(), name="r.pdf"))
+    assert dead == [] and len(doc.text.split()) > 200
+
+
+def test_bad_documents_become_dead_letters_and_the_batch_goes_on():
+    good = SourceDoc(id="good", text="Plenty of words here.")
+    docs, dead = load_batch(
+        [
+            SourceDoc(id="empty", content=b"  \n\t ", name="empty.txt").to_dict(),
+            SourceDoc(id="binary", content=b"\x00\x01\x02PK" * 100, name="blob").to_dict(),
+            SourceDoc(id="image", content=b"\x89PNG....", name="x.png").to_dict(),
+            SourceDoc(id="pdf", content=b"%PDF-1.4 this is not really a pdf", name="bad.pdf").to_dict(),
+            SourceDoc(id="big", text="x" * (LIMIT + 1)).to_dict(),
+            {"v": 1, "text": "no id"},
+            good.to_dict(),
+        ],
+        LIMIT,
+    )
+    assert [d.id for d in docs] == ["good"]
+    assert {(d.doc_id, d.stage, d.reason) for d in dead} == {
+        ("empty", "load", "empty"),
+        ("binary", "load", "unsupported_type"),
+        ("image", "load", "unsupported_type"),
+        ("pdf", "load", "decode_error"),
+        ("big", "load", "too_large"),
+        ("<no id>", "load", "decode_error"),
+    }
+    assert all(d.message for d in dead)
+
+
+def test_legacy_encodings_are_decoded():
+    text = "Le café est prêt à être servi, même très chaud. " * 5
+    [doc], dead = load(SourceDoc(id="latin1.txt", content=text.encode("cp1252"), name="latin1.txt"))
+    assert dead == [] and "café" in doc.text and "prêt" in doc.text
+
+
+def test_content_hash_follows_the_clean_text():
+    [a], _ = load(SourceDoc(id="a", text="Same  text"))
+    [b], _ = load(SourceDoc(id="b", text="Same text "))
+    [c], _ = load(SourceDoc(id="c", text="Other text"))
+    assert a.content_hash == b.content_hash != c.content_hash

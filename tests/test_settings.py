@@ -1,0 +1,32 @@
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import Settings, redact_url
+
+
+def test_environment_is_read_and_overrides_win():
+    s = Settings.from_env({"EMBEDPIPE_BATCH_SIZE": "8", "EMBEDPIPE_MODEL": "m"}, model="other")
+    assert (s.batch_size, s.model) == (8, "other")
+
+
+def test_secret_comes_from_a_file(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    s = Settings.from_env({"EMBEDPIPE_REDIS_PASSWORD_FILE": str(secret)})
+    assert s.redis_password == "hunter2"
+    assert "hunter2" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"EMBEDPIPE_BATCH_SIZE": "many"}, {"EMBEDPIPE_BATCH_SIZE": "0"}, {"EMBEDPIPE_REDIS_URL": "http://x"},
+     {"EMBEDPIPE_CHUNK_OVERLAP": "0.9"}, {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"}],
+)
+def test_invalid_settings_are_clear_errors(env):
+    with pytest.raises(ConfigError, match="EMBEDPIPE_"):
+        Settings.from_env(env)
+
+
+def test_passwords_are_redacted():
+    assert redact_url("redis://user:s3cret@host:6380/2") == "redis://user:***@host:6380/2"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
