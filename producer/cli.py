@@ -85,8 +85,14 @@ def fail_clearly(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--log-level", default="WARNING", envvar="EMBEDPIPE_LOG_LEVEL", show_default=True, show_envvar=True,
-              help="Logging level (workers and janitor log each job at INFO).")
+@click.option(
+    "--log-level",
+    default="WARNING",
+    envvar="EMBEDPIPE_LOG_LEVEL",
+    show_default=True,
+    show_envvar=True,
+    help="Logging level (workers and janitor log each job at INFO).",
+)
 @click.version_option(package_name="embedpipe")
 def main(log_level: str) -> None:
     """embedpipe turns documents into vectors and keeps them fresh.
@@ -119,7 +125,9 @@ exclude_option = click.option(
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @settings_options("store", *MODEL, *CHUNKING)
 @fail_clearly
-def run(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
+def run(
+    paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], progress: bool | None, settings: Settings
+) -> None:
     """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
     one process with no Redis. Failed documents are listed by `embedpipe failed`."""
     from tqdm import tqdm
@@ -190,8 +198,10 @@ def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | N
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
         result = submit(redis, settings, iter_sources(inputs, settings.max_doc_bytes), on_progress=bar.update)
-    click.echo(f"enqueued {result.documents} documents in {result.batches} batches"
-               + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else ""))
+    click.echo(
+        f"enqueued {result.documents} documents in {result.batches} batches"
+        + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else "")
+    )
 
 
 @main.command()
@@ -229,7 +239,9 @@ def _use_local(local: bool | None) -> bool:
 
 
 local_option = click.option(
-    "--local/--redis", "local", default=None,
+    "--local/--redis",
+    "local",
+    default=None,
     help="Read the embedded store's state, or Redis. Default: Redis if a Redis URL is set, else the store.",
 )
 
@@ -243,14 +255,15 @@ def status(as_json: bool, local: bool | None, settings: Settings) -> None:
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
     failed (dead letters)."""
     if _use_local(local):
+        from producer.status import local_status
         from shared.ledger import LocalLedger, local_ledger_path
         from shared.store import open_store
 
-        from producer.status import local_status
-
         path = local_ledger_path(settings.store_path)
         if not path.is_file():
-            raise click.ClickException(f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode")
+            raise click.ClickException(
+                f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode"
+            )
         data = local_status(LocalLedger(path), open_store(settings.store, settings.model).count())
     else:
         from producer.status import distributed_status
@@ -265,8 +278,19 @@ def status(as_json: bool, local: bool | None, settings: Settings) -> None:
         header = ["stage", "queued", "running", "scheduled", "failed", "workers"]
         click.echo("  ".join(f"{h:>9}" for h in header))
         for stage, s in data["stages"].items():
-            click.echo("  ".join(f"{v:>9}" for v in [stage, s["queued"] + s["dequeuing"], s["running"],
-                                                      s["scheduled"] + s["deferred"], s["failed"], s["workers"]]))
+            click.echo(
+                "  ".join(
+                    f"{v:>9}"
+                    for v in [
+                        stage,
+                        s["queued"] + s["dequeuing"],
+                        s["running"],
+                        s["scheduled"] + s["deferred"],
+                        s["failed"],
+                        s["workers"],
+                    ]
+                )
+            )
     else:
         click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
@@ -300,7 +324,14 @@ def failed(as_json: bool, local: bool | None, settings: Settings) -> None:
 
 
 @main.command()
-@click.option("--timeout", "timeout_s", type=float, default=0, show_default=True, help="Give up after S seconds (0: never); exit 1.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=0,
+    show_default=True,
+    help="Give up after S seconds (0: never); exit 1.",
+)
 @settings_options(*REDIS)
 @fail_clearly
 def wait(timeout_s: float, settings: Settings) -> None:
@@ -320,8 +351,13 @@ def wait(timeout_s: float, settings: Settings) -> None:
 
 
 @main.command()
-@click.option("--stage", type=click.Choice(["janitor", *STAGES, "embedded"]), default="janitor", show_default=True,
-              help="What the checked process needs: Redis always except embedded, the store for write, the model for chunk/embed.")
+@click.option(
+    "--stage",
+    type=click.Choice(["janitor", *STAGES, "embedded"]),
+    default="janitor",
+    show_default=True,
+    help="Which process is probed: all need Redis but embedded; write needs the store; chunk/embed the model.",
+)
 @settings_options(*REDIS, "store", "model")
 @fail_clearly
 def health(stage: str, settings: Settings) -> None:
@@ -331,7 +367,7 @@ def health(stage: str, settings: Settings) -> None:
     if stage != "embedded":
         from workers.runtime import connect
 
-        connect(settings).ping()
+        connect(settings, retries=0).ping()  # a probe answers now, it does not wait out an outage
     if stage in ("chunk", "embed", "embedded"):
         resolve_model_path(settings.model)
     if stage in ("write", "embedded"):

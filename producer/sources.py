@@ -79,14 +79,21 @@ def _static_prefix(pattern: str) -> str:
     return str(Path(*parts)) if parts else "."
 
 
-def iter_sources(inputs: list[Input], max_doc_bytes: int, stdin: IO[str] | None = None) -> Iterator[SourceDoc | DeadLetter]:
+def iter_sources(
+    inputs: list[Input], max_doc_bytes: int, stdin: IO[str] | None = None
+) -> Iterator[SourceDoc | DeadLetter]:
     """Documents to submit, and dead letters for what cannot be (too large, malformed, duplicate)."""
     seen: set[str] = set()
     for item in inputs:
         for out in _read(item, max_doc_bytes, stdin):
             if isinstance(out, SourceDoc):
                 if out.id in seen:
-                    yield DeadLetter(out.id, STAGE, "decode_error", f"duplicate id in this submission ({item.location}); the first was kept")
+                    yield DeadLetter(
+                        out.id,
+                        STAGE,
+                        "decode_error",
+                        f"duplicate id in this submission ({item.location}); the first was kept",
+                    )
                     continue
                 seen.add(out.id)
             yield out
@@ -103,11 +110,20 @@ def _read(item: Input, max_doc_bytes: int, stdin: IO[str] | None) -> Iterator[So
     else:
         size = os.path.getsize(item.location)
         if size > max_doc_bytes:
-            yield DeadLetter(item.doc_id, STAGE, "too_large", f"{size} bytes is over the limit of {max_doc_bytes}",
-                             source={"v": 1, "id": item.doc_id, "uri": Path(item.location).resolve().as_uri()})
+            yield DeadLetter(
+                item.doc_id,
+                STAGE,
+                "too_large",
+                f"{size} bytes is over the limit of {max_doc_bytes}",
+                source={"v": 1, "id": item.doc_id, "uri": Path(item.location).resolve().as_uri()},
+            )
             return
-        yield SourceDoc(id=item.doc_id, content=Path(item.location).read_bytes(), name=Path(item.location).name,
-                        metadata={"path": item.doc_id})
+        yield SourceDoc(
+            id=item.doc_id,
+            content=Path(item.location).read_bytes(),
+            name=Path(item.location).name,
+            metadata={"path": item.doc_id},
+        )
 
 
 def read_jsonl(lines: IO[str], name: str) -> Iterator[SourceDoc | DeadLetter]:
@@ -122,8 +138,9 @@ def read_jsonl(lines: IO[str], name: str) -> Iterator[SourceDoc | DeadLetter]:
                 raise DecodeError("a line must be a JSON object")
             yield SourceDoc.from_dict({"v": record.pop("v", 1), **record})
         except (ValueError, DecodeError) as e:
-            yield DeadLetter(f"{name}:{lineno}", STAGE, "decode_error", f"{name} line {lineno}: {e}",
-                             source={"line": line[:4096]})
+            yield DeadLetter(
+                f"{name}:{lineno}", STAGE, "decode_error", f"{name} line {lineno}: {e}", source={"line": line[:4096]}
+            )
 
 
 def _stdin() -> IO[str]:

@@ -66,7 +66,9 @@ def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float
     return dcg / idcg if idcg else 0.0
 
 
-def evaluate(store: object, embedder: object, eval_set: EvalSet, k: int = 10, chunks_per_query: int = 100) -> dict[str, float]:
+def evaluate(
+    store: object, embedder: object, eval_set: EvalSet, k: int = 10, chunks_per_query: int = 100
+) -> dict[str, float]:
     """Mean recall@k and nDCG@k over the eval set's queries, searching `store` with `embedder`."""
     ids = list(eval_set.queries)
     vectors = np.asarray(embedder.embed([eval_set.queries[q] for q in ids]))  # type: ignore[attr-defined]

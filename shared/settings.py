@@ -21,7 +21,7 @@ ENV_PREFIX = "EMBEDPIPE_"
 STAGES = ("load", "chunk", "embed", "write")
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors click's keyword
+def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 

@@ -1,5 +1,7 @@
 """The chunk stage's batch function, with the model's real tokenizer."""
 
+import itertools
+
 import pytest
 
 from shared.messages import Document, content_hash
@@ -46,7 +48,7 @@ def test_chunks_are_spans_of_the_text_cut_at_paragraphs_and_overlapping(tokenize
     assert [c.index for c in chunks] == list(range(len(chunks)))
     # every chunk but the last ends at the end of a sentence, and the next chunk starts before it ends
     assert all(c.text.endswith(".") for c in chunks[:-1])
-    assert all(b.char_start < a.char_end for a, b in zip(chunks, chunks[1:]))
+    assert all(b.char_start < a.char_end for a, b in itertools.pairwise(chunks))
     assert chunks[-1].char_end == len(text) and chunks[0].char_start == 0
 
 

@@ -18,7 +18,10 @@ def test_text_is_normalised_and_paragraphs_kept():
 
 
 def test_html_loses_scripts_styles_and_boilerplate():
-    html = b"<html><head><title>T</title><style>p{}</style><script>alert(1)</script></head><body><nav>menu</nav><main><p>Body text.</p></main></body></html>"
+    html = (
+        b"<html><head><title>T</title><style>p{}</style><script>alert(1)</script></head>"
+        b"<body><nav>menu</nav><main><p>Body text.</p></main></body></html>"
+    )
     [doc], dead = load(SourceDoc(id="p.html", content=html, name="p.html"))
     assert dead == []
     assert "Body text." in doc.text and "alert" not in doc.text and "menu" not in doc.text

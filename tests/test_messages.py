@@ -19,7 +19,9 @@ from shared.messages import (
 
 def test_inbox_accepts_json_and_msgpack():
     as_json = decode_inbox_message(b'{"v":1,"id":"doc-1","text":"hello","metadata":{"lang":"en"}}')
-    as_msgpack = decode_inbox_message(msgpack.packb({"v": 1, "id": "doc-1", "text": "hello", "metadata": {"lang": "en"}}))
+    as_msgpack = decode_inbox_message(
+        msgpack.packb({"v": 1, "id": "doc-1", "text": "hello", "metadata": {"lang": "en"}})
+    )
     assert as_json == as_msgpack == SourceDoc(id="doc-1", text="hello", metadata={"lang": "en"})
 
 

@@ -19,8 +19,13 @@ def test_secret_comes_from_a_file(tmp_path):
 
 @pytest.mark.parametrize(
     "env",
-    [{"EMBEDPIPE_BATCH_SIZE": "many"}, {"EMBEDPIPE_BATCH_SIZE": "0"}, {"EMBEDPIPE_REDIS_URL": "http://x"},
-     {"EMBEDPIPE_CHUNK_OVERLAP": "0.9"}, {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"}],
+    [
+        {"EMBEDPIPE_BATCH_SIZE": "many"},
+        {"EMBEDPIPE_BATCH_SIZE": "0"},
+        {"EMBEDPIPE_REDIS_URL": "http://x"},
+        {"EMBEDPIPE_CHUNK_OVERLAP": "0.9"},
+        {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
+    ],
 )
 def test_invalid_settings_are_clear_errors(env):
     with pytest.raises(ConfigError, match="EMBEDPIPE_"):

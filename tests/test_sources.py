@@ -23,7 +23,10 @@ def test_directories_globs_and_files_get_stable_relative_ids(tmp_path):
 
 
 def test_jsonl_bad_lines_are_reported_with_line_numbers_and_good_lines_go_through():
-    lines = io.StringIO('{"id": "r1", "text": "one"}\n\nnot json\n{"text": "no id"}\n{"id": "r2", "text": "two", "metadata": {"k": 1}}\n')
+    lines = io.StringIO(
+        '{"id": "r1", "text": "one"}\n\nnot json\n{"text": "no id"}\n'
+        '{"id": "r2", "text": "two", "metadata": {"k": 1}}\n'
+    )
     out = list(read_jsonl(lines, "in.jsonl"))
     assert [o.id for o in out if isinstance(o, SourceDoc)] == ["r1", "r2"]
     assert [(o.doc_id, o.reason) for o in out if isinstance(o, DeadLetter)] == [

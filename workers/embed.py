@@ -82,6 +82,12 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
         pipe.set(keys.vectors(batch_id, part), vectors.tobytes(), ex=ctx.settings.payload_ttl_s)
         enqueue_next(ctx, "write", [(batch_id, part)], pipe)
         pipe.execute()
-    log.info("embed %s/%d: %d chunks in %.2f s (%.1f chunks/s)", batch_id, part, len(chunks), seconds,
-             len(chunks) / max(seconds, 1e-9))
+    log.info(
+        "embed %s/%d: %d chunks in %.2f s (%.1f chunks/s)",
+        batch_id,
+        part,
+        len(chunks),
+        seconds,
+        len(chunks) / max(seconds, 1e-9),
+    )
     return {"chunks": len(chunks)}

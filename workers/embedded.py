@@ -133,7 +133,9 @@ class EmbeddedRun:
             if complete:
                 delete_stale(self.store, batch.expected)
                 self.ledger.clear_dead(batch.expected)
-                self.ledger.incr(documents_done=len(batch.expected), chunks_written=sum(map(len, batch.expected.values())))
+                self.ledger.incr(
+                    documents_done=len(batch.expected), chunks_written=sum(map(len, batch.expected.values()))
+                )
                 self.summary.documents_stored += len(batch.expected)
 
 

@@ -58,10 +58,14 @@ def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
     metadata.setdefault("source", name)
     if source.text is not None:
         if len(source.text) > max_doc_bytes:
-            raise DocumentError("too_large", f"text of {len(source.text)} characters is over the limit of {max_doc_bytes}")
+            raise DocumentError(
+                "too_large", f"text of {len(source.text)} characters is over the limit of {max_doc_bytes}"
+            )
         text = source.text
     else:
-        data, content_type = (source.content, "") if source.content is not None else fetch(source.uri or "", max_doc_bytes)
+        data, content_type = (
+            (source.content, "") if source.content is not None else fetch(source.uri or "", max_doc_bytes)
+        )
         assert data is not None
         if len(data) > max_doc_bytes:
             raise DocumentError("too_large", f"{len(data)} bytes is over the limit of {max_doc_bytes}")
@@ -86,9 +90,40 @@ def to_text(data: bytes, name: str, content_type: str = "") -> str:
 
 
 _BINARY_SUFFIXES = {
-    ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".ico", ".zip", ".gz", ".tar", ".7z", ".exe",
-    ".bin", ".so", ".dll", ".mp3", ".mp4", ".wav", ".avi", ".mov", ".doc", ".docx", ".xls", ".xlsx",
-    ".ppt", ".pptx", ".parquet", ".pkl", ".npy", ".pt", ".safetensors", ".woff", ".woff2", ".ttf",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".webp",
+    ".bmp",
+    ".ico",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".7z",
+    ".exe",
+    ".bin",
+    ".so",
+    ".dll",
+    ".mp3",
+    ".mp4",
+    ".wav",
+    ".avi",
+    ".mov",
+    ".doc",
+    ".docx",
+    ".xls",
+    ".xlsx",
+    ".ppt",
+    ".pptx",
+    ".parquet",
+    ".pkl",
+    ".npy",
+    ".pt",
+    ".safetensors",
+    ".woff",
+    ".woff2",
+    ".ttf",
 }
 
 

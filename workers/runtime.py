@@ -33,7 +33,7 @@ RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
 
 
-def connect(settings: Settings) -> Redis:
+def connect(settings: Settings, retries: int = 6) -> Redis:
     """A Redis client that retries transient connection errors; the password comes from the
     environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL in EMBEDPIPE_REDIS_URL."""
     from redis.backoff import ExponentialBackoff
@@ -41,7 +41,8 @@ def connect(settings: Settings) -> Redis:
     from redis.retry import Retry as RedisRetry
 
     kwargs: dict[str, Any] = {
-        "retry": RedisRetry(ExponentialBackoff(cap=10, base=0.5), retries=6),
+        "retry": RedisRetry(ExponentialBackoff(cap=10, base=0.5), retries=retries),
+        "socket_connect_timeout": 10,
         "retry_on_error": [ConnectionError, TimeoutError],
         "health_check_interval": 30,
     }

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:
+#   make run    set up .venv if needed, embed the sample corpus (embedded mode: no Redis), ask it a question
+#   make test   set up .venv and redis-server if needed, then run the whole test suite
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test setup lint bench-throughput bench-quality clean
+
+run: $(VENV)/.installed
+	$(BIN)/embedpipe run examples/ --exclude README.md
+	$(BIN)/embedpipe search "how do I fix a flat bicycle tyre" -k 3
+
+test: $(VENV)/.installed
+	scripts/setup.sh --system
+	$(BIN)/ruff check workers producer shared tests bench
+	$(BIN)/python -m pytest
+
+setup $(VENV)/.installed: pyproject.toml
+	scripts/setup.sh
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check workers producer shared tests bench
+	$(BIN)/ruff format --check workers producer shared tests bench
+
+bench-throughput: $(VENV)/.installed
+	$(BIN)/python bench/throughput.py
+
+bench-quality: $(VENV)/.installed
+	$(BIN)/python bench/quality.py
+
+clean:
+	rm -rf embedpipe-store .pytest_cache .ruff_cache

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create .venv with everything embedpipe and its tests need. Safe to re-run.
+#   - torch first, so pip never pulls a multi-GB CUDA build on a machine without a GPU:
+#     TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build where the default index
+#     would not (on our CI machines `pip install torch==2.13.0` takes a local CPU wheel).
+#   - with --system, also the system packages the tests start (redis-server), via apt-get as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+if [[ "${1:-}" == "--system" ]]; then
+  if ! command -v redis-server >/dev/null; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      echo "setup: installing redis-server (apt-get)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      echo "setup: the tests need redis-server (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)" >&2
+      exit 1
+    fi
+  fi
+fi
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: embedpipe needs Python >= 3.11 ($PYTHON is $("$PYTHON" --version 2>&1)); set PYTHON=python3.11" >&2
+  exit 1
+fi
+[[ -x "$VENV/bin/python" ]] || { echo "setup: creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch $TORCH_VERSION"
+  "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
+fi
+echo "setup: installing embedpipe and its dependencies"
+"${pip[@]}" -e ".[dev]"
+touch "$VENV/.installed"

@@ -1,0 +1,168 @@
+"""The distributed pipeline end to end: a real Redis, real worker processes of all four pools, the
+CLI and a raw inbox push as clients; then the store, the dead letters and the embedded mode agree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import msgpack
+import numpy as np
+import pytest
+from redis import Redis
+from rq import Worker
+
+from producer.sources import iter_sources, resolve
+from shared.messages import SourceDoc
+from shared.settings import STAGES, Settings
+from shared.store import open_store
+from workers.chunk import ChunkPolicy, chunk_batch
+from workers.embedded import EmbeddedRun
+from workers.load import load_batch
+from workers.runtime import queue
+
+from .conftest import EMBEDPIPE, EXAMPLES, cli_env, embedpipe
+
+pytestmark = pytest.mark.slow
+
+BAD = {  # file name -> expected dead-letter reason
+    "empty.txt": "empty",
+    "blob.bin": "unsupported_type",
+    "broken.pdf": "decode_error",
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A few real documents of the sample corpus in several formats, plus bad ones."""
+    root = tmp_path / "corpus"
+    for sub in ("docs", "web", "pdf"):
+        (root / sub).mkdir(parents=True)
+    for name in (
+        "docs/redis-basics.md",
+        "docs/bicycle-flat-tyre.md",
+        "docs/photosynthesis.txt",
+        "web/tls-certificates.html",
+        "pdf/houseplant-repotting.pdf",
+    ):
+        shutil.copy(EXAMPLES / name, root / name)
+    (root / "records.jsonl").write_text(
+        '{"id": "faq-tea", "text": "Green tea is best steeped at 80 degrees."}\n{oops\n'
+    )
+    (root / "empty.txt").write_text("")
+    (root / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    (root / "broken.pdf").write_bytes(b"%PDF-1.7\n this file was cut short")
+    return root
+
+
+@pytest.fixture
+def pool(redis_url, tmp_path):
+    """janitor + one long-running worker per stage, as separate processes; stopped with SIGTERM."""
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_INBOX_WAIT_S="0.2",
+        EMBEDPIPE_LOG_LEVEL="INFO",
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    commands = [("janitor", ["janitor"])] + [(s, ["worker", s]) for s in STAGES]
+    log_files = {name: open(logs / f"{name}.log", "w") for name, _ in commands}
+    procs = {
+        name: subprocess.Popen([EMBEDPIPE, *args], env=env, stdout=subprocess.DEVNULL, stderr=log_files[name])
+        for name, args in commands
+    }
+    redis = Redis.from_url(redis_url)
+    deadline = time.monotonic() + 180
+    while not all(Worker.count(queue=queue(redis, s)) for s in STAGES):
+        dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+        assert not dead, f"processes exited early: {dead}; see {logs}"
+        assert time.monotonic() < deadline, "workers did not start in 180 s"
+        time.sleep(0.5)
+    yield env, redis
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    codes = {n: p.wait(60) for n, p in procs.items()}
+    for f in log_files.values():
+        f.close()
+    assert codes == dict.fromkeys(procs, 0), f"a process did not shut down cleanly: {codes}; see {logs}"
+
+
+def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
+    corpus, pool, tmp_path, tokenizer, embedder
+):
+    env, redis = pool
+    out = embedpipe("enqueue", str(corpus), env=env).stdout
+    assert "enqueued 9 documents" in out and "1 rejected" in out
+    redis.rpush(
+        "embedpipe:inbox",
+        json.dumps({"v": 1, "id": "inbox-json", "text": "Espresso is coffee brewed under nine bars of pressure."}),
+        msgpack.packb(
+            {
+                "v": 1,
+                "id": "inbox-msgpack",
+                "text": "Compost needs greens, browns, air and water.",
+                "metadata": {"via": "msgpack"},
+            }
+        ),
+        b"\x00 not a message",
+        json.dumps({"v": 99, "id": "from-the-future", "text": "x"}),
+    )
+    embedpipe("wait", "--timeout", "600", env=env, timeout=660)
+
+    # Every good document is stored with exactly the chunks the chunker makes of it, once each.
+    settings = Settings.from_env({})
+    sources = [s for s in iter_sources(resolve([str(corpus)]), settings.max_doc_bytes) if isinstance(s, SourceDoc)]
+    sources += [
+        SourceDoc("inbox-json", text="Espresso is coffee brewed under nine bars of pressure."),
+        SourceDoc("inbox-msgpack", text="Compost needs greens, browns, air and water."),
+    ]
+    docs, _ = load_batch([s.to_dict() for s in sources], settings.max_doc_bytes)
+    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    expected = {}
+    for c in chunk_batch(docs, tokenizer, policy):
+        expected.setdefault(c.doc_id, set()).add(c.chunk_id)
+    store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+    assert store.chunk_ids(list(expected)) == expected
+    assert store.count() == sum(map(len, expected.values()))  # no duplicates, nothing else
+    hits = store.search(embedder.embed(["how do I repair a punctured inner tube"])[0], 3)
+    assert hits[0].doc_id == "docs/bicycle-flat-tyre.md"
+
+    failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+    reasons = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
+    assert reasons == {
+        **{name: ("load", reason) for name, reason in BAD.items()},
+        "records.jsonl:2": ("submit", "decode_error"),
+        "from-the-future": ("inbox", "decode_error"),
+        next(k for k in reasons if k.startswith("inbox:")): ("inbox", "decode_error"),
+    }
+    status = json.loads(embedpipe("status", "--json", env=env).stdout)
+    assert status["documents_done"] == len(expected) == 8
+    assert status["documents_failed"] == len(failed) == 6
+    assert all(s["queued"] == s["running"] == s["failed"] == 0 and s["workers"] == 1 for s in status["stages"].values())
+
+    # The embedded mode makes the same chunks and the same vectors of the same files.
+    embedded_store = tmp_path / "embedded"
+    EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
+        iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
+    )
+    local = open_store(str(embedded_store), "all-MiniLM-L6-v2").vectors()
+    distributed = store.vectors()
+    assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
+    for chunk, vector in local.items():
+        np.testing.assert_allclose(vector, distributed[chunk], atol=1e-5)
+
+
+def test_burst_workers_and_janitor_exit_when_there_is_nothing_to_do(redis_url, tmp_path):
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"))
+    embedpipe("janitor", "--burst", env=env, timeout=60)
+    embedpipe("worker", "load", "--burst", env=env, timeout=60)
+    assert json.loads(embedpipe("status", "--json", env=env).stdout)["stages"]["load"]["workers"] == 0
+
+
+def test_password_on_the_command_line_is_refused(redis_url):
+    result = embedpipe("status", "--redis-url", "redis://:hunter2@127.0.0.1:1/0", env=cli_env(), check=False)
+    assert result.returncode == 2 and "EMBEDPIPE_REDIS_PASSWORD" in result.stderr and "hunter2" not in result.stderr
