@@ -10,7 +10,7 @@ run: $(VENV)/.installed
 	$(BIN)/embedpipe run examples/ --exclude README.md
 	$(BIN)/embedpipe search "how do I fix a flat bicycle tyre" -k 3
 
-test: $(VENV)/.installed
+test:
 	scripts/setup.sh --system
 	$(BIN)/ruff check workers producer shared tests bench
 	$(BIN)/python -m pytest

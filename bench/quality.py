@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.quality import corpus_documents, evaluate, load_beir  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.store import open_store  # noqa: E402
-from workers.embed import Embedder  # noqa: E402
-from workers.embedded import EmbeddedRun  # noqa: E402
+from shared.quality import corpus_documents, evaluate, load_beir
+from shared.settings import Settings
+from shared.store import open_store
+from workers.embed import Embedder
+from workers.embedded import EmbeddedRun
 
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact"
 PUBLISHED = {"recall@10": 0.783, "ndcg@10": 0.645}
