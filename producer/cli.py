@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 import click
 
-from shared.errors import EmbedpipeError
+from shared.errors import REASONS, EmbedpipeError
+from shared.ledger import local_ledger_path
 from shared.settings import STAGES, Settings, env_name, setting_fields
 
 log = logging.getLogger("embedpipe")
@@ -23,7 +24,8 @@ FIELDS = {f.name: f for f in setting_fields()}
 REDIS = ["redis_url"]
 MODEL = ["model", "device", "batch_size"]
 CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
-JOBS = ["payload_ttl_s", "job_timeout_s", "job_retries"]
+JOBS = ["payload_ttl_s", "load_timeout_s", "chunk_timeout_s", "embed_timeout_s", "write_timeout_s", "job_retries"]
+RUNTIME = ["metrics_port", "dead_source_ttl_s"]
 
 
 def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -145,7 +147,8 @@ def run(
     click.echo(
         f"{summary.documents} documents ({summary.documents_stored} stored, {summary.failed} failed), "
         f"{summary.chunks} chunks, {summary.tokens} tokens in {summary.seconds:.1f} s "
-        f"({summary.chunks_per_s:.1f} chunks/s)\nvectors: {summary.store}"
+        f"({summary.chunks_per_s:.1f} chunks/s; loading the model took {summary.model_load_seconds:.1f} s)"
+        f"\nvectors: {summary.store}"
     )
     if summary.failed:
         click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
@@ -181,7 +184,7 @@ def search(query: str, k: int, as_json: bool, settings: Settings) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@settings_options(*REDIS, "batch_docs", "max_doc_bytes", *JOBS)
+@settings_options(*REDIS, "batch_docs", "max_doc_bytes", "max_backlog_jobs", *JOBS)
 @fail_clearly
 def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
     """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
@@ -197,7 +200,12 @@ def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | N
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
-        result = submit(redis, settings, iter_sources(inputs, settings.max_doc_bytes), on_progress=bar.update)
+
+        def waiting(backlog: int) -> None:
+            bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
+
+        items = iter_sources(inputs, settings.max_doc_bytes)
+        result = submit(redis, settings, items, on_progress=bar.update, on_wait=waiting)
     click.echo(
         f"enqueued {result.documents} documents in {result.batches} batches"
         + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else "")
@@ -207,7 +215,7 @@ def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | N
 @main.command()
 @click.argument("stage", type=click.Choice(STAGES))
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit 0.")
-@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS)
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS, *RUNTIME)
 @fail_clearly
 def worker(stage: str, burst: bool, settings: Settings) -> None:
     """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
@@ -220,7 +228,7 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
-@settings_options(*REDIS, "batch_docs", "inbox_wait_s", *JOBS)
+@settings_options(*REDIS, "batch_docs", "inbox_wait_s", *JOBS, *RUNTIME)
 @fail_clearly
 def janitor(burst: bool, settings: Settings) -> None:
     """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's
@@ -296,23 +304,50 @@ def status(as_json: bool, local: bool | None, settings: Settings) -> None:
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-@local_option
-@settings_options(*REDIS, "store")
-@fail_clearly
-def failed(as_json: bool, local: bool | None, settings: Settings) -> None:
-    """Failed documents (dead letters): document ID, stage, reason and message."""
-    if _use_local(local):
+def _ledger(local: bool, settings: Settings) -> Any:
+    if local:
         from shared.ledger import LocalLedger, local_ledger_path
 
         path = local_ledger_path(settings.store_path)
-        letters = LocalLedger(path).dead() if path.is_file() else []
-    else:
-        from shared.ledger import RedisLedger
-        from workers.runtime import connect
+        if not path.is_file():
+            raise click.ClickException(f"no embedded run at {settings.store_path}")
+        return LocalLedger(path)
+    from shared.ledger import RedisLedger
+    from workers.runtime import connect
 
-        letters = RedisLedger(connect(settings)).dead()
+    return RedisLedger(connect(settings), settings.dead_source_ttl_s)
+
+
+def _select(letters: list[Any], stage: str | None, reason: str | None, ids: tuple[str, ...] = ()) -> list[Any]:
+    return [
+        d
+        for d in letters
+        if (stage is None or d.stage == stage)
+        and (reason is None or d.reason == reason)
+        and (not ids or d.doc_id in ids)
+    ]
+
+
+stage_filter = click.option(
+    "--stage", help="Only dead letters of this stage (submit, inbox, load, chunk, embed, write)."
+)
+reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only dead letters with this reason.")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@stage_filter
+@reason_filter
+@local_option
+@settings_options(*REDIS, "store")
+@fail_clearly
+def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | None, settings: Settings) -> None:
+    """Failed documents (dead letters): document ID, stage, reason, message, attempts, time."""
+    use_local = _use_local(local)
+    if use_local and not local_ledger_path(settings.store_path).is_file():
+        letters = []
+    else:
+        letters = _select(_ledger(use_local, settings).dead(), stage, reason)
     rows = [{k: v for k, v in asdict(d).items() if k != "source"} for d in letters]
     if as_json:
         click.echo(json.dumps(rows))
@@ -320,7 +355,47 @@ def failed(as_json: bool, local: bool | None, settings: Settings) -> None:
     if not rows:
         click.echo("no failed documents")
     for r in rows:
-        click.echo(f"{r['doc_id']}  [{r['stage']}/{r['reason']}]  {r['message']}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        click.echo(f"{r['doc_id']}  [{r['stage']}/{r['reason']}]  {r['message']}  ({r['attempts']}x, last {when})")
+
+
+@main.command()
+@stage_filter
+@reason_filter
+@click.option("--id", "ids", multiple=True, help="Only this document (repeatable).")
+@local_option
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS)
+@fail_clearly
+def redrive(
+    stage: str | None, reason: str | None, ids: tuple[str, ...], local: bool | None, settings: Settings
+) -> None:
+    """Submit dead letters again from the source each one kept. A document that succeeds leaves the
+    dead letters; one that fails again is listed again, with its attempts counted."""
+    from shared.errors import DecodeError
+    from shared.messages import SourceDoc
+
+    use_local = _use_local(local)
+    ledger = _ledger(use_local, settings)
+    sources, skipped = [], []
+    for letter in _select(ledger.dead(), stage, reason, ids):
+        try:
+            sources.append(SourceDoc.from_dict(ledger.source(letter.doc_id)))
+        except DecodeError:
+            skipped.append(letter.doc_id)
+    if use_local:
+        from workers.embedded import EmbeddedRun
+
+        summary = EmbeddedRun(settings).run(sources)
+        click.echo(f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again")
+    else:
+        from producer.submit import submit
+
+        result = submit(ledger.redis, settings, sources)
+        click.echo(f"resubmitted {result.documents} documents in {result.batches} batches")
+    if skipped:
+        click.echo(
+            f"{len(skipped)} without a usable source (resubmit them by hand): {', '.join(skipped[:20])}", err=True
+        )
 
 
 @main.command()

@@ -83,19 +83,16 @@ def iter_sources(
     inputs: list[Input], max_doc_bytes: int, stdin: IO[str] | None = None
 ) -> Iterator[SourceDoc | DeadLetter]:
     """Documents to submit, and dead letters for what cannot be (too large, malformed, duplicate)."""
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for item in inputs:
         for out in _read(item, max_doc_bytes, stdin):
             if isinstance(out, SourceDoc):
-                if out.id in seen:
-                    yield DeadLetter(
-                        out.id,
-                        STAGE,
-                        "decode_error",
-                        f"duplicate id in this submission ({item.location}); the first was kept",
-                    )
+                if out.id in seen:  # its own dead-letter ID: the first copy is submitted and may succeed
+                    seen[out.id] += 1
+                    message = f"duplicate id {out.id!r} in this submission ({item.location}); the first was kept"
+                    yield DeadLetter(f"{out.id} (duplicate {seen[out.id]})", STAGE, "decode_error", message)
                     continue
-                seen.add(out.id)
+                seen[out.id] = 1
             yield out
 
 

@@ -27,7 +27,7 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
             "failed": q.failed_job_registry.count,
             "workers": Worker.count(queue=q),
         }
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis)  # read-only here
     counters = ledger.counters()
     return {
         "mode": "distributed",

@@ -14,7 +14,9 @@ from redis import Redis
 from shared import keys
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, SourceDoc, pack
-from shared.settings import Settings
+from shared.settings import STAGES, Settings
+
+BACKPRESSURE_POLL_S = 0.5
 
 
 def batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
@@ -46,17 +48,39 @@ class SubmitResult:
     rejected: int = 0
 
 
+def backlog(redis: Redis, settings: Settings) -> int:
+    """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
+    from workers.runtime import queue
+
+    pipe = redis.pipeline(transaction=False)
+    for stage in STAGES:
+        pipe.llen(queue(redis, stage).key)
+    pipe.llen(keys.INBOX)
+    *queued, inbox = pipe.execute()
+    return sum(queued) + inbox // settings.batch_docs
+
+
+def wait_for_room(redis: Redis, settings: Settings, on_wait: Callable[[int], None] | None = None) -> None:
+    """Backpressure: block while the backlog is over settings.max_backlog_jobs, rather than fill Redis."""
+    while (waiting := backlog(redis, settings)) > settings.max_backlog_jobs:
+        if on_wait:
+            on_wait(waiting)
+        time.sleep(BACKPRESSURE_POLL_S)
+
+
 def submit(
     redis: Redis,
     settings: Settings,
     items: Iterable[SourceDoc | DeadLetter],
     on_progress: Callable[[int], None] | None = None,
+    on_wait: Callable[[int], None] | None = None,
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
     result = SubmitResult()
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, settings.dead_source_ttl_s)
     for group in batched(items, settings.batch_docs):
+        wait_for_room(redis, settings, on_wait)
         sources = [i for i in group if isinstance(i, SourceDoc)]
         rejected = [i for i in group if isinstance(i, DeadLetter)]
         with redis.pipeline() as pipe:

@@ -4,7 +4,18 @@ PREFIX = "embedpipe"
 
 INBOX = f"{PREFIX}:inbox"  # list: JSON or msgpack documents pushed by any client
 DEAD = f"{PREFIX}:dead"  # hash: doc_id -> msgpack DeadLetter
+DEAD_ATTEMPTS = f"{PREFIX}:dead:attempts"  # hash: doc_id -> how many times it failed for good
 COUNTERS = f"{PREFIX}:counters"  # hash: documents_done, chunks_written, ...
+
+
+def dead_source(doc_id: str) -> str:
+    """msgpack SourceDoc dict of a dead letter, for redrive; expires on its own schedule."""
+    return f"{PREFIX}:dead:src:{doc_id}"
+
+
+def parts_failed(batch_id: str) -> str:
+    """set of part numbers whose embed or write job failed for good."""
+    return f"{PREFIX}:failedparts:{batch_id}"
 
 
 def sources(batch_id: str) -> str:
@@ -44,7 +55,13 @@ def batch_finalized(batch_id: str) -> str:
 
 def batch_keys(batch_id: str, parts: int) -> list[str]:
     """All claim-check keys of a batch, deleted once the batch is finalized."""
-    keys = [sources(batch_id), documents(batch_id), batch_plan(batch_id), parts_written(batch_id)]
+    keys = [
+        sources(batch_id),
+        documents(batch_id),
+        batch_plan(batch_id),
+        parts_written(batch_id),
+        parts_failed(batch_id),
+    ]
     for p in range(parts):
         keys += [chunks(batch_id, p), vectors(batch_id, p)]
     return keys

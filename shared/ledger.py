@@ -1,11 +1,13 @@
 """Where outcomes are recorded: dead letters and counters.
 
 Distributed mode keeps them in Redis; the embedded mode keeps them in SQLite beside its store,
-so `embedpipe failed` and `embedpipe status` work the same in both.
+so `embedpipe failed`, `status` and `redrive` work the same in both. A dead letter's source (what
+is needed to redrive it) is kept apart from the listing, with its own retention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -13,46 +15,69 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgpack
 from redis import Redis
 
 from shared import keys
 from shared.messages import DeadLetter, decode_dead_letter, encode_dead_letter
+from shared.metrics import DEAD_LETTERS
 
-MAX_KEPT_SOURCE_BYTES = 1_000_000  # a dead letter keeps its source for redrive up to this size
+MAX_KEPT_SOURCE_BYTES = 20_000_000  # larger sources (never submitted anyway) are not kept for redrive
 
 
 class Ledger(Protocol):
     def add_dead(self, letters: list[DeadLetter]) -> None: ...
     def clear_dead(self, doc_ids: Iterable[str]) -> None: ...
     def dead(self) -> list[DeadLetter]: ...
+    def source(self, doc_id: str) -> dict[str, Any] | None: ...
     def incr(self, **counts: int) -> None: ...
     def counters(self) -> dict[str, int]: ...
 
 
-def stamped(letter: DeadLetter) -> DeadLetter:
-    """Set the time and drop a source too large to keep."""
+def _split(letter: DeadLetter) -> tuple[DeadLetter, bytes | None]:
+    """The listing entry (no source, time set) and the packed source, if worth keeping."""
     source = letter.source
-    if source is not None and len(source.get("content") or b"") + len(source.get("text") or "") > MAX_KEPT_SOURCE_BYTES:
-        source = {k: v for k, v in source.items() if k not in ("content", "text")}
-    return DeadLetter(**{**letter.__dict__, "at": letter.at or time.time(), "source": source})
+    packed = msgpack.packb(source, use_bin_type=True) if source else None
+    if packed is not None and len(packed) > MAX_KEPT_SOURCE_BYTES:
+        packed = None
+    DEAD_LETTERS.labels(letter.stage, letter.reason).inc()
+    return dataclasses.replace(letter, source=None, at=letter.at or time.time()), packed
 
 
 class RedisLedger:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, source_ttl_s: int = 30 * 86400) -> None:
         self.redis = redis
+        self.source_ttl_s = source_ttl_s
 
     def add_dead(self, letters: list[DeadLetter], pipe: Any = None) -> None:
-        if letters:
-            target = pipe if pipe is not None else self.redis
-            target.hset(keys.DEAD, mapping={d.doc_id: encode_dead_letter(stamped(d)) for d in letters})
+        target = pipe if pipe is not None else self.redis.pipeline()
+        for letter in letters:
+            entry, source = _split(letter)
+            target.hset(keys.DEAD, entry.doc_id, encode_dead_letter(entry))
+            target.hincrby(keys.DEAD_ATTEMPTS, entry.doc_id, 1)
+            if source is not None:
+                target.set(keys.dead_source(entry.doc_id), source, ex=self.source_ttl_s)
+        if pipe is None and letters:
+            target.execute()
 
     def clear_dead(self, doc_ids: Iterable[str], pipe: Any = None) -> None:
         ids = list(doc_ids)
         if ids:
-            (pipe if pipe is not None else self.redis).hdel(keys.DEAD, *ids)
+            target = pipe if pipe is not None else self.redis.pipeline()
+            target.hdel(keys.DEAD, *ids)
+            target.hdel(keys.DEAD_ATTEMPTS, *ids)
+            target.delete(*[keys.dead_source(d) for d in ids])
+            if pipe is None:
+                target.execute()
 
     def dead(self) -> list[DeadLetter]:
-        return sorted((decode_dead_letter(v) for v in self.redis.hvals(keys.DEAD)), key=lambda d: d.at)
+        attempts = {k.decode(): int(v) for k, v in self.redis.hgetall(keys.DEAD_ATTEMPTS).items()}
+        letters = [decode_dead_letter(v) for v in self.redis.hvals(keys.DEAD)]
+        return sorted((dataclasses.replace(d, attempts=attempts.get(d.doc_id, 1)) for d in letters), key=lambda d: d.at)
+
+    def source(self, doc_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(keys.dead_source(doc_id))
+        return msgpack.unpackb(raw, raw=False) if raw else None
 
     def dead_count(self) -> int:
         return int(self.redis.hlen(keys.DEAD))
@@ -73,14 +98,18 @@ class LocalLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        self._db.execute("CREATE TABLE IF NOT EXISTS dead (doc_id TEXT PRIMARY KEY, letter BLOB)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS dead (doc_id TEXT PRIMARY KEY, letter BLOB, attempts INTEGER, source BLOB)"
+        )
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
 
     def add_dead(self, letters: list[DeadLetter]) -> None:
+        rows = [(e.doc_id, encode_dead_letter(e), src) for e, src in map(_split, letters)]
         with self._lock:
             self._db.executemany(
-                "INSERT OR REPLACE INTO dead VALUES (?, ?)",
-                [(d.doc_id, encode_dead_letter(stamped(d))) for d in letters],
+                "INSERT INTO dead VALUES (?, ?, 1, ?) ON CONFLICT(doc_id) DO UPDATE SET "
+                "letter = excluded.letter, source = excluded.source, attempts = attempts + 1",
+                rows,
             )
 
     def clear_dead(self, doc_ids: Iterable[str]) -> None:
@@ -89,8 +118,14 @@ class LocalLedger:
 
     def dead(self) -> list[DeadLetter]:
         with self._lock:
-            rows = self._db.execute("SELECT letter FROM dead").fetchall()
-        return sorted((decode_dead_letter(r[0]) for r in rows), key=lambda d: d.at)
+            rows = self._db.execute("SELECT letter, attempts FROM dead").fetchall()
+        letters = (dataclasses.replace(decode_dead_letter(r[0]), attempts=r[1]) for r in rows)
+        return sorted(letters, key=lambda d: d.at)
+
+    def source(self, doc_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT source FROM dead WHERE doc_id = ?", (doc_id,)).fetchone()
+        return msgpack.unpackb(row[0], raw=False) if row and row[0] else None
 
     def dead_count(self) -> int:
         with self._lock:

@@ -39,8 +39,14 @@ class Settings:
     part_max_tokens: int = setting(131072, "Max tokens per embed part.")
     max_doc_bytes: int = setting(20_000_000, "Documents larger than this become dead letters (too_large).")
     payload_ttl_s: int = setting(7 * 86400, "How long claim-check payloads live in Redis.")
-    job_timeout_s: int = setting(900, "rq job timeout of every stage.")
+    load_timeout_s: int = setting(600, "rq timeout of a load job (a batch of documents, URLs fetched).")
+    chunk_timeout_s: int = setting(300, "rq timeout of a chunk job (tokenising a batch).")
+    embed_timeout_s: int = setting(0, "rq timeout of an embed job; 0 = 60 s + 10 ms per token of the part.")
+    write_timeout_s: int = setting(300, "rq timeout of a write job (one part into the store).")
     job_retries: int = setting(3, "rq retries of a failed job before its documents become dead letters.")
+    max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
+    dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
+    metrics_port: int = setting(0, "Serve Prometheus /metrics on this port (0: off).")
     inbox_wait_s: float = setting(1.0, "The janitor waits this long for a full batch from the inbox.")
     log_level: str = setting("INFO", "Logging level.")
     # Secrets: environment or file only (see module docstring).
@@ -58,6 +64,12 @@ class Settings:
                 values[f.name] = _parse(f, env[env_name(f.name)])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
+
+    def job_timeout_s(self, stage: str, tokens: int = 0) -> int:
+        """The rq timeout of a job of `stage`, from the work it carries."""
+        if stage == "embed" and not self.embed_timeout_s:
+            return 60 + tokens // 100  # 100 tokens/s: ~30x slower than a 2-core CPU
+        return int(getattr(self, f"{stage}_timeout_s"))
 
     def validated(self) -> Settings:
         for name in ("batch_size", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,7 +62,8 @@ class LanceStore:
         self.path = path
         self.model = model
         self._check_model(path / "store.json", model)
-        self._db = lancedb.connect(str(path))
+        # read_consistency_interval=0: every read sees the latest commit of any writer process
+        self._db = lancedb.connect(str(path), read_consistency_interval=timedelta(0))
         self._table: Any = None
         self._writes = 0
 

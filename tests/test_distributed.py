@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import time
 
 import msgpack
 import numpy as np
 import pytest
 from redis import Redis
-from rq import Worker
 
 from producer.sources import iter_sources, resolve
 from shared.messages import SourceDoc
-from shared.settings import STAGES, Settings
+from shared.settings import Settings
 from shared.store import open_store
 from workers.chunk import ChunkPolicy, chunk_batch
 from workers.embedded import EmbeddedRun
 from workers.load import load_batch
-from workers.runtime import queue
 
-from .conftest import EMBEDPIPE, EXAMPLES, cli_env, embedpipe
+from .conftest import EXAMPLES, cli_env, embedpipe
+from .pool import Pool
 
 pytestmark = pytest.mark.slow
 
@@ -67,28 +63,14 @@ def pool(redis_url, tmp_path):
         EMBEDPIPE_INBOX_WAIT_S="0.2",
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    commands = [("janitor", ["janitor"])] + [(s, ["worker", s]) for s in STAGES]
-    log_files = {name: open(logs / f"{name}.log", "w") for name, _ in commands}
-    procs = {
-        name: subprocess.Popen([EMBEDPIPE, *args], env=env, stdout=subprocess.DEVNULL, stderr=log_files[name])
-        for name, args in commands
-    }
     redis = Redis.from_url(redis_url)
-    deadline = time.monotonic() + 180
-    while not all(Worker.count(queue=queue(redis, s)) for s in STAGES):
-        dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
-        assert not dead, f"processes exited early: {dead}; see {logs}"
-        assert time.monotonic() < deadline, "workers did not start in 180 s"
-        time.sleep(0.5)
-    yield env, redis
-    for p in procs.values():
-        p.send_signal(signal.SIGTERM)
-    codes = {n: p.wait(60) for n, p in procs.items()}
-    for f in log_files.values():
-        f.close()
-    assert codes == dict.fromkeys(procs, 0), f"a process did not shut down cleanly: {codes}; see {logs}"
+    workers = Pool(env, tmp_path / "logs")
+    try:
+        workers.start_all(redis)
+        yield env, redis
+    finally:
+        codes = workers.stop()
+    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}; see {workers.logs}"
 
 
 def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(

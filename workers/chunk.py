@@ -161,7 +161,8 @@ def chunk_job(batch_id: str) -> dict[str, int]:
         pipe.expire(keys.batch_plan(batch_id), ttl)
         for p, part in enumerate(parts):
             pipe.set(keys.chunks(batch_id, p), pack(part), ex=ttl)
-        enqueue_next(ctx, "embed", [(batch_id, p) for p in range(len(parts))], pipe)
+        tokens = [sum(c.tokens for c in part) for part in parts]
+        enqueue_next(ctx, "embed", [(batch_id, p) for p in range(len(parts))], pipe, tokens)
         pipe.execute()
     log.info("chunk %s: %d documents -> %d chunks in %d parts", batch_id, len(docs), len(chunks), len(parts))
     return {"chunks": len(chunks), "parts": len(parts)}

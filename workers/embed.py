@@ -26,6 +26,10 @@ class Embedder:
         self._model = None
         self.dimension = 0
 
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
     def warm_up(self) -> Embedder:
         """Load the model (idempotent): CUDA with fp16 where present, else CPU."""
         if self._model is not None:

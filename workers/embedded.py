@@ -40,7 +40,8 @@ class RunSummary:
     chunks: int = 0
     chunks_embedded: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model loading included
+    model_load_seconds: float = 0.0
     chunks_per_s: float = 0.0
     store: str = ""
 
@@ -80,7 +81,11 @@ class EmbeddedRun:
         try:
             while (item := parts.get()) is not _DONE and not self._errors:
                 batch, part = item
-                vectors = embed_batch(part, self.embedder.warm_up())
+                if not self.embedder.ready:
+                    loading = time.perf_counter()
+                    self.embedder.warm_up()
+                    self.summary.model_load_seconds = round(time.perf_counter() - loading, 3)
+                vectors = embed_batch(part, self.embedder)
                 self.summary.chunks_embedded += len(part)
                 embedded.put((batch, part, vectors))
         finally:

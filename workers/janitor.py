@@ -6,6 +6,7 @@ next gets around to it (rq does that only every 10 minutes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -22,8 +23,10 @@ from shared import keys
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, decode_inbox_message
+from shared.metrics import RETRIES, serve
 from shared.settings import STAGES, Settings
 from workers.runtime import connect, queue
+from workers.write import batch_accounted
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class Janitor:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or connect(settings)
-        self.ledger = RedisLedger(self.redis)
+        self.ledger = RedisLedger(self.redis, settings.dead_source_ttl_s)
         queues = [queue(self.redis, s) for s in STAGES]
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
@@ -95,21 +98,92 @@ class Janitor:
         self.scheduler.acquire_locks()
         self.scheduler.enqueue_scheduled_jobs()
         if now - self._last_clean >= CLEAN_INTERVAL_S:
-            self.maintenance.clean_registries()
+            self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
             self._last_clean = now
+        expand_failed_jobs(self.redis, self.settings, self.ledger)
         return taken
 
     def run(self, burst: bool = False) -> None:
+        from redis.exceptions import ConnectionError, TimeoutError
+
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        serve(self.settings.metrics_port)
         log.info("janitor on %s", self.settings.redis_url_redacted)
-        try:
-            while not self._stop:
+        delay = 1.0
+        while not self._stop:
+            try:
                 taken = self.tick(flush=burst)
+                delay = 1.0
                 if burst and not taken and self.redis.llen(keys.INBOX) == 0:
                     break
                 if not taken:
                     time.sleep(IDLE_SLEEP_S)
-        finally:
+            except (ConnectionError, TimeoutError) as e:
+                RETRIES.labels("janitor", "redis").inc()
+                log.warning("lost Redis at %s (%s); retrying in %.0f s", self.settings.redis_url_redacted, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        with contextlib.suppress(ConnectionError, TimeoutError):
             self.scheduler.release_locks()
         log.info("janitor stopped")
+
+
+def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
+    """Turn every job that failed for good (exception after its retries, timeout, abandoned by a
+    killed worker, refused) into dead letters for each of its documents, then drop the job."""
+    from rq.registry import FailedJobRegistry
+
+    from workers.runtime import enqueue_jobs
+
+    expanded = 0
+    for stage in STAGES:
+        registry = FailedJobRegistry(stage, connection=redis, serializer=JSONSerializer)
+        for job_id in registry.get_job_ids():
+            letters, failed_part = dead_letters_of(redis, stage, job_id)
+            with redis.pipeline() as pipe:
+                ledger.add_dead(letters, pipe=pipe)
+                if failed_part:
+                    pipe.sadd(keys.parts_failed(failed_part[0]), failed_part[1])
+                    pipe.expire(keys.parts_failed(failed_part[0]), settings.payload_ttl_s)
+                pipe.zrem(registry.key, job_id)
+                pipe.execute()
+            if failed_part and batch_accounted(redis, failed_part[0]):
+                with redis.pipeline() as pipe:
+                    enqueue_jobs(queue(redis, "write"), settings, "finalize", [(failed_part[0],)], pipe)
+                    pipe.execute()
+            expanded += 1
+            log.warning("job %s failed for good: %d dead letters", job_id, len(letters))
+    return expanded
+
+
+def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLetter], tuple[str, int] | None]:
+    """The documents a failed job carried, as dead letters with their sources (for redrive)."""
+    from rq.job import Job
+
+    from shared.messages import decode_chunks, decode_documents, decode_sources
+
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        result = job.latest_result()
+        message = (result.exc_string if result and result.exc_string else job.exc_info or "no details").strip()
+        func, args = job.func_name, list(job.args)
+    except Exception as e:  # a job we cannot even read (foreign serializer, corrupt hash)
+        message, func, args = f"unreadable job: {type(e).__name__}: {e}", "", []
+    message = message.splitlines()[-1][:2000] if message else "failed"
+    batch_id = args[0] if args and isinstance(args[0], str) else None
+    if batch_id is None or not func.startswith("workers."):
+        return [DeadLetter(f"job:{job_id}", stage, "job_failed", f"{func or 'unknown function'}: {message}")], None
+    try:
+        sources = {s.get("id"): s for s in decode_sources(redis.get(keys.sources(batch_id))) if isinstance(s, dict)}
+        if func.endswith(("embed_job", "write_job")):
+            part = int(args[1])
+            ids = {c.doc_id for c in decode_chunks(redis.get(keys.chunks(batch_id, part)))}
+        elif func.endswith("chunk_job"):
+            part, ids = None, {d.id for d in decode_documents(redis.get(keys.documents(batch_id)))}
+        else:
+            part, ids = None, set(sources)
+    except DecodeError as e:
+        return [DeadLetter(f"batch:{batch_id}", stage, "job_failed", f"{message} (and {e})")], None
+    letters = [DeadLetter(i, stage, "job_failed", message, source=sources.get(i)) for i in sorted(ids) if i]
+    return letters, (batch_id, part) if part is not None else None

@@ -18,6 +18,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_af
 
 from shared.errors import DecodeError, DocumentError
 from shared.messages import DeadLetter, Document, SourceDoc, content_hash
+from shared.metrics import DOCUMENTS, count_retry
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
     text = clean_text(text)
     if not text:
         raise DocumentError("empty", "no text left after cleaning")
+    if run := _LONG_RUN.search(text):
+        raise DocumentError("decode_error", f"{MAX_RUN_CHARS}+ characters without a space at {run.start()}: not prose")
     return Document(id=source.id, text=text, content_hash=content_hash(text), metadata=metadata)
 
 
@@ -127,23 +130,29 @@ _BINARY_SUFFIXES = {
 }
 
 
+_UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
+MAX_RUN_CHARS = 65_536  # a "word" this long is not text the model can read (base64, minified data)
+_LONG_RUN = re.compile(r"\S{" + str(MAX_RUN_CHARS) + "}")
+
+
 def decode_bytes(data: bytes) -> str:
-    """UTF-8 when it is; otherwise the most likely legacy encoding; binary is refused."""
+    """UTF-8 when it is; cp1252 (by far the most common legacy encoding of text files) when the
+    bytes hold no UTF-8 at all; anything else, e.g. UTF-8 mixed with other bytes, is refused."""
     if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DocumentError("unsupported_type", "binary content (NUL bytes)")
-    for encoding in ("utf-8-sig", "cp1252"):
-        # cp1252 is by far the most common legacy encoding of text files; statistical detection
-        # confuses it with its Central European cousin cp1250 on short texts, so try it first.
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            pass
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(data).best()
-    if best is None:
-        raise DocumentError("decode_error", "not UTF-8 and no other text encoding fits")
-    return str(best)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf8_error = e
+    if _UTF8_MULTIBYTE.search(data):
+        raise DocumentError(
+            "decode_error",
+            f"mixed encodings: UTF-8 text with invalid bytes ({utf8_error.reason} at byte {utf8_error.start})",
+        )
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"neither UTF-8 nor cp1252: {e.reason} at byte {e.start}") from e
 
 
 def html_to_text(html: str) -> str:
@@ -188,6 +197,7 @@ class _Transient(Exception):
     retry=retry_if_exception_type(_Transient),
     wait=wait_random_exponential(multiplier=0.5, max=10),
     stop=stop_after_attempt(4) | stop_after_delay(60),
+    before_sleep=count_retry(STAGE, "io"),
     reraise=True,
 )
 def _get(uri: str, max_doc_bytes: int) -> tuple[bytes, str]:
@@ -237,5 +247,7 @@ def load_job(batch_id: str) -> dict[str, int]:
             pipe.set(keys.documents(batch_id), pack(docs), ex=ctx.settings.payload_ttl_s)
             enqueue_next(ctx, "chunk", [(batch_id,)], pipe)
         pipe.execute()
+    DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
+    DOCUMENTS.labels(STAGE, "failed").inc(len(dead))
     log.info("load %s: %d documents, %d dead letters", batch_id, len(docs), len(dead))
     return {"documents": len(docs), "dead": len(dead)}

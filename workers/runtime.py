@@ -9,6 +9,8 @@ With a single queue rq dequeues with BLMOVE, so a job of a worker killed after t
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,7 @@ from rq.serializers import JSONSerializer
 from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
+from shared.metrics import RETRIES, serve
 from shared.settings import STAGES, Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,10 @@ JOB_FUNCTIONS = {
     "chunk": "workers.chunk.chunk_job",
     "embed": "workers.embed.embed_job",
     "write": "workers.write.write_job",
+    "finalize": "workers.write.finalize_job",  # runs on the write queue: it needs the store
 }
+QUEUE_OF = {"finalize": "write"}
+ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
 RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
 
@@ -101,7 +107,8 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     """Load what the stage needs, once per process."""
     global _context
     redis = redis or connect(settings)
-    ctx = WorkerContext(settings, redis, RedisLedger(redis), {s: queue(redis, s) for s in STAGES})
+    ledger = RedisLedger(redis, settings.dead_source_ttl_s)
+    ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
     if stage == "chunk":
         from shared.models import ModelTokenizer
         from workers.chunk import ChunkPolicy
@@ -125,9 +132,11 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     return ctx
 
 
-def enqueue_next(ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Any) -> None:
+def enqueue_next(
+    ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Any, tokens: list[int] | None = None
+) -> None:
     """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
-    enqueue_jobs(ctx.queues[stage], ctx.settings, stage, args_list, pipe)
+    enqueue_jobs(ctx.queues[QUEUE_OF.get(stage, stage)], ctx.settings, stage, args_list, pipe, tokens)
 
 
 def job_id(stage: str, args: tuple[Any, ...]) -> str:
@@ -135,20 +144,29 @@ def job_id(stage: str, args: tuple[Any, ...]) -> str:
     return "_".join([stage, *map(str, args)])  # rq allows letters, digits, _ and - only
 
 
-def enqueue_jobs(q: Queue, settings: Settings, stage: str, args_list: list[tuple[Any, ...]], pipe: Any) -> None:
+def enqueue_jobs(
+    q: Queue,
+    settings: Settings,
+    stage: str,
+    args_list: list[tuple[Any, ...]],
+    pipe: Any,
+    tokens: list[int] | None = None,
+) -> None:
+    """One pipeline round trip for all jobs; `tokens` (per job) sizes embed timeouts."""
     retry = Retry(max=settings.job_retries, interval=RETRY_INTERVALS_S) if settings.job_retries else None
+    timeout_stage = QUEUE_OF.get(stage, stage)
     q.enqueue_many(
         [
             Queue.prepare_data(
                 JOB_FUNCTIONS[stage],
                 args=args,
                 job_id=job_id(stage, args),
-                timeout=settings.job_timeout_s,
+                timeout=settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=settings.payload_ttl_s,
                 retry=retry,
             )
-            for args in args_list
+            for i, args in enumerate(args_list)
         ],
         pipeline=pipe,
     )
@@ -159,20 +177,46 @@ class StageWorker(SimpleWorker):
     (os.system, say) is refused and never imported or executed."""
 
     def execute_job(self, job: Any, queue: Queue) -> Any:
-        allowed = JOB_FUNCTIONS.get(queue.name)
-        if job.func_name != allowed:
-            log.error("refused job %s: it names %r, this pool runs only %r", job.id, job.func_name, allowed)
+        allowed = ALLOWED.get(queue.name, set())
+        if job.func_name not in allowed:
+            named = str(job.func_name)[:200]
+            log.error("refused job %s: it names %r, this pool runs only %s", job.id, named, sorted(allowed))
             job.func_name = "workers.runtime.refused_job"
-            job.args, job.kwargs = (job.id,), {}
+            job.args, job.kwargs = (job.id, named), {}
+            job.retries_left = 0
+        elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
+            RETRIES.labels(queue.name, "job").inc()
         return super().execute_job(job, queue)
 
 
-def refused_job(job_id: str) -> None:
-    raise PermissionError(f"job {job_id} named a function that is not an embedpipe stage; refused")
+def refused_job(job_id: str, func_name: str = "") -> None:
+    raise PermissionError(f"job {job_id} names {func_name!r}, which is not an embedpipe stage: refused")
 
 
-def run_worker(settings: Settings, stage: str, burst: bool = False) -> bool:
+def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
+    """Work until SIGTERM (or an empty queue with `burst`). If Redis goes away for longer than the
+    client's own retries, rq's loop quits: start a new worker with backoff instead of dying."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
     ctx = init_context(settings, stage)
-    worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
-    log.info("%s worker %s on %s", stage, worker.name, settings.redis_url_redacted)
-    return worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    serve(settings.metrics_port)
+    delay = 1.0
+    while True:
+        worker = None
+        try:
+            worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
+            log.info("%s worker %s on %s", stage, worker.name, settings.redis_url_redacted)
+            worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+            delay = 1.0
+        except (ConnectionError, TimeoutError) as e:
+            log.warning("lost Redis at %s: %s", settings.redis_url_redacted, e)
+        # rq records a SIGTERM/SIGINT in _shutdown_requested_date (its _stop_requested only when busy)
+        if burst or (worker is not None and worker._shutdown_requested_date is not None):
+            return
+        RETRIES.labels(stage, "redis").inc()
+        log.warning("%s worker stopped unexpectedly; reconnecting in %.0f s", stage, delay)
+        # no job runs between workers: a SIGTERM now simply ends the process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)

@@ -1,7 +1,9 @@
 """Write stage: chunks + vectors -> the store, then finalise each batch once all its parts are in.
 
-Upserts are idempotent by chunk_id. Finalising a batch deletes each document's stale chunks (those
-of an earlier version of the document), clears earlier dead letters of its documents, and counts them.
+Upserts are idempotent by chunk_id. Finalising a batch makes every document end in exactly one
+place: a document whose chunks were all written has its stale chunks (from an earlier version)
+deleted and counts as done; a document with a chunk in a part that failed for good (already a dead
+letter, written by the janitor) has all its chunks removed from the store.
 """
 
 from __future__ import annotations
@@ -9,20 +11,34 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError
 from shared.messages import Chunk
+from shared.metrics import DOCUMENTS, count_retry
 from shared.store import Store
 
 log = logging.getLogger(__name__)
 
 STAGE = "write"
 
+# Store commits can conflict or time out under concurrent writers: retry them in place before
+# failing the whole job (which rq then retries as a job).
+store_retry = retry(
+    retry=retry_if_not_exception_type((ValueError, TypeError, DecodeError)),
+    wait=wait_random_exponential(multiplier=0.2, max=5),
+    stop=stop_after_attempt(5) | stop_after_delay(60),
+    before_sleep=count_retry(STAGE, "io"),
+    reraise=True,
+)
 
+
+@store_retry
 def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray) -> None:
     store.upsert(chunks, vectors)
 
 
+@store_retry
 def delete_stale(store: Store, expected: dict[str, list[str]]) -> int:
     """Delete stored chunks of these documents that are not in their current chunk list."""
     stored = store.chunk_ids(list(expected))
@@ -57,31 +73,56 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     with ctx.redis.pipeline() as pipe:
         pipe.sadd(keys.parts_written(batch_id), part)
         pipe.expire(keys.parts_written(batch_id), ctx.settings.payload_ttl_s)
-        pipe.scard(keys.parts_written(batch_id))
-        pipe.hget(keys.batch_plan(batch_id), "parts")
-        written, parts = pipe.execute()[2:]
-    ctx.ledger.incr(chunks_written=len(chunks))
+        ctx.ledger.incr(pipe=pipe, chunks_written=len(chunks))
+        pipe.execute()
     log.info("write %s/%d: %d chunks", batch_id, part, len(chunks))
-    if parts is not None and written >= int(parts):
+    if batch_accounted(ctx.redis, batch_id):
         finalize(batch_id)
     return {"chunks": len(chunks)}
 
 
+def batch_accounted(redis: object, batch_id: str) -> bool:
+    """Every part of the batch is either written or failed for good."""
+    from shared import keys
+
+    pipe = redis.pipeline()  # type: ignore[attr-defined]
+    pipe.scard(keys.parts_written(batch_id))
+    pipe.scard(keys.parts_failed(batch_id))
+    pipe.hget(keys.batch_plan(batch_id), "parts")
+    written, failed, parts = pipe.execute()
+    return parts is not None and written + failed >= int(parts)
+
+
+def finalize_job(batch_id: str) -> None:
+    """rq job (write queue), enqueued by the janitor when a batch's last open part failed for good."""
+    from workers.runtime import context
+
+    if not context().batch_finalized(batch_id):
+        finalize(batch_id)
+
+
 def finalize(batch_id: str) -> None:
-    """Every part of the batch is stored: remove stale chunks, then record the documents as done."""
     import msgpack
 
     from shared import keys
+    from shared.messages import decode_chunks
     from workers.runtime import context
 
     ctx = context()
     plan = ctx.redis.hgetall(keys.batch_plan(batch_id))
     expected = {k.decode()[4:]: msgpack.unpackb(v) for k, v in plan.items() if k.startswith(b"doc:")}
-    stale = delete_stale(ctx.store, expected)
+    failed = set()
+    for part in ctx.redis.smembers(keys.parts_failed(batch_id)):
+        failed |= {c.doc_id for c in decode_chunks(ctx.redis.get(keys.chunks(batch_id, int(part))))}
+    done = {doc: ids for doc, ids in expected.items() if doc not in failed}
+    stale = delete_stale(ctx.store, {**done, **{key: [] for key in failed}})
     if ctx.redis.set(keys.batch_finalized(batch_id), 1, nx=True, ex=ctx.settings.payload_ttl_s):
         with ctx.redis.pipeline() as pipe:
-            ctx.ledger.clear_dead(expected, pipe=pipe)
-            ctx.ledger.incr(pipe=pipe, documents_done=len(expected))
+            ctx.ledger.clear_dead(done, pipe=pipe)
+            ctx.ledger.incr(pipe=pipe, documents_done=len(done))
             pipe.delete(*keys.batch_keys(batch_id, int(plan.get(b"parts", 0))))
             pipe.execute()
-    log.info("batch %s done: %d documents, %d stale chunks deleted", batch_id, len(expected), stale)
+        DOCUMENTS.labels(STAGE, "ok").inc(len(done))
+    log.info(
+        "batch %s done: %d documents stored, %d failed, %d chunks deleted", batch_id, len(done), len(failed), stale
+    )

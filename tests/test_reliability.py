@@ -1,0 +1,343 @@
+"""Nothing lost: every submitted document ends stored completely or as a dead letter with a reason,
+whatever is killed, restarted or fed to the pipeline. Real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+from redis import Redis
+
+from shared.messages import SourceDoc
+from shared.settings import STAGES
+from shared.store import open_store
+from workers.chunk import ChunkPolicy, chunk_batch
+from workers.load import load_batch
+from workers.runtime import queue
+
+from .conftest import EXAMPLES, cli_env, embedpipe, free_port
+from .pool import Pool
+
+pytestmark = pytest.mark.slow
+
+# Small parts and short job timeouts (settings, not test-only code paths): rq recovers a job of a
+# SIGKILLed SimpleWorker job_timeout + 60 s after it started, so these keep the test to minutes.
+FAST_RECOVERY = {
+    "EMBEDPIPE_BATCH_DOCS": "20",
+    "EMBEDPIPE_PART_MAX_CHUNKS": "10",
+    "EMBEDPIPE_LOAD_TIMEOUT_S": "15",
+    "EMBEDPIPE_CHUNK_TIMEOUT_S": "15",
+    "EMBEDPIPE_EMBED_TIMEOUT_S": "20",
+    "EMBEDPIPE_WRITE_TIMEOUT_S": "20",
+    "EMBEDPIPE_JOB_RETRIES": "6",
+    "EMBEDPIPE_INBOX_WAIT_S": "0.2",
+    "EMBEDPIPE_LOG_LEVEL": "INFO",
+}
+TOPICS = ["coffee", "bicycles", "sourdough", "compost", "telescopes", "tea", "ferns", "kites", "maps", "bees"]
+
+
+def short_documents(n: int) -> list[dict[str, str]]:
+    rng = random.Random(7)
+    return [
+        {
+            "id": f"doc-{i:05d}",
+            "text": f"Note {i} about {rng.choice(TOPICS)}: "
+            + " ".join(rng.choice(TOPICS) for _ in range(rng.randint(5, 40)))
+            + ".",
+        }
+        for i in range(n)
+    ]
+
+
+def expected_chunks(tokenizer, sources: list[SourceDoc]) -> dict[str, set[str]]:
+    docs, dead = load_batch([s.to_dict() for s in sources], 10**7)
+    assert not dead
+    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    expected: dict[str, set[str]] = {d.id: set() for d in docs}
+    for c in chunk_batch(docs, tokenizer, policy):
+        expected[c.doc_id].add(c.chunk_id)
+    return expected
+
+
+def assert_nothing_lost(env: dict[str, str], expected: dict[str, set[str]]) -> dict[str, int]:
+    """Each document is either stored with exactly its chunks, or a dead letter: never both, never neither."""
+    store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+    stored = store.chunk_ids(list(expected))
+    dead = {d["doc_id"] for d in json.loads(embedpipe("failed", "--json", env=env).stdout)}
+    complete = {d for d, ids in stored.items() if ids == expected[d]}
+    partial = {d for d, ids in stored.items() if ids and ids != expected[d]}
+    lost = set(expected) - complete - dead
+    assert not partial, f"partly stored: {sorted(partial)[:10]}"
+    assert not (complete & dead), f"stored and dead: {sorted(complete & dead)[:10]}"
+    assert not lost, f"lost: {len(lost)} documents, e.g. {sorted(lost)[:10]}"
+    assert store.count() == sum(len(expected[d]) for d in complete), "duplicate or foreign chunks"
+    return {"stored": len(complete), "dead": len(dead & set(expected))}
+
+
+def wait_busy(redis: Redis, stage: str, timeout_s: float = 20) -> bool:
+    """Until a job of `stage` is running (so a kill lands mid-job), or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if queue(redis, stage).started_job_registry.count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkilled_workers_of_every_pool_lose_nothing(redis_url, tmp_path, tokenizer):
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), **FAST_RECOVERY)
+    redis = Redis.from_url(redis_url)
+    docs = short_documents(1000)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 2, "write": 1})
+    try:
+        pool.start_all(redis)
+        embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
+        rng = random.Random(11)
+        for _round in range(2):  # every pool loses a worker mid-job twice; each is restarted at once
+            for stage in rng.sample(STAGES, len(STAGES)):
+                name = rng.choice([n for n in pool.commands if n.startswith(stage + "-")])
+                wait_busy(redis, stage)
+                pool.kill(name)
+                pool.start(name)
+        pool.kill("janitor")  # the janitor too: its successor picks up where it was
+        pool.start("janitor")
+        embedpipe("wait", "--timeout", "900", env=env, timeout=960)
+        assert all(pool.alive().values())
+    finally:
+        codes = pool.stop()
+    assert pool.kills == 9
+    sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
+    outcome = assert_nothing_lost(env, expected_chunks(tokenizer, sources))
+    assert outcome["stored"] + outcome["dead"] == 1000
+    assert codes == dict.fromkeys(codes, 0), codes
+
+
+def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
+    """A redis-server of our own with AOF (as the compose file runs it), restarted mid-run."""
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    command = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--maxmemory-policy",
+        "noeviction",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    redis = Redis(port=port)
+    _wait_ping(redis)
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(tmp_path / "store"), **FAST_RECOVERY
+    )
+    docs = short_documents(300)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    pool = Pool(env, tmp_path / "logs")
+    try:
+        pool.start_all(redis)
+        embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
+        wait_busy(redis, "embed")
+        redis.shutdown()  # AOF is flushed on shutdown; the workers lose their connection
+        server.wait(30)
+        time.sleep(3)
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _wait_ping(redis)
+        embedpipe("wait", "--timeout", "900", env=env, timeout=960)
+        assert all(pool.alive().values()), "a worker died instead of reconnecting"
+        outcome = assert_nothing_lost(
+            env, expected_chunks(tokenizer, [SourceDoc(d["id"], text=d["text"]) for d in docs])
+        )
+        assert outcome == {"stored": 300, "dead": 0}
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+        assert "reconnecting" in logs or "could not connect to Redis" in logs
+    finally:
+        codes = pool.stop()
+        server.terminate()
+        server.wait(30)
+    assert codes == dict.fromkeys(codes, 0), codes
+
+
+def _wait_ping(redis: Redis) -> None:
+    for _ in range(200):
+        try:
+            redis.ping()
+            return
+        except Exception:
+            time.sleep(0.05)
+    raise AssertionError("redis-server did not start")
+
+
+def bad_corpus(root: Path) -> dict[str, tuple[str, str]]:
+    """Files of every bad kind, and the (stage, reason) each must end with."""
+    from pypdf import PdfWriter
+
+    root.mkdir()
+    (root / "empty.txt").write_text("")
+    (root / "binary.bin").write_bytes(bytes(random.Random(1).randrange(256) for _ in range(4096)))
+    (root / "mixed.txt").write_bytes("Déjà vu in UTF-8, ".encode() + "then Latin-1: déjà".encode("latin-1"))
+    (root / "nul.txt").write_bytes(b"text with a NUL\x00 byte in it")
+    with open(root / "huge.txt", "wb") as f:  # 50 MB, over the 20 MB default limit
+        f.write(b"big words " * 5_000_000)
+    (root / "longline.txt").write_text("x" * 1_000_000)
+    (root / "allscript.html").write_text(
+        "<html><head><script>let a = 1;</script></head><body><script>go()</script></body></html>"
+    )
+    (root / "corrupt.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\n% cut short")
+    writer = PdfWriter()
+    writer.add_blank_page(200, 200)
+    writer.encrypt("secret")
+    with open(root / "encrypted.pdf", "wb") as f:
+        writer.write(f)
+    (root / "records.jsonl").write_text(
+        '{"id": "rec-1", "text": "A good record about tea."}\n{not json\n{"id": "rec-1", "text": "again"}\n'
+    )
+    return {
+        "empty.txt": ("load", "empty"),
+        "binary.bin": ("load", "unsupported_type"),
+        "mixed.txt": ("load", "decode_error"),
+        "nul.txt": ("load", "unsupported_type"),
+        "huge.txt": ("submit", "too_large"),
+        "longline.txt": ("load", "decode_error"),
+        "allscript.html": ("load", "empty"),
+        "corrupt.pdf": ("load", "decode_error"),
+        "encrypted.pdf": ("load", "decode_error"),
+        "records.jsonl:2": ("submit", "decode_error"),
+        "rec-1 (duplicate 2)": ("submit", "decode_error"),
+    }
+
+
+def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp_path, tokenizer):
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), **FAST_RECOVERY)
+    redis = Redis.from_url(redis_url)
+    bad = bad_corpus(tmp_path / "bad")
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("docs/moon-phases.md", "web/bicycle-gears.html", "pdf/binoculars-for-stargazing.pdf"):
+        (good / Path(name).name).write_bytes((EXAMPLES / name).read_bytes())
+    url_port = free_port()  # nothing listens here yet
+    url = f"http://127.0.0.1:{url_port}/later.html"
+    pool = Pool(env, tmp_path / "logs")
+    try:
+        pool.start_all(redis)
+        embedpipe("enqueue", str(tmp_path / "bad"), str(good), url, env=env)
+        redis.rpush(
+            "embedpipe:inbox",
+            b"this is not json",
+            json.dumps({"v": 1, "text": "no id"}),
+            json.dumps({"v": 1, "id": "wrong-types", "text": 42}),
+            json.dumps({"v": 7, "id": "from-the-future", "text": "hello"}),
+            msgpack.packb({"v": 1, "id": "inbox-good", "text": "Bees dance to share where flowers are."}),
+        )
+        embedpipe("wait", "--timeout", "600", env=env, timeout=660)
+        assert all(pool.alive().values()), "a worker crashed on bad input"
+
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        got = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
+        inbox_ids = [k for k in got if k.startswith("inbox:")]
+        assert len(inbox_ids) == 2
+        assert got == {
+            **bad,
+            url: ("load", "source_error"),
+            "wrong-types": ("inbox", "decode_error"),
+            "from-the-future": ("inbox", "decode_error"),
+            **dict.fromkeys(inbox_ids, ("inbox", "decode_error")),
+        }
+        assert all(f["message"] and f["attempts"] == 1 for f in failed)
+        only = json.loads(embedpipe("failed", "--json", "--reason", "source_error", env=env).stdout)
+        assert [f["doc_id"] for f in only] == [url]
+
+        store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+        stored = {
+            d
+            for d, ids in store.chunk_ids(
+                ["moon-phases.md", "bicycle-gears.html", "binoculars-for-stargazing.pdf", "rec-1", "inbox-good"]
+            ).items()
+            if ids
+        }
+        assert stored == {
+            "moon-phases.md",
+            "bicycle-gears.html",
+            "binoculars-for-stargazing.pdf",
+            "rec-1",
+            "inbox-good",
+        }
+
+        # The URL comes up: redriving its dead letter stores it and removes the dead letter.
+        with _serve(url_port, b"<html><body><main><p>Kites fly on steady wind.</p></main></body></html>"):
+            out = embedpipe("redrive", "--reason", "source_error", env=env).stdout
+            assert "resubmitted 1 documents" in out
+            embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        assert store.chunk_ids([url])[url]
+        assert url not in {f["doc_id"] for f in json.loads(embedpipe("failed", "--json", env=env).stdout)}
+    finally:
+        codes = pool.stop()
+    assert codes == dict.fromkeys(codes, 0), codes
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _serve:
+    def __init__(self, port: int, body: bytes) -> None:
+        handler = type("Page", (_Page,), {"body": body})
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+    def __enter__(self) -> None:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_redis_password_from_the_environment_never_shows(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret-pw"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = Redis(port=port, password="s3cret-pw")
+        _wait_ping(client)
+        url = f"redis://127.0.0.1:{port}/0"
+        ok = embedpipe("status", "--json", env=cli_env(EMBEDPIPE_REDIS_URL=url, EMBEDPIPE_REDIS_PASSWORD="s3cret-pw"))
+        assert json.loads(ok.stdout)["mode"] == "distributed"
+        secret_file = tmp_path / "pw"
+        secret_file.write_text("s3cret-pw\n")
+        embedpipe("status", env=cli_env(EMBEDPIPE_REDIS_URL=url, EMBEDPIPE_REDIS_PASSWORD_FILE=str(secret_file)))
+        wrong = embedpipe(
+            "status", env=cli_env(EMBEDPIPE_REDIS_URL=f"redis://:wrong-pw@127.0.0.1:{port}/0"), check=False
+        )
+        assert wrong.returncode == 1 and "wrong-pw" not in wrong.stdout + wrong.stderr
+        assert "***" in wrong.stderr  # the URL it names is redacted
+    finally:
+        server.terminate()
+        server.wait(10)
