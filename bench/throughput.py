@@ -98,9 +98,17 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> 
 
 
 def row(mode: str, chunks: int, tokens: int, seconds: float, rss: object, **extra: object) -> dict:
-    return {"mode": mode, "chunks": chunks, "tokens": tokens, "seconds": round(seconds, 2),
-            "chunks_per_s": round(chunks / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "peak_rss_mb": rss, "load_avg_1m_after": round(os.getloadavg()[0], 2), **extra}
+    return {
+        "mode": mode,
+        "chunks": chunks,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "chunks_per_s": round(chunks / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "peak_rss_mb": rss,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        **extra,
+    }
 
 
 # --- child processes (this script, run again with --child) ---------------------------------------
@@ -128,9 +136,15 @@ def child_bare(docs_file: Path) -> dict:
         started = time.perf_counter()
         model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
         seconds[b] = time.perf_counter() - started
-    return {"chunks": len(chunks), "tokens": sum(c.tokens for c in chunks), "documents": len(docs),
-            "dead": len(dead), "seconds_by_batch": seconds, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {
+        "chunks": len(chunks),
+        "tokens": sum(c.tokens for c in chunks),
+        "documents": len(docs),
+        "dead": len(dead),
+        "seconds_by_batch": seconds,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def child_embedded(docs_file: Path, store: Path) -> dict:
@@ -147,8 +161,11 @@ def child_embedded(docs_file: Path, store: Path) -> dict:
     pipeline = EmbeddedRun(settings, embedder=warm, progress=None)  # opens the store, loads the tokenizer
     init_seconds = time.perf_counter() - started
     summary = pipeline.run(items)  # reads, loads, chunks, embeds, writes: the steady state
-    return {**summary.to_dict(), "timed_seconds": time.perf_counter() - started - init_seconds,
-            "init_seconds": init_seconds}
+    return {
+        **summary.to_dict(),
+        "timed_seconds": time.perf_counter() - started - init_seconds,
+        "init_seconds": init_seconds,
+    }
 
 
 # --- the modes ---------------------------------------------------------------------------------------
@@ -157,8 +174,15 @@ def child_embedded(docs_file: Path, store: Path) -> dict:
 def bench_bare(docs_file: Path) -> tuple[dict, dict]:
     r, wall, rss = run_measured([sys.executable, __file__, "--child", "bare", str(docs_file)], clean_env())
     best = min(r["seconds_by_batch"], key=r["seconds_by_batch"].get)
-    return row(f"bare encode (B={best})", r["chunks"], r["tokens"], r["seconds_by_batch"][best], rss,
-               seconds_by_batch=r["seconds_by_batch"], process_wall_s=round(wall, 1)), r
+    return row(
+        f"bare encode (B={best})",
+        r["chunks"],
+        r["tokens"],
+        r["seconds_by_batch"][best],
+        rss,
+        seconds_by_batch=r["seconds_by_batch"],
+        process_wall_s=round(wall, 1),
+    ), r
 
 
 def bench_embedded(docs_file: Path, tmp: Path) -> list[dict]:
@@ -179,8 +203,9 @@ def free_port() -> int:
 
 
 def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
-    done = subprocess.run([str(BIN / "embedpipe"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(BIN / "embedpipe"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode != 0:
         raise RuntimeError(f"embedpipe {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
@@ -188,8 +213,22 @@ def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
 
 def bench_distributed(docs_file: Path, tmp: Path) -> dict:
     port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     env = clean_env(EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(tmp / "dist"))
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -199,15 +238,18 @@ def bench_distributed(docs_file: Path, tmp: Path) -> dict:
         commands = {"janitor": ["janitor"], **{s: ["worker", s] for s in ("load", "chunk", "embed", "write")}}
         for name, args in commands.items():
             with open(tmp / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-                procs[name] = subprocess.Popen([str(BIN / "embedpipe"), *args], env=env, cwd=ROOT,
-                                               stdout=log, stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    [str(BIN / "embedpipe"), *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                )
         monitors = {name: PeakRss(p.pid) for name, p in procs.items()}
         deadline = time.monotonic() + 300
         while True:  # a worker registers with rq only after it has loaded its model/tokenizer/store
             dead = [n for n, p in procs.items() if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{dead} exited while starting: see {tmp}/{dead[0]}.log:\n"
-                                   + (tmp / f"{dead[0]}.log").read_text()[-4000:])
+                raise RuntimeError(
+                    f"{dead} exited while starting: see {tmp}/{dead[0]}.log:\n"
+                    + (tmp / f"{dead[0]}.log").read_text()[-4000:]
+                )
             stages = json.loads(embedpipe(env, "status", "--json"))["stages"]
             if all(s["workers"] >= 1 for s in stages.values()):
                 break
@@ -255,15 +297,18 @@ def write_docs(n: int, path: Path) -> int:
 
 
 def print_table(rows: list[dict], bare_cps: float) -> None:
-    head = (f"{'mode':<28}{'chunks':>7}{'tokens':>8}{'seconds':>9}{'chunks/s':>10}{'tokens/s':>10}{'ratio':>7}"
-            "  peak RSS MB")
+    head = (
+        f"{'mode':<28}{'chunks':>7}{'tokens':>8}{'seconds':>9}{'chunks/s':>10}{'tokens/s':>10}{'ratio':>7}  peak RSS MB"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         rss = r["peak_rss_mb"]
         rss = ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) if isinstance(rss, dict) else f"{rss:.0f}"
-        print(f"{r['mode']:<28}{r['chunks']:>7}{r['tokens']:>8}{r['seconds']:>9.1f}{r['chunks_per_s']:>10.2f}"
-              f"{r['tokens_per_s']:>10.0f}{r['chunks_per_s'] / bare_cps:>7.2f}  {rss}")
+        print(
+            f"{r['mode']:<28}{r['chunks']:>7}{r['tokens']:>8}{r['seconds']:>9.1f}{r['chunks_per_s']:>10.2f}"
+            f"{r['tokens_per_s']:>10.0f}{r['chunks_per_s'] / bare_cps:>7.2f}  {rss}"
+        )
 
 
 def main() -> None:
@@ -282,8 +327,11 @@ def main() -> None:
         n = write_docs(args.docs, docs_file)
         print(f"{n} SciFact documents; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
         bare, info = bench_bare(docs_file)
-        print(f"torch {info['torch']}, torch.get_num_threads() = {info['torch_threads']}; bare encode s by batch: "
-              + ", ".join(f"{b}: {s:.1f}" for b, s in info["seconds_by_batch"].items()), flush=True)
+        print(
+            f"torch {info['torch']}, torch.get_num_threads() = {info['torch_threads']}; bare encode s by batch: "
+            + ", ".join(f"{b}: {s:.1f}" for b, s in info["seconds_by_batch"].items()),
+            flush=True,
+        )
         rows = [bare, *bench_embedded(docs_file, tmp), bench_distributed(docs_file, tmp)]
     bare_cps = bare["chunks_per_s"]
     for r in rows:
