@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 .PHONY: run test setup lint bench-throughput bench-quality clean
 
 run: $(VENV)/.installed
-	$(BIN)/embedpipe run examples/ --exclude README.md
+	$(BIN)/embedpipe run examples/ --probe-eval examples/eval
 	$(BIN)/embedpipe search "how do I fix a flat bicycle tyre" -k 3
 
 test:

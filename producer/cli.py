@@ -25,7 +25,7 @@ REDIS = ["redis_url"]
 MODEL = ["model", "device", "batch_size"]
 CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
 JOBS = ["payload_ttl_s", "load_timeout_s", "chunk_timeout_s", "embed_timeout_s", "write_timeout_s", "job_retries"]
-RUNTIME = ["metrics_port", "dead_source_ttl_s"]
+RUNTIME = ["metrics_port", "dead_source_ttl_s", "probe_eval"]
 
 
 def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -125,7 +125,7 @@ exclude_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@settings_options("store", *MODEL, *CHUNKING)
+@settings_options("store", *MODEL, *CHUNKING, "probe_eval")
 @fail_clearly
 def run(
     paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], progress: bool | None, settings: Settings
@@ -140,9 +140,16 @@ def run(
     inputs = resolve(list(paths), exclude)
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
-        summary = EmbeddedRun(settings, progress=bar).run(iter_sources(inputs, settings.max_doc_bytes))
+        pipeline = EmbeddedRun(settings, progress=bar)
+        summary = pipeline.run(iter_sources(inputs, settings.max_doc_bytes))
+    probe = None
+    if settings.probe_eval:
+        from workers.probe import run_probe
+
+        probe = run_probe(pipeline.store, pipeline.embedder, settings.probe_eval)
+        pipeline.ledger.record_probe(probe)
     if as_json:
-        click.echo(json.dumps(summary.to_dict()))
+        click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {})))
         return
     click.echo(
         f"{summary.documents} documents ({summary.documents_stored} stored, {summary.failed} failed), "
@@ -150,6 +157,11 @@ def run(
         f"({summary.chunks_per_s:.1f} chunks/s; loading the model took {summary.model_load_seconds:.1f} s)"
         f"\nvectors: {summary.store}"
     )
+    if probe:
+        click.echo(
+            f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} "
+            f"on {probe['queries']} queries of {probe['eval']}"
+        )
     if summary.failed:
         click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
 
@@ -256,12 +268,35 @@ local_option = click.option(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--watch",
+    "watch_s",
+    type=float,
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Redraw every S seconds (default 2) until Ctrl+C.",
+)
 @local_option
 @settings_options(*REDIS, "store")
 @fail_clearly
-def status(as_json: bool, local: bool | None, settings: Settings) -> None:
+def status(as_json: bool, watch_s: float | None, local: bool | None, settings: Settings) -> None:
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
-    failed (dead letters)."""
+    failed (dead letters); the last quality probe."""
+    while True:
+        if watch_s:
+            click.clear()
+            click.echo(time.strftime("%H:%M:%S  ") + "embedpipe status (Ctrl+C to stop)")
+        _print_status(as_json, local, settings)
+        if not watch_s:
+            return
+        try:
+            time.sleep(watch_s)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None:
     if _use_local(local):
         from producer.status import local_status
         from shared.ledger import LocalLedger, local_ledger_path
@@ -302,6 +337,9 @@ def status(as_json: bool, local: bool | None, settings: Settings) -> None:
     else:
         click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
+    if probe := data.get("probe"):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))
+        click.echo(f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} ({when})")
 
 
 def _ledger(local: bool, settings: Settings) -> Any:
@@ -395,6 +433,74 @@ def redrive(
     if skipped:
         click.echo(
             f"{len(skipped)} without a usable source (resubmit them by hand): {', '.join(skipped[:20])}", err=True
+        )
+
+
+@main.command()
+@click.option(
+    "--eval",
+    "eval_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="BEIR-layout eval set: queries.jsonl and qrels/test.tsv about documents in the store.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@local_option
+@settings_options(*REDIS, "store", *MODEL)
+@fail_clearly
+def probe(eval_dir: str, as_json: bool, local: bool | None, settings: Settings) -> None:
+    """Measure search quality now: recall@10 and nDCG@10 of the store on fixed queries, ranking
+    documents by their best chunk. Recorded for `status` and the dashboard."""
+    from shared.store import open_store
+    from workers.embed import Embedder
+    from workers.probe import run_probe
+
+    store = open_store(settings.store, settings.model)
+    result = run_probe(store, Embedder(settings.model, settings.device, settings.batch_size), eval_dir)
+    use_local = _use_local(local)
+    if not use_local or local_ledger_path(settings.store_path).is_file():
+        _ledger(use_local, settings).record_probe(result)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(
+            f"recall@10 {result['recall_at_10']:.3f}  nDCG@10 {result['ndcg_at_10']:.3f}  "
+            f"({result['queries']} queries, {result['seconds']:.1f} s)"
+        )
+
+
+@main.command(name="eval")
+@click.option(
+    "--models",
+    required=True,
+    help="Comma-separated model specs: NAME or NAME@DIMS (truncated, "
+    "re-normalised), e.g. all-MiniLM-L6-v2,all-MiniLM-L6-v2@128.",
+)
+@click.option(
+    "--eval",
+    "eval_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="BEIR-layout eval set with its corpus.jsonl.",
+)
+@click.option("--max-docs", type=int, default=0, help="Embed only the relevant documents plus distractors up to N.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@settings_options("device", "batch_size")
+@fail_clearly
+def evaluate_models(models: str, eval_dir: str, max_docs: int, as_json: bool, settings: Settings) -> None:
+    """Compare models (or configurations of one) on your own data: each embeds the eval corpus into a
+    throwaway store; prints recall@10, nDCG@10, dimensions, throughput and cost."""
+    from producer.evaluation import compare
+
+    rows = compare([m.strip() for m in models.split(",") if m.strip()], eval_dir, max_docs, settings)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'model':<34}{'dims':>6}{'recall@10':>11}{'nDCG@10':>9}{'chunks/s':>10}{'cost $':>8}")
+    for r in rows:
+        click.echo(
+            f"{r['model']:<34}{r['dimensions']:>6}{r['recall_at_10']:>11.3f}{r['ndcg_at_10']:>9.3f}"
+            f"{r['chunks_per_s']:>10.1f}{r['cost_usd']:>8.2f}"
         )
 
 

@@ -62,11 +62,24 @@ def _excluded(doc_id: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(doc_id, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+IGNORE_FILE = ".embedpipeignore"
+
+
 def _walk(root: Path) -> list[Path]:
+    """Files under root, sorted, skipping hidden ones and those matching the globs listed in
+    root/.embedpipeignore (one per line, against the path relative to root or the file name)."""
+    ignore_file = root / IGNORE_FILE
+    ignored: tuple[str, ...] = ()
+    if ignore_file.is_file():
+        lines = (line.strip() for line in ignore_file.read_text().splitlines())
+        ignored = tuple(line for line in lines if line and not line.startswith("#"))
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and not _excluded(path.relative_to(root).as_posix(), ignored):
+                found.append(path)
     return found
 
 

@@ -36,6 +36,7 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
         "documents_done": counters.get("documents_done", 0),
         "documents_failed": ledger.dead_count(),
         "chunks_written": counters.get("chunks_written", 0),
+        "probe": ledger.last_probe(),
     }
 
 
@@ -53,4 +54,5 @@ def local_status(ledger: LocalLedger, chunks_stored: int) -> dict[str, Any]:
         "documents_failed": ledger.dead_count(),
         "chunks_written": counters.get("chunks_written", 0),
         "chunks_stored": chunks_stored,
+        "probe": ledger.last_probe(),
     }

@@ -4,6 +4,9 @@ PREFIX = "embedpipe"
 
 INBOX = f"{PREFIX}:inbox"  # list: JSON or msgpack documents pushed by any client
 DEAD = f"{PREFIX}:dead"  # hash: doc_id -> msgpack DeadLetter
+DEAD_RECENT = f"{PREFIX}:dead:recent"  # sorted set: doc_id by time, the newest few (for the dashboard)
+PROBE = f"{PREFIX}:probe"  # hash: the last quality probe's results
+PROBE_REQUESTED = f"{PREFIX}:probe:requested"  # chunks_written of the last state a probe was requested for
 DEAD_ATTEMPTS = f"{PREFIX}:dead:attempts"  # hash: doc_id -> how many times it failed for good
 COUNTERS = f"{PREFIX}:counters"  # hash: documents_done, chunks_written, ...
 

@@ -8,6 +8,7 @@ is needed to redrive it) is kept apart from the listing, with its own retention.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import threading
 import time
@@ -20,7 +21,7 @@ from redis import Redis
 
 from shared import keys
 from shared.messages import DeadLetter, decode_dead_letter, encode_dead_letter
-from shared.metrics import DEAD_LETTERS
+from shared.metrics import DEAD_LETTERS, RECENT_FAILURES_MAX
 
 MAX_KEPT_SOURCE_BYTES = 20_000_000  # larger sources (never submitted anyway) are not kept for redrive
 
@@ -55,10 +56,25 @@ class RedisLedger:
             entry, source = _split(letter)
             target.hset(keys.DEAD, entry.doc_id, encode_dead_letter(entry))
             target.hincrby(keys.DEAD_ATTEMPTS, entry.doc_id, 1)
+            target.zadd(keys.DEAD_RECENT, {entry.doc_id: entry.at})
             if source is not None:
                 target.set(keys.dead_source(entry.doc_id), source, ex=self.source_ttl_s)
+        if letters:
+            target.zremrangebyrank(keys.DEAD_RECENT, 0, -RECENT_FAILURES_MAX - 1)
         if pipe is None and letters:
             target.execute()
+
+    def recent_dead(self) -> list[DeadLetter]:
+        """The newest dead letters (at most RECENT_FAILURES_MAX), without reading them all."""
+        ids = self.redis.zrevrange(keys.DEAD_RECENT, 0, RECENT_FAILURES_MAX - 1)
+        raw = self.redis.hmget(keys.DEAD, ids) if ids else []
+        return [decode_dead_letter(r) for r in raw if r is not None]
+
+    def record_probe(self, result: dict[str, Any]) -> None:
+        self.redis.hset(keys.PROBE, mapping={k: json.dumps(v) for k, v in result.items()})
+
+    def last_probe(self) -> dict[str, Any]:
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(keys.PROBE).items()}
 
     def clear_dead(self, doc_ids: Iterable[str], pipe: Any = None) -> None:
         ids = list(doc_ids)
@@ -66,6 +82,7 @@ class RedisLedger:
             target = pipe if pipe is not None else self.redis.pipeline()
             target.hdel(keys.DEAD, *ids)
             target.hdel(keys.DEAD_ATTEMPTS, *ids)
+            target.zrem(keys.DEAD_RECENT, *ids)
             target.delete(*[keys.dead_source(d) for d in ids])
             if pipe is None:
                 target.execute()
@@ -102,6 +119,7 @@ class LocalLedger:
             "CREATE TABLE IF NOT EXISTS dead (doc_id TEXT PRIMARY KEY, letter BLOB, attempts INTEGER, source BLOB)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS probe (name TEXT PRIMARY KEY, value TEXT)")
 
     def add_dead(self, letters: list[DeadLetter]) -> None:
         rows = [(e.doc_id, encode_dead_letter(e), src) for e, src in map(_split, letters)]
@@ -130,6 +148,16 @@ class LocalLedger:
     def dead_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM dead").fetchone()[0])
+
+    def record_probe(self, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO probe VALUES (?, ?)", [(k, json.dumps(v)) for k, v in result.items()]
+            )
+
+    def last_probe(self) -> dict[str, Any]:
+        with self._lock:
+            return {k: json.loads(v) for k, v in self._db.execute("SELECT name, value FROM probe").fetchall()}
 
     def incr(self, **counts: int) -> None:
         with self._lock:

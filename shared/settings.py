@@ -47,6 +47,7 @@ class Settings:
     max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     metrics_port: int = setting(0, "Serve Prometheus /metrics on this port (0: off).")
+    probe_eval: str = setting("", "BEIR-layout eval set for the quality probe after each run ('' : no probe).")
     inbox_wait_s: float = setting(1.0, "The janitor waits this long for a full batch from the inbox.")
     log_level: str = setting("INFO", "Logging level.")
     # Secrets: environment or file only (see module docstring).

@@ -137,7 +137,8 @@ class LanceStore:
         table = self._open()
         if table is None:
             return []
-        rows = table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k).to_list()
+        query = table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
+        rows = query.select(["chunk_id", "doc_id", "idx", "text", "metadata", "_distance"]).to_list()
         return [
             Hit(
                 doc_id=r["doc_id"],

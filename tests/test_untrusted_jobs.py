@@ -10,6 +10,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.settings import Settings
+from workers.janitor import expand_failed_jobs
 from workers.runtime import StageWorker, init_context
 
 
@@ -33,3 +34,9 @@ def test_a_job_naming_another_function_is_refused_and_never_runs(redis_url, tmp_
     refused = Job.fetch("evil", connection=redis, serializer=JSONSerializer)
     assert refused.is_failed and "not an embedpipe stage" in refused.latest_result().exc_string
     assert q.count == 0
+
+    # the janitor records it (a dead letter per job it cannot map to documents) and clears the registry
+    expand_failed_jobs(redis, ctx.settings, ctx.ledger)
+    letters = {d.doc_id: d for d in ctx.ledger.dead()}
+    assert letters["job:evil"].reason == "job_failed" and "os.system" in letters["job:evil"].message
+    assert q.failed_job_registry.count == 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.messages import Chunk, Document, chunk_id
+from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,10 @@ def chunk_job(batch_id: str) -> dict[str, int]:
     docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
     chunks = chunk_batch(docs, ctx.tokenizer, ctx.chunk_policy)
     parts = pack_parts(chunks, ctx.settings.part_max_chunks, ctx.settings.part_max_tokens)
+    CHUNKS.inc(len(chunks))
+    for c in chunks:
+        CHUNK_TOKENS.observe(c.tokens)
+    DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
     ttl = ctx.settings.payload_ttl_s
     plan: dict[str, bytes | int] = {"parts": len(parts)}
     by_doc: dict[str, list[str]] = {d.id: [] for d in docs}

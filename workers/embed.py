@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from shared.messages import Chunk
+from shared.metrics import EMBED_JOB_SECONDS, observe_micro_batch
 from shared.models import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,11 @@ STAGE = "embed"
 
 
 class Embedder:
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 16) -> None:
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 16, dimensions: int = 0) -> None:
         self.model_name = model
         self.device = device
         self.batch_size = batch_size
+        self.dimensions = dimensions  # > 0: keep the first N dimensions, re-normalised
         self._model = None
         self.dimension = 0
 
@@ -50,6 +52,8 @@ class Embedder:
         self._model = model
         dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dimension = int(dimension() or 0)
+        if 0 < self.dimensions < self.dimension:
+            self.dimension = self.dimensions
         log.info("model %s on %s loaded in %.1f s", self.model_name, device, time.perf_counter() - started)
         return self
 
@@ -61,12 +65,23 @@ class Embedder:
         vectors = self._model.encode(
             texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
+        if self.dimension < vectors.shape[1]:  # truncate, then back onto the unit sphere
+            vectors = vectors[:, : self.dimension]
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def embed_batch(chunks: list[Chunk], embedder: Embedder) -> np.ndarray:
-    """One vector per chunk, in chunk order."""
-    return embedder.embed([c.text for c in chunks])
+    """One vector per chunk, in chunk order. The part is sorted by length and cut into micro-batches
+    of embedder.batch_size, so each batch pads little; each micro-batch is measured."""
+    vectors = np.zeros((len(chunks), embedder.dimension), dtype=np.float32)
+    order = sorted(range(len(chunks)), key=lambda i: -chunks[i].tokens)
+    for start in range(0, len(order), embedder.batch_size):
+        rows = order[start : start + embedder.batch_size]
+        started = time.perf_counter()
+        vectors[rows] = embedder.embed([chunks[i].text for i in rows])
+        observe_micro_batch(time.perf_counter() - started, len(rows), [chunks[i].tokens for i in rows])
+    return vectors
 
 
 def embed_job(batch_id: str, part: int) -> dict[str, int]:
@@ -82,6 +97,7 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
     started = time.perf_counter()
     vectors = embed_batch(chunks, ctx.embedder)
     seconds = time.perf_counter() - started
+    EMBED_JOB_SECONDS.observe(seconds)
     with ctx.redis.pipeline() as pipe:
         pipe.set(keys.vectors(batch_id, part), vectors.tobytes(), ex=ctx.settings.payload_ttl_s)
         enqueue_next(ctx, "write", [(batch_id, part)], pipe)

@@ -18,20 +18,23 @@ from rq import SimpleWorker
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
+from producer.status import distributed_status, is_idle
 from producer.submit import enqueue_batch
-from shared import keys
+from shared import keys, metrics
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, decode_inbox_message
 from shared.metrics import RETRIES, serve
 from shared.settings import STAGES, Settings
-from workers.runtime import connect, queue
+from workers.runtime import JOB_FUNCTIONS, connect, queue
 from workers.write import batch_accounted
 
 log = logging.getLogger(__name__)
 
 CLEAN_INTERVAL_S = 5.0
+EXPORT_INTERVAL_S = 2.0
 IDLE_SLEEP_S = 0.25
+PROBE_TIMEOUT_S = 1800
 
 
 def drain_inbox(redis: Redis, settings: Settings, ledger: RedisLedger, flush: bool) -> int:
@@ -80,6 +83,7 @@ class Janitor:
         self.scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
         self._stop = False
         self._last_clean = 0.0
+        self._last_export = 0.0
         self._inbox_waiting_since: float | None = None
 
     def request_stop(self, *_: Any) -> None:
@@ -101,6 +105,12 @@ class Janitor:
             self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
             self._last_clean = now
         expand_failed_jobs(self.redis, self.settings, self.ledger)
+        if now - self._last_export >= EXPORT_INTERVAL_S:
+            status = distributed_status(self.redis)
+            export_state(self.redis, self.ledger, status)
+            if self.settings.probe_eval and is_idle(status):
+                request_probe(self.redis, self.settings, self.ledger, status["chunks_written"])
+            self._last_export = now
         return taken
 
     def run(self, burst: bool = False) -> None:
@@ -127,6 +137,52 @@ class Janitor:
         with contextlib.suppress(ConnectionError, TimeoutError):
             self.scheduler.release_locks()
         log.info("janitor stopped")
+
+
+def export_state(redis: Redis, ledger: RedisLedger, status: dict[str, Any]) -> None:
+    """The pipeline's state as Prometheus gauges: queues, workers, dead letters, the quality probe."""
+    from rq.utils import utcparse
+
+    for stage, s in status["stages"].items():
+        metrics.QUEUE_JOBS.labels(stage, "queued").set(s["queued"] + s["dequeuing"])
+        metrics.QUEUE_JOBS.labels(stage, "running").set(s["running"])
+        metrics.QUEUE_JOBS.labels(stage, "scheduled").set(s["scheduled"] + s["deferred"])
+        metrics.QUEUE_JOBS.labels(stage, "failed").set(s["failed"])
+        metrics.WORKERS.labels(stage).set(s["workers"])
+        oldest = redis.lindex(queue(redis, stage).key, 0)
+        enqueued = redis.hget(f"rq:job:{oldest.decode()}", "enqueued_at") if oldest else None
+        age = time.time() - utcparse(enqueued.decode()).timestamp() if enqueued else 0.0
+        metrics.QUEUE_OLDEST_AGE.labels(stage).set(max(age, 0.0))
+    metrics.INBOX.set(status["inbox"])
+    metrics.DEAD_LETTERS_NOW.set(status["documents_failed"])
+    metrics.set_recent_failures(ledger.recent_dead())
+    probe = ledger.last_probe()
+    if probe:
+        metrics.QUALITY_RECALL.labels(probe["collection"]).set(probe["recall_at_10"])
+        metrics.QUALITY_NDCG.labels(probe["collection"]).set(probe["ndcg_at_10"])
+        metrics.QUALITY_AT.labels(probe["collection"]).set(probe["at"])
+
+
+def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_written: int) -> None:
+    """The pipeline went idle after new writes: probe the quality once for this state of the store."""
+    if not chunks_written or ledger.last_probe().get("chunks_written") == chunks_written:
+        return
+    previous = redis.set(keys.PROBE_REQUESTED, chunks_written, get=True)
+    if previous == str(chunks_written).encode():
+        return  # already requested for this state
+    from workers.runtime import enqueue_jobs
+
+    with redis.pipeline() as pipe:
+        enqueue_jobs(
+            queue(redis, "embed"),
+            settings,
+            "probe",
+            [(settings.probe_eval, chunks_written)],
+            pipe,
+            timeout_s=PROBE_TIMEOUT_S,
+        )
+        pipe.execute()
+    log.info("quality probe requested (%d chunks written)", chunks_written)
 
 
 def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
@@ -172,7 +228,7 @@ def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLet
         message, func, args = f"unreadable job: {type(e).__name__}: {e}", "", []
     message = message.splitlines()[-1][:2000] if message else "failed"
     batch_id = args[0] if args and isinstance(args[0], str) else None
-    if batch_id is None or not func.startswith("workers."):
+    if batch_id is None or func not in JOB_FUNCTIONS.values():
         return [DeadLetter(f"job:{job_id}", stage, "job_failed", f"{func or 'unknown function'}: {message}")], None
     try:
         sources = {s.get("id"): s for s in decode_sources(redis.get(keys.sources(batch_id))) if isinstance(s, dict)}

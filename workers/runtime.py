@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
-from shared.metrics import RETRIES, serve
+from shared.metrics import JOBS, RETRIES, serve
 from shared.settings import STAGES, Settings
 
 log = logging.getLogger(__name__)
@@ -32,25 +32,38 @@ JOB_FUNCTIONS = {
     "embed": "workers.embed.embed_job",
     "write": "workers.write.write_job",
     "finalize": "workers.write.finalize_job",  # runs on the write queue: it needs the store
+    "probe": "workers.probe.probe_job",  # runs on the embed queue: it needs the model
 }
-QUEUE_OF = {"finalize": "write"}
+QUEUE_OF = {"finalize": "write", "probe": "embed"}
 ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
 RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
 
 
 def connect(settings: Settings, retries: int = 6) -> Redis:
-    """A Redis client that retries transient connection errors; the password comes from the
-    environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL in EMBEDPIPE_REDIS_URL."""
+    """A Redis client that retries transient connection errors with backoff (~25 s in all), saying so
+    in the log; the password comes from the environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL
+    in EMBEDPIPE_REDIS_URL, and is never logged."""
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError, TimeoutError
     from redis.retry import Retry as RedisRetry
 
+    where = settings.redis_url_redacted
+
+    class LoggedRetry(RedisRetry):
+        def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+            def logged_fail(error: Exception, *rest: Any) -> Any:
+                log.warning("Redis at %s: %s; retrying with backoff", where, error)
+                RETRIES.labels("redis", "redis").inc()
+                return fail(error, *rest)
+
+            return super().call_with_retry(do, logged_fail, *args, **kwargs)
+
     kwargs: dict[str, Any] = {
-        "retry": RedisRetry(ExponentialBackoff(cap=10, base=0.5), retries=retries),
-        "socket_connect_timeout": 10,
+        "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries=retries),
         "retry_on_error": [ConnectionError, TimeoutError],
         "health_check_interval": 30,
+        "socket_connect_timeout": 10,
     }
     if settings.redis_password:
         kwargs["password"] = settings.redis_password
@@ -151,6 +164,7 @@ def enqueue_jobs(
     args_list: list[tuple[Any, ...]],
     pipe: Any,
     tokens: list[int] | None = None,
+    timeout_s: int | None = None,
 ) -> None:
     """One pipeline round trip for all jobs; `tokens` (per job) sizes embed timeouts."""
     retry = Retry(max=settings.job_retries, interval=RETRY_INTERVALS_S) if settings.job_retries else None
@@ -161,7 +175,7 @@ def enqueue_jobs(
                 JOB_FUNCTIONS[stage],
                 args=args,
                 job_id=job_id(stage, args),
-                timeout=settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
+                timeout=timeout_s or settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=settings.payload_ttl_s,
                 retry=retry,
@@ -187,6 +201,14 @@ class StageWorker(SimpleWorker):
         elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
         return super().execute_job(job, queue)
+
+    def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
+        JOBS.labels(queue.name, "ok").inc()
+        super().handle_job_success(job, queue, started_job_registry)
+
+    def handle_job_failure(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        JOBS.labels(queue.name, "failed").inc()
+        super().handle_job_failure(job, queue, *args, **kwargs)
 
 
 def refused_job(job_id: str, func_name: str = "") -> None:

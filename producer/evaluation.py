@@ -1,0 +1,63 @@
+"""`embedpipe eval`: compare models, or configurations of one, on the user's own eval set.
+
+Public leaderboards are no substitute for your data: each model spec embeds the eval corpus into a
+throwaway store through the embedded pipeline, then the eval queries are run against it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from shared.quality import EvalSet, corpus_documents, load_beir
+from shared.settings import Settings
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """NAME or NAME@DIMS (the first DIMS dimensions, re-normalised)."""
+    name, _, dims = spec.partition("@")
+    return name, int(dims) if dims else 0
+
+
+def subset(eval_set: EvalSet, max_docs: int) -> set[str] | None:
+    """The relevant documents of every query, plus the first other documents up to max_docs."""
+    if not max_docs:
+        return None
+    ids = {d for rel in eval_set.qrels.values() for d in rel}
+    for doc in corpus_documents(eval_set):
+        if len(ids) >= max_docs:
+            break
+        ids.add(doc.id)
+    return ids
+
+
+def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) -> list[dict[str, Any]]:
+    from workers.embed import Embedder
+    from workers.embedded import EmbeddedRun
+    from workers.probe import run_probe
+
+    eval_set = load_beir(Path(eval_dir))
+    ids = subset(eval_set, max_docs)
+    rows = []
+    for spec in specs:
+        name, dims = parse_spec(spec)
+        embedder = Embedder(name, settings.device, settings.batch_size, dimensions=dims).warm_up()
+        with tempfile.TemporaryDirectory(prefix="embedpipe-eval-") as store:
+            run = EmbeddedRun(replace(settings, model=name, store=store), embedder=embedder)
+            summary = run.run(corpus_documents(eval_set, ids))
+            probe = run_probe(run.store, embedder, eval_dir)
+        rows.append(
+            {
+                "model": spec,
+                "dimensions": embedder.dimension,
+                "recall_at_10": probe["recall_at_10"],
+                "ndcg_at_10": probe["ndcg_at_10"],
+                "documents": summary.documents_stored,
+                "chunks_per_s": summary.chunks_per_s,
+                "tokens": summary.tokens,
+                "cost_usd": 0.0,  # local models; API models (a later issue) price their tokens
+            }
+        )
+    return rows
