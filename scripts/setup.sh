@@ -11,12 +11,16 @@ VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 if [[ "${1:-}" == "--system" ]]; then
-  if ! command -v redis-server >/dev/null; then
+  # The tests start their own redis-server and prometheus (promtool checks configs and alert rules).
+  missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  if (( ${#missing[@]} )); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-      echo "setup: installing redis-server (apt-get)"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+      echo "setup: installing ${missing[*]} (apt-get)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-      echo "setup: the tests need redis-server (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)" >&2
+      echo "setup: the tests need ${missing[*]} (Debian/Ubuntu: sudo apt-get install ${missing[*]})" >&2
       exit 1
     fi
   fi

@@ -82,8 +82,18 @@ QUALITY_AT = Gauge(
 )
 
 
-def serve(port: int) -> None:
-    """Serve /metrics from this process."""
+def serve(port: int, stage: str) -> None:
+    """Serve /metrics from this process, with this stage's labelled series present from the start
+    (at zero), so rates, alerts and dashboards see them before the first event."""
+    from shared.errors import REASONS
+
+    for outcome in ("ok", "failed"):
+        DOCUMENTS.labels(stage, outcome)
+        JOBS.labels(stage, outcome)
+    for layer in ("io", "job", "redis"):
+        RETRIES.labels(stage, layer)
+    for reason in REASONS:
+        DEAD_LETTERS.labels(stage, reason)
     if port:
         start_http_server(port)
         log.info("metrics on :%d/metrics", port)

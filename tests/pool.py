@@ -13,13 +13,15 @@ from rq import Worker
 from shared.settings import STAGES
 from workers.runtime import queue
 
-from .conftest import EMBEDPIPE
+from .conftest import EMBEDPIPE, free_port
 
 
 class Pool:
     """The janitor and `workers[stage]` workers per stage, each a separate `embedpipe` process."""
 
-    def __init__(self, env: dict[str, str], logs: Path, workers: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], logs: Path, workers: dict[str, int] | None = None, metrics: bool = False
+    ) -> None:
         self.env, self.logs = env, logs
         logs.mkdir(exist_ok=True)
         self.commands = {"janitor": ["janitor"]}
@@ -27,11 +29,14 @@ class Pool:
             self.commands |= {f"{stage}-{i}": ["worker", stage] for i in range(n)}
         self.procs: dict[str, subprocess.Popen] = {}
         self.kills = 0
+        # with metrics, each process serves /metrics on a port of its own
+        self.metrics_ports = {name: free_port() for name in self.commands} if metrics else {}
 
     def start(self, name: str) -> None:
         with open(self.logs / f"{name}.log", "a") as log:
+            env = self.env | ({"EMBEDPIPE_METRICS_PORT": str(self.metrics_ports[name])} if self.metrics_ports else {})
             self.procs[name] = subprocess.Popen(
-                [EMBEDPIPE, *self.commands[name]], env=self.env, stdout=subprocess.DEVNULL, stderr=log
+                [EMBEDPIPE, *self.commands[name]], env=env, stdout=subprocess.DEVNULL, stderr=log
             )
 
     def start_all(self, redis: Redis, timeout_s: float = 240) -> None:

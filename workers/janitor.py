@@ -118,7 +118,7 @@ class Janitor:
 
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        serve(self.settings.metrics_port)
+        serve(self.settings.metrics_port, "janitor")
         log.info("janitor on %s", self.settings.redis_url_redacted)
         delay = 1.0
         while not self._stop:
@@ -132,6 +132,10 @@ class Janitor:
             except (ConnectionError, TimeoutError) as e:
                 RETRIES.labels("janitor", "redis").inc()
                 log.warning("lost Redis at %s (%s); retrying in %.0f s", self.settings.redis_url_redacted, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception:  # this loop is the janitor's runner: one bad round must not end housekeeping
+                log.exception("janitor round failed; next round in %.0f s", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
         with contextlib.suppress(ConnectionError, TimeoutError):

@@ -9,6 +9,7 @@ With a single queue rq dequeues with BLMOVE, so a job of a worker killed after t
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ def enqueue_next(
 
 def job_id(stage: str, args: tuple[Any, ...]) -> str:
     """Deterministic: a redelivered job enqueues the same next job, not a second one."""
-    return "_".join([stage, *map(str, args)])  # rq allows letters, digits, _ and - only
+    return re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([stage, *map(str, args)]))  # what rq allows
 
 
 def enqueue_jobs(
@@ -221,7 +222,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     from redis.exceptions import ConnectionError, TimeoutError
 
     ctx = init_context(settings, stage)
-    serve(settings.metrics_port)
+    serve(settings.metrics_port, stage)
     delay = 1.0
     while True:
         worker = None
