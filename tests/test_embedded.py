@@ -81,3 +81,33 @@ def test_cli_run_search_status_failed(tmp_path):
     assert Counter({k: status[k] for k in ("documents_done", "documents_failed", "chunks_stored")}) == Counter(
         {"documents_done": 2, "documents_failed": 1, "chunks_stored": 2}
     )
+
+
+def test_run_probes_quality_and_eval_compares_configurations(tmp_path, scifact):
+    env = cli_env(EMBEDPIPE_STORE=str(tmp_path / "store"))
+    summary = json.loads(
+        embedpipe("run", str(EXAMPLES), "--json", "--probe-eval", str(EXAMPLES / "eval"), env=env).stdout
+    )
+    assert summary["failed"] == 0 and summary["probe"]["queries"] == 10
+    assert summary["probe"]["recall_at_10"] >= 0.9  # the sample corpus answers its own questions
+    probed = json.loads(embedpipe("probe", "--eval", str(EXAMPLES / "eval"), "--json", env=env).stdout)
+    assert probed["recall_at_10"] == summary["probe"]["recall_at_10"]
+    assert json.loads(embedpipe("status", "--json", env=env).stdout)["probe"]["queries"] == 10
+
+    rows = json.loads(
+        embedpipe(
+            "eval",
+            "--models",
+            "all-MiniLM-L6-v2,all-MiniLM-L6-v2@96",
+            "--eval",
+            str(scifact),
+            "--max-docs",
+            "400",
+            "--json",
+            env=env,
+        ).stdout
+    )
+    full, truncated = rows
+    assert (full["dimensions"], truncated["dimensions"]) == (384, 96)
+    assert full["documents"] == truncated["documents"] >= 300
+    assert full["recall_at_10"] > truncated["recall_at_10"] > 0.3  # truncating an untrained model costs quality
