@@ -60,8 +60,9 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from shared.messages import SourceDoc  # noqa: E402
 from shared.settings import STAGES  # noqa: E402
 from shared.store import open_store  # noqa: E402
-from tests.conftest import EMBEDPIPE, cli_env, free_port  # noqa: E402
+from tests.conftest import EMBEDPIPE, cli_env  # noqa: E402
 from tests.pool import Pool  # noqa: E402
+from tests.servers import start_redis  # noqa: E402
 from tests.test_reliability import FAST_RECOVERY, expected_chunks, short_documents  # noqa: E402
 from workers.runtime import queue  # noqa: E402
 
@@ -70,35 +71,6 @@ SAMPLE_S = 0.25
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return proc, port
-        except Exception:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 600) -> str:

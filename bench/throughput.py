@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.servers import start_redis  # noqa: E402
+
 BIN = Path(sys.executable).parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 MODEL = "all-MiniLM-L6-v2"
@@ -196,12 +198,6 @@ def bench_embedded(docs_file: Path, tmp: Path) -> list[dict]:
     return [whole, own, steady]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     done = subprocess.run(
         [str(BIN / "embedpipe"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
@@ -212,23 +208,7 @@ def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
 
 
 def bench_distributed(docs_file: Path, tmp: Path) -> dict:
-    port = free_port()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis, port = start_redis(tmp)
     env = clean_env(EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(tmp / "dist"))
     procs: dict[str, subprocess.Popen] = {}
     try:

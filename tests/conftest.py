@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
+
+from .servers import free_port, start_redis  # noqa: F401 (free_port is re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -20,42 +20,12 @@ SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 EMBEDPIPE = str(Path(sys.executable).with_name("embedpipe"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A redis-server of our own on a free port: tests may flush it without touching anyone's data."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run `make test`, which installs it")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except Exception:
-            time.sleep(0.05)
+    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
     yield port
     proc.terminate()
     proc.wait(10)

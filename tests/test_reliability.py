@@ -22,8 +22,9 @@ from workers.chunk import ChunkPolicy, chunk_batch
 from workers.load import load_batch
 from workers.runtime import queue
 
-from .conftest import EXAMPLES, cli_env, embedpipe, free_port
+from .conftest import EXAMPLES, cli_env, embedpipe
 from .pool import Pool
+from .servers import free_port, redis_command, start_redis, wait_for_redis
 
 pytestmark = pytest.mark.slow
 
@@ -150,26 +151,10 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
     port = free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    command = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(data),
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--maxmemory-policy",
-        "noeviction",
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
+    command = redis_command(port, data, *aof)  # later flags win: AOF on, as the compose file runs Redis
+    server, _ = start_redis(data, *aof, port=port)
     redis = Redis(port=port)
-    _wait_ping(redis)
     env = cli_env(
         EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(tmp_path / "store"), **FAST_RECOVERY
     )
@@ -184,7 +169,7 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
         server.wait(30)
         time.sleep(30)  # longer than the Redis client's own retries (~25 s): rq and our loops must cope
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        _wait_ping(redis)
+        wait_for_redis(redis)
         embedpipe("wait", "--timeout", "900", env=env, timeout=960)
         assert all(pool.alive().values()), "a worker died instead of reconnecting"
         outcome = assert_nothing_lost(
@@ -198,16 +183,6 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
         server.terminate()
         server.wait(30)
     assert codes == dict.fromkeys(codes, 0), codes
-
-
-def _wait_ping(redis: Redis) -> None:
-    for _ in range(200):
-        try:
-            redis.ping()
-            return
-        except Exception:
-            time.sleep(0.05)
-    raise AssertionError("redis-server did not start")
 
 
 def bad_corpus(root: Path) -> dict[str, tuple[str, str]]:
@@ -344,14 +319,8 @@ class _serve:
 
 
 def test_redis_password_from_the_environment_never_shows(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret-pw"],
-        stdout=subprocess.DEVNULL,
-    )
+    server, port = start_redis(tmp_path, "--requirepass", "s3cret-pw")
     try:
-        client = Redis(port=port, password="s3cret-pw")
-        _wait_ping(client)
         url = f"redis://127.0.0.1:{port}/0"
         ok = embedpipe("status", "--json", env=cli_env(EMBEDPIPE_REDIS_URL=url, EMBEDPIPE_REDIS_PASSWORD="s3cret-pw"))
         assert json.loads(ok.stdout)["mode"] == "distributed"
