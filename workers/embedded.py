@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from producer.submit import batched
+from shared.errors import ConfigError
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, DeadLetter, SourceDoc
 from shared.models import ModelTokenizer
@@ -59,6 +60,8 @@ class _Batch:
 class EmbeddedRun:
     def __init__(self, settings: Settings, embedder: Embedder | None = None, progress: Any = None) -> None:
         self.settings = settings
+        if "://" in settings.store:
+            raise ConfigError("the embedded mode writes a directory store; use the distributed mode for a server store")
         self.store = open_store(settings.store, settings.model)
         self.ledger = LocalLedger(local_ledger_path(settings.store_path))
         self.tokenizer = ModelTokenizer(settings.model)
