@@ -11,10 +11,13 @@ VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 if [[ "${1:-}" == "--system" ]]; then
-  # The tests start their own redis-server and prometheus (promtool checks configs and alert rules).
+  # The tests start their own redis-server and prometheus (promtool checks configs and alert rules),
+  # render the Kubernetes manifests with kubectl's kustomize and validate the compose file.
   missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v kubectl >/dev/null || missing+=(kubectl)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
   if (( ${#missing[@]} )); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
       echo "setup: installing ${missing[*]} (apt-get)"
