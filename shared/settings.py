@@ -29,7 +29,7 @@ def setting(default: Any, help: str) -> Any:
 class Settings:
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the queues (passwords only via the environment).")
     model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
-    store: str = setting("./embedpipe-store", "Vector store: a directory for the embedded store.")
+    store: str = setting("./embedpipe-store", "Vector store: a directory (LanceDB) or a postgresql:// URL (pgvector).")
     device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
     batch_size: int = setting(16, "Texts per model forward pass (micro-batch).")
     chunk_tokens: int = setting(0, "Max tokens per chunk; 0 = the model's limit less its special tokens.")

@@ -100,6 +100,7 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
             }
         )
     )
+    prometheus_log = open(tmp_path / "prometheus.log", "w")
     server = subprocess.Popen(
         [
             prometheus,
@@ -108,7 +109,7 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
             f"--web.listen-address=127.0.0.1:{port}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prometheus.log", "w"),
+        stderr=prometheus_log,
     )
     try:
         pool.start_all(redis)
@@ -146,6 +147,7 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
         codes = pool.stop()
         server.terminate()
         server.wait(30)
+        prometheus_log.close()
     assert codes == dict.fromkeys(codes, 0), codes
 
 
