@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import random
+import shutil
 import subprocess
 import threading
 import time
@@ -332,6 +333,67 @@ def test_redis_password_from_the_environment_never_shows(tmp_path):
         )
         assert wrong.returncode == 1 and "wrong-pw" not in wrong.stdout + wrong.stderr
         assert "***" in wrong.stderr  # the URL it names is redacted
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_rediss_urls_use_tls(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    tls = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(tmp_path / "cert.pem"),
+        "--tls-key-file",
+        str(tmp_path / "key.pem"),
+        "--tls-ca-cert-file",
+        str(tmp_path / "cert.pem"),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "tls-secret",
+    ]
+    server = subprocess.Popen(redis_command(port, tmp_path, *tls), stdout=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}"
+        client = Redis.from_url(url, password="tls-secret")
+        wait_for_redis(client)
+        client.close()
+        env = cli_env(
+            EMBEDPIPE_REDIS_URL=url, EMBEDPIPE_REDIS_PASSWORD="tls-secret", EMBEDPIPE_STORE=str(tmp_path / "s")
+        )
+        (tmp_path / "doc.txt").write_text("Encrypted in transit.")
+        assert "enqueued 1 documents" in embedpipe("enqueue", str(tmp_path / "doc.txt"), env=env).stdout
+        embedpipe("worker", "load", "--burst", env=env)
+        status = json.loads(embedpipe("status", "--json", env=env).stdout)
+        assert status["stages"]["chunk"]["queued"] == 1  # the load worker did its job over TLS
     finally:
         server.terminate()
         server.wait(10)
