@@ -145,11 +145,21 @@ class PgStore:
             }
 
     def optimize(self) -> None:
-        """Build the HNSW index if the table has none yet (after the first bulk load)."""
-        if self._dim is not None:
+        """Build the HNSW index if the table has none yet: writers call this when a load has drained."""
+        import psycopg
+
+        if self._dim is None or self.has_index():
+            return
+        t = self.table
+        try:
             with self._pool.connection() as conn:
-                t = self.table
                 conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops)")
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            pass  # another writer built it at the same moment
+
+    def has_index(self) -> bool:
+        with self._pool.connection() as conn:
+            return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_hnsw",)).fetchone()[0]
 
     def close(self) -> None:
         self._pool.close()

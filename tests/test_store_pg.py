@@ -33,7 +33,9 @@ def test_upserts_are_idempotent_and_search_ranks_by_cosine(pg_url):
     assert hits[0].metadata == {"k": 7} and hits[0].doc_id == "a"
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
+    assert not store.has_index()
     store.optimize()  # builds the HNSW index after the load
+    assert store.has_index()
     assert store.search(va[3], 1)[0].chunk_id == "a-3"
     assert store.chunk_ids(["a", "missing"]) == {"a": {f"a-{i}" for i in range(20)}, "missing": set()}
     store.delete_chunks(["a-0", "a-1"])

@@ -101,6 +101,12 @@ def finalize_job(batch_id: str) -> None:
         finalize(batch_id)
 
 
+def _load_drained(ctx: object) -> bool:
+    """No embed or write work is waiting: a bulk load has just ended."""
+    queues = ctx.queues  # type: ignore[attr-defined]
+    return queues["embed"].count == 0 and queues["write"].count == 0
+
+
 def finalize(batch_id: str) -> None:
     import msgpack
 
@@ -123,6 +129,8 @@ def finalize(batch_id: str) -> None:
             pipe.delete(*keys.batch_keys(batch_id, int(plan.get(b"parts", 0))))
             pipe.execute()
         DOCUMENTS.labels(STAGE, "ok").inc(len(done))
+    if _load_drained(ctx):
+        store_retry(ctx.store.optimize)()  # after a bulk load: build the pgvector index, compact LanceDB
     log.info(
         "batch %s done: %d documents stored, %d failed, %d chunks deleted", batch_id, len(done), len(failed), stale
     )
