@@ -397,3 +397,28 @@ def test_rediss_urls_use_tls(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_the_producer_waits_while_the_backlog_is_over_the_limit(redis_url, tmp_path):
+    from producer.submit import submit
+    from shared.settings import Settings
+
+    settings = Settings.from_env({}, redis_url=redis_url, batch_docs=2, max_backlog_jobs=1)
+    redis = Redis.from_url(redis_url)
+    waits: list[int] = []
+    docs = [SourceDoc(f"d{i}", text=f"Document number {i}.") for i in range(6)]  # 3 batches
+    submitter = threading.Thread(target=submit, args=(redis, settings, docs), kwargs={"on_wait": waits.append})
+    submitter.start()
+    time.sleep(2)
+    assert submitter.is_alive() and queue(redis, "load").count == 2 and waits[-1] == 2  # held back
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), EMBEDPIPE_BATCH_DOCS="2")
+    pool = Pool(env, tmp_path / "logs")
+    try:
+        pool.start_all(redis)  # the pipeline drains, the producer goes on
+        submitter.join(300)
+        assert not submitter.is_alive()
+        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        assert json.loads(embedpipe("status", "--json", env=env).stdout)["documents_done"] == 6
+    finally:
+        codes = pool.stop()
+    assert codes == dict.fromkeys(codes, 0), codes
