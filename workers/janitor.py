@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import signal
 import time
@@ -62,8 +63,6 @@ def drain_inbox(redis: Redis, settings: Settings, ledger: RedisLedger, flush: bo
 def _inbox_id(message: bytes) -> str:
     """The id of an undecodable message if one can be read out of it, else a hash of its bytes."""
     try:
-        import json
-
         doc_id = json.loads(message).get("id")
         if isinstance(doc_id, str) and doc_id:
             return doc_id
