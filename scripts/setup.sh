@@ -16,7 +16,6 @@ if [[ "${1:-}" == "--system" ]]; then
   missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v promtool >/dev/null || missing+=(prometheus)
-  command -v kubectl >/dev/null || missing+=(kubectl)
   command -v docker-compose >/dev/null || missing+=(docker-compose)
   if (( ${#missing[@]} )); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -26,6 +25,12 @@ if [[ "${1:-}" == "--system" ]]; then
       echo "setup: the tests need ${missing[*]} (Debian/Ubuntu: sudo apt-get install ${missing[*]})" >&2
       exit 1
     fi
+  fi
+  # kubectl renders deploy/ with its built-in kustomize. Debian's own archive has no current kubectl:
+  # where none can be installed, the test validates the manifests unrendered and says so.
+  if ! command -v kubectl >/dev/null && [[ $(id -u) == 0 ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null 2>&1 \
+      || echo "setup: kubectl not installable here: the Kubernetes manifests are validated without rendering"
   fi
 fi
 
