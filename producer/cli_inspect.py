@@ -62,22 +62,16 @@ def status(as_json: bool, watch_s: float | None, local: bool | None, settings: S
 
 
 def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None:
-    if _use_local(local):
-        from producer.status import local_status
-        from shared.ledger import LocalLedger, local_ledger_path
+    from producer.status import distributed_status, local_status
+
+    use_local = _use_local(local)
+    ledger = _ledger(use_local, settings)
+    if use_local:
         from shared.store import open_store
 
-        path = local_ledger_path(settings.store_path)
-        if not path.is_file():
-            raise click.ClickException(
-                f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode"
-            )
-        data = local_status(LocalLedger(path), open_store(settings.store, settings.model).count())
+        data = local_status(ledger, open_store(settings.store, settings.model).count())
     else:
-        from producer.status import distributed_status
-        from workers.runtime import connect
-
-        data = distributed_status(connect(settings))
+        data = distributed_status(ledger.redis)
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -113,7 +107,9 @@ def _ledger(local: bool, settings: Settings) -> Any:
 
         path = local_ledger_path(settings.store_path)
         if not path.is_file():
-            raise click.ClickException(f"no embedded run at {settings.store_path}")
+            raise click.ClickException(
+                f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode"
+            )
         return LocalLedger(path)
     from shared.ledger import RedisLedger
     from workers.runtime import connect

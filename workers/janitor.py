@@ -98,11 +98,11 @@ class Janitor:
         taken = drain_inbox(self.redis, self.settings, self.ledger, flush=flush or due)
         if taken or not waiting:
             self._inbox_waiting_since = None
-        self.scheduler.acquire_locks()
-        self.scheduler.enqueue_scheduled_jobs()
         if now - self._last_clean >= CLEAN_INTERVAL_S:
+            self.scheduler.acquire_locks()  # take or refresh the scheduler locks (they live 61 s)
             self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
             self._last_clean = now
+        self.scheduler.enqueue_scheduled_jobs()
         expand_failed_jobs(self.redis, self.settings, self.ledger)
         if now - self._last_export >= EXPORT_INTERVAL_S:
             status = distributed_status(self.redis)
