@@ -188,7 +188,7 @@ def timed_run(env: dict[str, str], docs_file: Path, during=None) -> float:
 
 def outcome(env: dict[str, str], expected: dict[str, set[str]]) -> dict[str, int]:
     """assert_nothing_lost's logic, counting instead of asserting."""
-    store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+    store = open_store(env["EMBEDPIPE_STORE"])
     stored = store.chunk_ids(list(expected))
     dead = {d["doc_id"] for d in json.loads(cli(env, "failed", "--json"))} & set(expected)
     complete = {d for d, ids in stored.items() if ids == expected[d]}

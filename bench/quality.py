@@ -50,7 +50,7 @@ def main() -> None:
         with tqdm(total=0, unit="chunk", desc="embedding") as bar:
             summary = EmbeddedRun(settings, embedder=embedder, progress=bar).run(corpus_documents(eval_set, ids))
         started = time.perf_counter()
-        scores = evaluate(open_store(store, settings.model), embedder, eval_set)
+        scores = evaluate(open_store(store), embedder, eval_set)
         scores["query_seconds"] = round(time.perf_counter() - started, 1)
     result = {"summary": summary.to_dict(), "scores": scores, "published": PUBLISHED, "subset": args.subset}
     print(json.dumps(result, indent=2))

@@ -21,8 +21,31 @@ log = logging.getLogger("embedpipe")
 
 FIELDS = {f.name: f for f in setting_fields()}
 REDIS = ["redis_url"]
-MODEL = ["model", "device", "batch_size"]
+API = [
+    "openai_base_url",
+    "api_concurrency",
+    "api_max_inputs",
+    "api_max_input_tokens",
+    "api_max_request_tokens",
+    "api_rpm",
+    "api_tpm",
+    "api_timeout_s",
+    "api_deadline_s",
+    "api_prices",
+]
+MODEL = [
+    "model",
+    "device",
+    "batch_size",
+    "micro_batch_tokens",
+    "backend",
+    "dimensions",
+    "doc_prefix",
+    "query_prefix",
+    *API,
+]
 CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
+CACHE = ["cache_ttl_s", "cache_max_entries"]
 JOBS = ["payload_ttl_s", "load_timeout_s", "chunk_timeout_s", "embed_timeout_s", "write_timeout_s", "job_retries"]
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "probe_eval"]
 
@@ -117,6 +140,22 @@ def main(log_level: str) -> None:
 exclude_option = click.option(
     "--exclude", multiple=True, metavar="GLOB", help="Skip files whose ID or name matches GLOB (repeatable)."
 )
+prune_option = click.option(
+    "--prune",
+    is_flag=True,
+    help="Sync: afterwards, delete from the store every document that is not among PATHS' documents "
+    "(files that disappeared), in every collection.",
+)
+
+
+def _has_probe(store: Any) -> bool:
+    return any(c["name"] == store.collection and c.get("probe") for c in store.collections())
+
+
+def _prune(store: str, kept: set[str]) -> dict[str, int]:
+    from producer.lifecycle import prune
+
+    return prune(store, kept)
 
 
 @main.command()
@@ -124,38 +163,52 @@ exclude_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@settings_options("store", *MODEL, *CHUNKING, "probe_eval")
+@prune_option
+@settings_options("store", *MODEL, *CHUNKING, *CACHE, "probe_eval")
 @fail_clearly
 def run(
-    paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], progress: bool | None, settings: Settings
+    paths: tuple[str, ...],
+    as_json: bool,
+    exclude: tuple[str, ...],
+    progress: bool | None,
+    prune: bool,
+    settings: Settings,
 ) -> None:
     """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
-    one process with no Redis. Failed documents are listed by `embedpipe failed`."""
+    one process with no Redis. Unchanged documents are skipped; unchanged chunks of edited ones come
+    from the embedding cache. Failed documents are listed by `embedpipe failed`."""
     from tqdm import tqdm
 
+    from producer.lifecycle import Listed
     from producer.sources import iter_sources, resolve
     from workers.embedded import EmbeddedRun
 
     inputs = resolve(list(paths), exclude)
     show = sys.stderr.isatty() if progress is None else progress
+    listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
     with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
         pipeline = EmbeddedRun(settings, progress=bar)
-        summary = pipeline.run(iter_sources(inputs, settings.max_doc_bytes))
+        summary = pipeline.run(listed)
+    pruned = _prune(settings.store, listed.ids) if prune else {}
     probe = None
-    if settings.probe_eval:
+    if settings.probe_eval and (summary.chunks or pruned or not _has_probe(pipeline.store)):
         from workers.probe import run_probe
 
         probe = run_probe(pipeline.store, pipeline.embedder, settings.probe_eval)
         pipeline.ledger.record_probe(probe)
+        pipeline.store.record_probe(probe)
     if as_json:
-        click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {})))
+        click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {}) | {"pruned": pruned}))
         return
     click.echo(
-        f"{summary.documents} documents ({summary.documents_stored} stored, {summary.failed} failed), "
-        f"{summary.chunks} chunks, {summary.tokens} tokens in {summary.seconds:.1f} s "
-        f"({summary.chunks_per_s:.1f} chunks/s; loading the model took {summary.model_load_seconds:.1f} s)"
-        f"\nvectors: {summary.store}"
+        f"{summary.documents} documents ({summary.documents_stored} stored, {summary.unchanged} unchanged, "
+        f"{summary.failed} failed), {summary.chunks} chunks ({summary.chunks_embedded} embedded, "
+        f"{summary.chunks_cached} from the cache), {summary.tokens} tokens in {summary.seconds:.1f} s"
+        + (f" (loading the model took {summary.model_load_seconds:.1f} s)" if summary.model_load_seconds else "")
+        + f"\nvectors: {summary.store} (collection {summary.collection})"
     )
+    if any(pruned.values()):
+        click.echo(f"pruned (no longer in PATHS): {sum(pruned.values())} documents")
     if probe:
         click.echo(
             f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} "
@@ -169,18 +222,22 @@ def run(
 @click.argument("query")
 @click.option("-k", "k", default=5, show_default=True, help="How many chunks to return.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of hits.")
-@settings_options("store", *MODEL)
+@click.option("--collection", default=None, help="Search this collection instead of the active one.")
+@settings_options("store", "device", "batch_size", *API)
 @fail_clearly
-def search(query: str, k: int, as_json: bool, settings: Settings) -> None:
-    """Find the K chunks closest to QUERY in the store (document ID, chunk, score, text)."""
+def search(query: str, k: int, as_json: bool, collection: str | None, settings: Settings) -> None:
+    """Find the K chunks closest to QUERY in the store's active collection (document ID, chunk,
+    score, text). The query is embedded as that collection was: same model, dimensions, prefix."""
+    from producer.lifecycle import embedder_for
     from shared.store import open_store
-    from workers.embed import Embedder
 
-    if not settings.store_path.is_dir():
+    if "://" not in settings.store and not settings.store_path.is_dir():
         raise click.ClickException(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
-    store = open_store(settings.store, settings.model)
-    vector = Embedder(settings.model, settings.device, settings.batch_size).warm_up().embed([query])[0]
+    store = open_store(settings.store, collection=collection)
+    embedder = embedder_for(store, settings).warm_up()
+    vector = embedder.embed([store.spec.query_prefix + query])[0]
     hits = store.search(vector, k)
+    store.close()
     if as_json:
         click.echo(json.dumps([{**asdict(h), "chunk": h.index} for h in hits]))
         return
@@ -195,15 +252,20 @@ def search(query: str, k: int, as_json: bool, settings: Settings) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@prune_option
 @settings_options(*REDIS, "batch_docs", "max_doc_bytes", "max_backlog_jobs", *JOBS)
 @fail_clearly
-def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, settings: Settings) -> None:
+def enqueue(
+    paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, prune: bool, settings: Settings
+) -> None:
     """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
-    distributed pipeline. Local files are sent by content; URLs are fetched by the loaders."""
+    distributed pipeline. Local files are sent by content; URLs are fetched by the loaders.
+    Unchanged documents are skipped by the chunkers."""
     from tqdm import tqdm
 
+    from producer.lifecycle import Listed
     from producer.sources import iter_sources, resolve
-    from producer.submit import submit
+    from producer.submit import submit, submit_prune
     from workers.runtime import connect
 
     inputs = resolve(list(paths), exclude)
@@ -215,18 +277,21 @@ def enqueue(paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | N
         def waiting(backlog: int) -> None:
             bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
 
-        items = iter_sources(inputs, settings.max_doc_bytes)
+        items = Listed(iter_sources(inputs, settings.max_doc_bytes))
         result = submit(redis, settings, items, on_progress=bar.update, on_wait=waiting)
     click.echo(
         f"enqueued {result.documents} documents in {result.batches} batches"
         + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else "")
     )
+    if prune:
+        submit_prune(redis, settings, items.ids)
+        click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
 
 
 @main.command()
 @click.argument("stage", type=click.Choice(STAGES))
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit 0.")
-@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS, *RUNTIME)
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, *JOBS, *RUNTIME)
 @fail_clearly
 def worker(stage: str, burst: bool, settings: Settings) -> None:
     """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
@@ -299,9 +364,11 @@ def health(stage: str, settings: Settings) -> None:
     if stage in ("write", "embedded"):
         from shared.store import open_store
 
-        open_store(settings.store, settings.model)
+        open_store(settings.store).close()
     click.echo("ok")
 
 
 # The commands that inspect the pipeline (status, failed, redrive, probe, eval) live in their own module.
-from producer import cli_inspect  # noqa: E402, F401
+from producer import cli_collections, cli_inspect  # noqa: E402, F401
+
+from producer import cli_api  # noqa: E402, F401  # isort: skip

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from producer.cli import CHUNKING, JOBS, MODEL, REDIS, fail_clearly, main, settings_options
+from producer.cli import API, CHUNKING, JOBS, MODEL, REDIS, fail_clearly, main, settings_options
 from shared.errors import REASONS
 from shared.ledger import local_ledger_path
 from shared.settings import Settings
@@ -69,7 +69,9 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
     if use_local:
         from shared.store import open_store
 
-        data = local_status(ledger, open_store(settings.store, settings.model).count())
+        store = open_store(settings.store)
+        data = local_status(ledger, store.count())
+        store.close()
     else:
         data = distributed_status(ledger.redis)
     if as_json:
@@ -206,18 +208,22 @@ def redrive(
     help="BEIR-layout eval set: queries.jsonl and qrels/test.tsv about documents in the store.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--collection", default=None, help="Probe this collection instead of the active one.")
 @local_option
-@settings_options(*REDIS, "store", *MODEL)
+@settings_options(*REDIS, "store", "device", "batch_size", *API)
 @fail_clearly
-def probe(eval_dir: str, as_json: bool, local: bool | None, settings: Settings) -> None:
-    """Measure search quality now: recall@10 and nDCG@10 of the store on fixed queries, ranking
-    documents by their best chunk. Recorded for `status` and the dashboard."""
+def probe(eval_dir: str, as_json: bool, collection: str | None, local: bool | None, settings: Settings) -> None:
+    """Measure search quality now: recall@10 and nDCG@10 of a collection (default: the active one)
+    on fixed queries, ranking documents by their best chunk, with the model that embedded it.
+    Recorded with the collection (for `promote`), for `status` and the dashboard."""
+    from producer.lifecycle import embedder_for
     from shared.store import open_store
-    from workers.embed import Embedder
     from workers.probe import run_probe
 
-    store = open_store(settings.store, settings.model)
-    result = run_probe(store, Embedder(settings.model, settings.device, settings.batch_size), eval_dir)
+    store = open_store(settings.store, collection=collection)
+    result = run_probe(store, embedder_for(store, settings), eval_dir)
+    store.record_probe(result)
+    store.close()
     use_local = _use_local(local)
     if not use_local or local_ledger_path(settings.store_path).is_file():
         _ledger(use_local, settings).record_probe(result)

@@ -12,6 +12,7 @@ from typing import Any
 from redis import Redis
 
 from shared import keys
+from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, SourceDoc, pack
 from shared.settings import STAGES, Settings
@@ -94,3 +95,22 @@ def submit(
         if on_progress:
             on_progress(len(group))
     return result
+
+
+def submit_prune(redis: Redis, settings: Settings, kept: set[str]) -> str:
+    """Ask the writers to delete every stored document not in `kept` (a sync): one job on the write
+    queue, the IDs in a claim-check payload."""
+    import uuid
+
+    import msgpack
+
+    from workers.runtime import enqueue_jobs, queue
+
+    if not kept:
+        raise ConfigError("--prune with no documents listed would empty the store: refused")
+    token = uuid.uuid4().hex
+    with redis.pipeline() as pipe:
+        pipe.set(keys.kept_ids(token), msgpack.packb(sorted(kept)), ex=settings.payload_ttl_s)
+        enqueue_jobs(queue(redis, "write"), settings, "prune", [(token,)], pipe)
+        pipe.execute()
+    return token

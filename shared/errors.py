@@ -44,3 +44,18 @@ class DocumentError(PermanentError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class EmbedFailures(EmbedpipeError):
+    """The embedder could not embed some chunks of a part for good (a text the model still runs out of
+    memory on, an input the API refuses with a 400); every other chunk has its vector. The caller
+    (workers/embed.py, workers/embedded.py) makes dead letters (reason model_error) of the documents of
+    the failed chunks and goes on with the rest.
+
+    `vectors` has one row per chunk of the part (rows of failed chunks are zeros); `failed` maps the
+    row index of each failed chunk to a message (the API's message, say; never a secret)."""
+
+    def __init__(self, vectors: object, failed: dict[int, str]) -> None:
+        super().__init__(f"{len(failed)} chunk(s) could not be embedded")
+        self.vectors = vectors
+        self.failed = failed

@@ -21,6 +21,16 @@ def parts_failed(batch_id: str) -> str:
     return f"{PREFIX}:failedparts:{batch_id}"
 
 
+def docs_failed(batch_id: str) -> str:
+    """set of IDs of documents of the batch whose text the model or API refused (dead letters)."""
+    return f"{PREFIX}:faileddocs:{batch_id}"
+
+
+def kept_ids(token: str) -> str:
+    """msgpack list of the document IDs a sync (`enqueue --prune`) keeps; claim check of a prune job."""
+    return f"{PREFIX}:kept:{token}"
+
+
 def sources(batch_id: str) -> str:
     """msgpack list of submitted SourceDoc dicts (claim check of a load job)."""
     return f"{PREFIX}:sources:{batch_id}"
@@ -42,7 +52,8 @@ def vectors(batch_id: str, part: int) -> str:
 
 
 def batch_plan(batch_id: str) -> str:
-    """hash: parts -> number of embed parts; doc:<id> -> msgpack list of the document's chunk IDs."""
+    """hash: parts -> number of embed parts; spec -> the embedding spec's fingerprint;
+    doc:<id> -> msgpack list of the document's chunk IDs."""
     return f"{PREFIX}:plan:{batch_id}"
 
 
@@ -64,6 +75,7 @@ def batch_keys(batch_id: str, parts: int) -> list[str]:
         batch_plan(batch_id),
         parts_written(batch_id),
         parts_failed(batch_id),
+        docs_failed(batch_id),
     ]
     for p in range(parts):
         keys += [chunks(batch_id, p), vectors(batch_id, p)]

@@ -62,6 +62,45 @@ DEAD_LETTERS = Counter(
     "embedpipe_dead_letters", "Documents that failed for good, by stage and reason.", ["stage", "reason"]
 )
 
+# --- incremental processing and collections (issue 6) ------------------------------------------
+EMBED_CACHE = Counter(
+    "embedpipe_embed_cache", "Chunk vectors looked up in the embedding cache, by result (hit, miss).", ["result"]
+)
+STORE_WRITES = Counter(
+    "embedpipe_store_writes", "Write operations on the store, by kind (upsert, delete, documents).", ["op"]
+)
+COLLECTION_CHUNKS = Gauge(
+    "embedpipe_collection_chunks",
+    "Chunks stored per collection (one collection per embedding spec); active=1: the one search uses.",
+    ["collection", "active"],
+)
+
+# --- throughput (issue 7) -------------------------------------------------------------------------
+EMBED_OOM_HALVINGS = Counter(
+    "embedpipe_embed_oom_halvings", "Times the embedder halved its micro-batch after running out of GPU memory."
+)
+EMBED_MICRO_BATCH_LIMIT = Gauge(
+    "embedpipe_embed_micro_batch_token_limit", "The embedder's current padded-token budget per forward pass."
+)
+
+# --- API models (issue 8) -----------------------------------------------------------------------
+API_REQUESTS = Counter(
+    "embedpipe_api_requests",
+    "Embedding API requests by model and outcome (ok, rate_limited, retried, failed).",
+    ["model", "outcome"],
+)
+API_REQUEST_SECONDS = Histogram(
+    "embedpipe_api_request_seconds",
+    "Latency of embedding API requests.",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+)
+API_TOKENS = Counter("embedpipe_api_tokens", "Tokens billed by the embedding API (its usage field).", ["model"])
+API_COST = Counter("embedpipe_api_cost_usd", "Money spent on the embedding API, in US dollars.", ["model"])
+API_RATE_WAIT = Counter(
+    "embedpipe_api_rate_limit_wait_seconds", "Time spent waiting for the shared rate budget or Retry-After.", ["model"]
+)
+
 # --- the pipeline's state, exported by the janitor ---------------------------------------------
 QUEUE_JOBS = Gauge("embedpipe_queue_jobs", "rq jobs per stage and state.", ["stage", "state"])
 QUEUE_OLDEST_AGE = Gauge(

@@ -18,6 +18,24 @@ from shared.errors import ConfigError
 BUNDLED_DEFAULT = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
+API_PREFIX = "openai:"
+
+
+def is_api_model(name: str) -> bool:
+    """`openai:NAME` is a model behind an OpenAI-compatible embeddings API (workers/embed_api.py)."""
+    return name.startswith(API_PREFIX)
+
+
+def load_tokenizer(model: str) -> ModelTokenizer:
+    """The tokenizer that counts tokens as the model does: its own for local models, tiktoken for API
+    models."""
+    if is_api_model(model):
+        from shared.tokenizer_api import ApiTokenizer
+
+        return ApiTokenizer(model)  # type: ignore[return-value]
+    return ModelTokenizer(model)
+
+
 @cache
 def resolve_model_path(name: str) -> Path:
     path = Path(name).expanduser()

@@ -67,11 +67,16 @@ def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float
 
 
 def evaluate(
-    store: object, embedder: object, eval_set: EvalSet, k: int = 10, chunks_per_query: int = 100
+    store: object,
+    embedder: object,
+    eval_set: EvalSet,
+    k: int = 10,
+    chunks_per_query: int = 100,
+    query_prefix: str = "",
 ) -> dict[str, float]:
     """Mean recall@k and nDCG@k over the eval set's queries, searching `store` with `embedder`."""
     ids = list(eval_set.queries)
-    vectors = np.asarray(embedder.embed([eval_set.queries[q] for q in ids]))  # type: ignore[attr-defined]
+    vectors = np.asarray(embedder.embed([query_prefix + eval_set.queries[q] for q in ids]))  # type: ignore[attr-defined]
     recalls, ndcgs = [], []
     for qid, vector in zip(ids, vectors, strict=True):
         hits = store.search(vector, chunks_per_query)  # type: ignore[attr-defined]

@@ -50,8 +50,30 @@ class Settings:
     probe_eval: str = setting("", "BEIR-layout eval set for the quality probe after each run ('' : no probe).")
     inbox_wait_s: float = setting(1.0, "The janitor waits this long for a full batch from the inbox.")
     log_level: str = setting("INFO", "Logging level.")
+    # --- the embedding spec and incremental processing -----------------------------------------
+    dimensions: int = setting(0, "Keep N dimensions of each vector, re-normalised (Matryoshka); 0 = all.")
+    doc_prefix: str = setting("", "Text put before every chunk when embedding (e.g. 'passage: ' for E5).")
+    query_prefix: str = setting("", "Text put before every query when searching (e.g. 'query: ').")
+    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused.")
+    cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
+    promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
+    # --- throughput -----------------------------------------------------------------------------
+    backend: str = setting("torch", "Model runtime: torch, onnx, onnx-int8 (ONNX: CPU only).")
+    micro_batch_tokens: int = setting(0, "Padded tokens per forward pass; 0 = a default for the device.")
+    # --- OpenAI-compatible API models (EMBEDPIPE_MODEL=openai:NAME) ------------------------------
+    openai_base_url: str = setting("", "OpenAI-compatible server for openai:MODEL ('' = api.openai.com).")
+    api_concurrency: int = setting(4, "Concurrent embedding requests per embedder process.")
+    api_max_inputs: int = setting(2048, "Most inputs per embeddings request.")
+    api_max_input_tokens: int = setting(8192, "Most tokens per input (longer inputs never reach the API).")
+    api_max_request_tokens: int = setting(300_000, "Most tokens per embeddings request.")
+    api_rpm: int = setting(0, "Requests per minute of the account, shared by all embedders; 0 = no limit.")
+    api_tpm: int = setting(0, "Tokens per minute of the account, shared by all embedders; 0 = no limit.")
+    api_timeout_s: float = setting(30.0, "Timeout of one embeddings request.")
+    api_deadline_s: float = setting(300.0, "Stop retrying a request after this long.")
+    api_prices: str = setting("", "USD per million tokens, overriding the defaults: 'model=0.02,other=0.1'.")
     # Secrets: environment or file only (see module docstring).
     redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
+    openai_api_key: str | None = field(default=None, repr=False, metadata={"secret": True, "also": "OPENAI_API_KEY"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -61,6 +83,8 @@ class Settings:
         for f in dataclasses.fields(cls):
             if f.metadata.get("secret"):
                 values[f.name] = read_secret(env_name(f.name), env)
+                if values[f.name] is None and f.metadata.get("also"):  # the name other tools use
+                    values[f.name] = read_secret(f.metadata["also"], env)
             elif env_name(f.name) in env:
                 values[f.name] = _parse(f, env[env_name(f.name)])
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,5 +1,6 @@
 """The vector store interface and its embedded default (LanceDB on local disk).
 
+A store holds collections, one per embedding spec (shared/spec.py); search reads the active one.
 Writes are idempotent upserts by chunk_id, so a redelivered part never duplicates a row. Several
 writer processes may write the same store at once (LanceDB commits optimistically and retries).
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,11 +21,13 @@ import numpy as np
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
+from shared.metrics import STORE_WRITES
+from shared.spec import EmbeddingSpec
 
 log = logging.getLogger(__name__)
 
-TABLE = "chunks"
 OPTIMIZE_EVERY_WRITES = 50  # each LanceDB commit adds a fragment; compact from time to time
+MANIFEST = "store.json"
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,22 @@ class Hit:
     metadata: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class DocRecord:
+    """What the store keeps about each document it holds, per collection: its content hash (to skip
+    it when resubmitted unchanged) and its clean text (to re-embed it under a new spec)."""
+
+    doc_id: str
+    content_hash: str
+    chunks: int
+    text: str
+    metadata: dict[str, Any]
+
+
 class Store(Protocol):
+    collection: str | None  # the collection this handle reads and writes (one per embedding spec)
+    spec: EmbeddingSpec | None
+
     def upsert(self, chunks: list[Chunk], vectors: np.ndarray) -> None: ...
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]: ...
     def delete_chunks(self, chunk_ids: list[str]) -> None: ...
@@ -42,56 +63,158 @@ class Store(Protocol):
     def count(self) -> int: ...
     def optimize(self) -> None: ...
     def close(self) -> None: ...
+    # documents of the collection (incremental processing)
+    def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]: ...
+    def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int: ...
+    def forget_documents(self, doc_ids: list[str]) -> int: ...
+    def doc_ids(self) -> set[str]: ...
+    def documents(self) -> Iterator[DocRecord]: ...
+    # the collections of the store
+    def collections(self) -> list[dict[str, Any]]: ...
+    def active(self) -> str | None: ...
+    def activate(self, name: str) -> None: ...
+    def record_probe(self, result: dict[str, Any]) -> None: ...
 
 
-def open_store(location: str, model: str) -> Store:
-    """A postgresql:// URL opens the pgvector store; a directory path the embedded LanceDB store."""
+def open_store(location: str, spec: EmbeddingSpec | None = None, collection: str | None = None) -> Store:
+    """A postgresql:// URL opens the pgvector store; a directory path the embedded LanceDB store.
+
+    With `spec`, the handle writes and reads the collection of that spec (created on the first
+    write; the first collection of a store becomes the active one). With `collection`, that one.
+    With neither, the active collection: the one search uses."""
     if location.startswith(("postgresql://", "postgres://")):
         from shared.store_pg import PgStore
 
-        return PgStore(location, model)
+        return PgStore(location, spec, collection)
     if "://" in location:
         raise ConfigError(f"unsupported store {location!r}: use a directory path or a postgresql:// URL")
-    return LanceStore(Path(location).expanduser(), model)
+    return LanceStore(Path(location).expanduser(), spec, collection)
 
 
 def _sql_list(values: list[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
+def stale_chunks(stored: dict[str, set[str]], expected: dict[str, list[str]], failed: list[str]) -> list[str]:
+    """Stored chunks of done documents that are not in their new chunk list, and every chunk of a
+    failed document."""
+    return [
+        cid
+        for doc_id, ids in stored.items()
+        for cid in (ids if doc_id in failed else ids - set(expected.get(doc_id, ())))
+    ]
+
+
+def choose_collection(spec: EmbeddingSpec | None, collection: str | None, active: str | None) -> str | None:
+    if collection is not None and not re.fullmatch(r"[a-z0-9_]{1,48}", collection):
+        raise ConfigError(f"invalid collection name {collection!r}: see `embedpipe collections`")
+    if spec is not None:
+        if collection is not None and collection != spec.collection:
+            raise ConfigError(f"collection {collection!r} does not hold vectors of this spec ({spec.collection})")
+        return spec.collection
+    return collection or active
+
+
 class LanceStore:
-    def __init__(self, path: Path, model: str) -> None:
+    """Collections are LanceDB tables: `<collection>` holds chunks and vectors, `<collection>__docs`
+    the document records. store.json lists the collections with their specs and names the active one."""
+
+    def __init__(self, path: Path, spec: EmbeddingSpec | None = None, collection: str | None = None) -> None:
         import lancedb
 
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.model = model
-        self._check_model(path / "store.json", model)
         # read_consistency_interval=0: every read sees the latest commit of any writer process
         self._db = lancedb.connect(str(path), read_consistency_interval=timedelta(0))
-        self._table: Any = None
+        manifest = self._manifest()
+        self.collection = choose_collection(spec, collection, manifest["active"])
+        known = manifest["collections"].get(self.collection or "")
+        if collection is not None and spec is None and known is None:
+            raise ConfigError(f"no collection {collection!r} in the store at {path}")
+        self.spec = spec or (EmbeddingSpec.from_dict(known["spec"]) if known else None)
+        self._tables: dict[str, Any] = {}
         self._writes = 0
 
-    @staticmethod
-    def _check_model(manifest: Path, model: str) -> None:
-        """One store holds vectors of one model: mixing models silently breaks search."""
-        if manifest.is_file():
-            stored = json.loads(manifest.read_text()).get("model")
-            if stored != model:
-                raise ConfigError(
-                    f"the store at {manifest.parent} holds vectors of model {stored!r}, not {model!r}; "
-                    "use another EMBEDPIPE_STORE for another model"
-                )
-        else:
-            manifest.write_text(json.dumps({"model": model}) + "\n")
+    # --- the manifest: collections and the active one -----------------------------------------
+    def _manifest(self) -> dict[str, Any]:
+        file = self.path / MANIFEST
+        data = json.loads(file.read_text()) if file.is_file() else {}
+        if "collections" not in data:  # a new store (or one from before collections)
+            data = {"collections": {}, "active": None}
+        return data
 
-    def _open(self, dim: int | None = None) -> Any:
-        if self._table is None:
-            if TABLE in self._db.list_tables().tables:
-                self._table = self._db.open_table(TABLE)
+    def _update_manifest(self, change: Any) -> None:
+        """Read-modify-write store.json under a file lock: several writers may register at once."""
+        import fcntl
+
+        with open(self.path / ".store.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._manifest()
+            change(data)
+            tmp = self.path / f".{MANIFEST}.tmp"
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path / MANIFEST)
+
+    def _register(self) -> None:
+        if self.spec is None or self.collection is None:
+            raise ConfigError("this store handle has no embedding spec: it cannot write")
+
+        def add(data: dict[str, Any]) -> None:
+            if self.collection not in data["collections"]:
+                data["collections"][self.collection] = {"spec": self.spec.to_dict(), "created": time.time()}
+                log.info("new collection %s (model %s)", self.collection, self.spec.model)
+            if data["active"] is None:  # the first collection serves search from the start
+                data["active"] = self.collection
+
+        if self.collection not in self._manifest()["collections"]:
+            self._update_manifest(add)
+
+    def collections(self) -> list[dict[str, Any]]:
+        data = self._manifest()
+        out = []
+        for name, entry in sorted(data["collections"].items(), key=lambda kv: kv[1].get("created", 0)):
+            handle = LanceStore(self.path, collection=name)
+            out.append(
+                {"name": name, "active": name == data["active"], "chunks": handle.count(),
+                 "documents": len(handle.doc_ids()), **entry}
+            )
+        return out
+
+    def active(self) -> str | None:
+        return self._manifest()["active"]
+
+    def activate(self, name: str) -> None:
+        def switch(data: dict[str, Any]) -> None:
+            if name not in data["collections"]:
+                raise ConfigError(f"no collection {name!r} in the store at {self.path}")
+            data["active"] = name
+
+        self._update_manifest(switch)
+
+    def record_probe(self, result: dict[str, Any]) -> None:
+        def put(data: dict[str, Any]) -> None:
+            if self.collection in data["collections"]:
+                data["collections"][self.collection]["probe"] = result
+
+        self._update_manifest(put)
+
+    # --- tables ------------------------------------------------------------------------------
+    def _table(self, kind: str, dim: int | None = None) -> Any:
+        """The chunks ("") or documents ("__docs") table of the collection; None before the first
+        write. A `dim` creates a missing table (the chunks table needs the vectors' dimension)."""
+        if self.collection is None:
+            return None
+        name = self.collection + kind
+        if name not in self._tables:
+            if name in self._db.list_tables().tables:
+                self._tables[name] = self._db.open_table(name)
             elif dim is not None:
-                self._table = self._db.create_table(TABLE, schema=_schema(dim), exist_ok=True)
-        return self._table
+                self._register()
+                schema = _schema(dim) if kind == "" else _docs_schema()
+                self._tables[name] = self._db.create_table(name, schema=schema, exist_ok=True)
+            else:
+                return None
+        return self._tables[name]
 
     def upsert(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
         import pyarrow as pa
@@ -100,7 +223,7 @@ class LanceStore:
             return
         if vectors.shape[0] != len(chunks):
             raise ValueError(f"{len(chunks)} chunks but {vectors.shape[0]} vectors")
-        table = self._open(dim=vectors.shape[1])
+        table = self._table("", dim=vectors.shape[1])
         dim = vectors.shape[1]
         rows = pa.table(
             {
@@ -119,12 +242,13 @@ class LanceStore:
             schema=_schema(dim),
         )
         table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        STORE_WRITES.labels("upsert").inc()
         self._writes += 1
         if self._writes % OPTIMIZE_EVERY_WRITES == 0:
             self.optimize()
 
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]:
-        table = self._open()
+        table = self._table("")
         out: dict[str, set[str]] = {d: set() for d in doc_ids}
         if table is None or not doc_ids:
             return out
@@ -134,12 +258,72 @@ class LanceStore:
         return out
 
     def delete_chunks(self, chunk_ids: list[str]) -> None:
-        table = self._open()
+        table = self._table("")
         if table is not None and chunk_ids:
             table.delete(f"chunk_id IN ({_sql_list(chunk_ids)})")
+            STORE_WRITES.labels("delete").inc()
 
+    # --- documents -----------------------------------------------------------------------------
+    def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]:
+        table = self._table("__docs")
+        if table is None or not doc_ids:
+            return {}
+        rows = table.search().where(f"doc_id IN ({_sql_list(doc_ids)})").select(["doc_id", "content_hash"])
+        return {r["doc_id"]: r["content_hash"] for r in rows.limit(None).to_list()}
+
+    def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
+        """Finish documents whose chunks are all written: delete their stale chunks, record their
+        hashes; remove every chunk and record of failed ones. Returns the chunks deleted."""
+        import pyarrow as pa
+
+        stale = stale_chunks(self.chunk_ids([*expected, *failed]), expected, failed)
+        self.delete_chunks(stale)
+        docs = self._table("__docs", dim=0 if done else None)
+        if docs is None:
+            return len(stale)
+        if failed:
+            docs.delete(f"doc_id IN ({_sql_list(failed)})")
+        if done:
+            rows = pa.table(
+                {
+                    "doc_id": [d.doc_id for d in done],
+                    "content_hash": [d.content_hash for d in done],
+                    "chunks": [d.chunks for d in done],
+                    "text": [d.text for d in done],
+                    "metadata": [json.dumps(d.metadata, sort_keys=True) for d in done],
+                    "updated": [time.time()] * len(done),
+                },
+                schema=_docs_schema(),
+            )
+            docs.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            STORE_WRITES.labels("documents").inc()
+        return len(stale)
+
+    def forget_documents(self, doc_ids: list[str]) -> int:
+        """Delete documents and all their chunks; returns how many of them the collection held."""
+        held = [d for d in doc_ids if d in self.doc_hashes(doc_ids)]
+        stale = [cid for ids in self.chunk_ids(doc_ids).values() for cid in ids]
+        self.delete_chunks(stale)
+        docs = self._table("__docs")
+        if docs is not None and doc_ids:
+            docs.delete(f"doc_id IN ({_sql_list(doc_ids)})")
+        return len(held)
+
+    def doc_ids(self) -> set[str]:
+        table = self._table("__docs")
+        return set() if table is None else set(table.to_arrow().column("doc_id").to_pylist())
+
+    def documents(self) -> Iterator[DocRecord]:
+        table = self._table("__docs")
+        if table is None:
+            return
+        for batch in table.to_arrow().to_batches(max_chunksize=1000):
+            for r in batch.to_pylist():
+                yield DocRecord(r["doc_id"], r["content_hash"], r["chunks"], r["text"], json.loads(r["metadata"]))
+
+    # --- reading -------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
-        table = self._open()
+        table = self._table("")
         if table is None:
             return []
         query = table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
@@ -157,24 +341,71 @@ class LanceStore:
         ]
 
     def count(self) -> int:
-        table = self._open()
+        table = self._table("")
         return 0 if table is None else table.count_rows()
 
     def vectors(self) -> dict[str, np.ndarray]:
         """Every stored vector by chunk_id (for tests and evaluation of small stores)."""
-        table = self._open()
+        table = self._table("")
         if table is None:
             return {}
         data = table.to_arrow().select(["chunk_id", "vector"]).to_pydict()
         return {c: np.asarray(v, dtype=np.float32) for c, v in zip(data["chunk_id"], data["vector"], strict=True)}
 
     def optimize(self) -> None:
-        table = self._open()
-        if table is not None:
-            table.optimize()
+        for kind in ("", "__docs"):
+            table = self._table(kind)
+            if table is not None:
+                table.optimize()
 
     def close(self) -> None:
         """Nothing to release: LanceDB holds no connection."""
+
+
+def each_collection(location: str) -> Iterator[Store]:
+    """A handle on every collection of the store, closed after use."""
+    with_names = open_store(location)
+    try:
+        names = [c["name"] for c in with_names.collections()]
+    finally:
+        with_names.close()
+    for name in names:
+        store = open_store(location, collection=name)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def delete_documents(location: str, doc_ids: list[str]) -> dict[str, int]:
+    """Remove documents and their chunks from every collection: {collection: documents removed}."""
+    return {store.collection or "": store.forget_documents(doc_ids) for store in each_collection(location)}
+
+
+def prune(location: str, kept: set[str]) -> dict[str, int]:
+    """Sync: remove from every collection the documents not in `kept` (what the sources list now)."""
+    if not kept:
+        raise ConfigError("--prune with no documents listed would empty the store: refused")
+    removed = {}
+    for store in each_collection(location):
+        gone = sorted(store.doc_ids() - kept)
+        removed[store.collection or ""] = store.forget_documents(gone) if gone else 0
+    return removed
+
+
+def _docs_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string()),
+            pa.field("content_hash", pa.string()),
+            pa.field("chunks", pa.int32()),
+            pa.field("text", pa.string()),
+            pa.field("metadata", pa.string()),
+            pa.field("updated", pa.float64()),
+        ]
+    )
 
 
 def _schema(dim: int) -> Any:

@@ -1,5 +1,6 @@
-"""The server store: PostgreSQL with pgvector. A table per collection, an HNSW index (cosine),
-idempotent upserts by chunk_id, pooled connections.
+"""The server store: PostgreSQL with pgvector. Per collection a chunks table with an HNSW index
+(cosine) and a documents table; `embedpipe_registry` lists the collections, their specs and the
+active one. Idempotent upserts by chunk_id, pooled connections.
 
 Two writers upserting overlapping keys in different orders can deadlock: rows are sorted by chunk_id
 within every batch (and the writer's tenacity retry covers what remains). A new table is loaded
@@ -10,28 +11,26 @@ than inserting into an existing index.
 from __future__ import annotations
 
 import json
-import re
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
-from shared.store import TABLE, Hit
+from shared.metrics import STORE_WRITES
+from shared.spec import EmbeddingSpec
+from shared.store import DocRecord, Hit, choose_collection, stale_chunks
 
 HNSW_EF_SEARCH = 100  # candidates per search: recall over speed, like a brute-force scan
+REGISTRY = "embedpipe_registry"
 
 
 class PgStore:
-    def __init__(self, url: str, model: str, collection: str = TABLE) -> None:
+    def __init__(self, url: str, spec: EmbeddingSpec | None = None, collection: str | None = None) -> None:
         from pgvector.psycopg import register_vector
         from psycopg_pool import ConnectionPool
-
-        if not re.fullmatch(r"[a-z_][a-z0-9_]*", collection):
-            raise ConfigError(f"invalid collection name {collection!r}")
-        self.table = f"embedpipe_{collection}"
-        self.model = model
-        self._dim: int | None = None
 
         def configure(conn: Any) -> None:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -40,22 +39,30 @@ class PgStore:
         self._pool = ConnectionPool(
             url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=configure, open=True
         )
-        with self._pool.connection() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS embedpipe_collections (name text PRIMARY KEY, model text NOT NULL, dim int)"
-            )
-            row = conn.execute("SELECT model, dim FROM embedpipe_collections WHERE name = %s", (self.table,)).fetchone()
-        if row is not None:
-            if row[0] != model:
-                self._pool.close()
-                raise ConfigError(
-                    f"table {self.table} holds vectors of model {row[0]!r}, not {model!r}; use another store"
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {REGISTRY} (name text PRIMARY KEY, spec jsonb NOT NULL, dim int,"
+                    " created double precision, active boolean NOT NULL DEFAULT false, probe jsonb)"
                 )
-            self._dim = row[1]
+                active = conn.execute(f"SELECT name FROM {REGISTRY} WHERE active").fetchone()
+                self.collection = choose_collection(spec, collection, active[0] if active else None)
+                row = conn.execute(f"SELECT spec, dim FROM {REGISTRY} WHERE name = %s", (self.collection,)).fetchone()
+            if collection is not None and spec is None and row is None:
+                raise ConfigError(f"no collection {collection!r} in the store")
+        except BaseException:
+            self._pool.close()
+            raise
+        self.spec = spec or (EmbeddingSpec.from_dict(row[0]) if row else None)
+        self._dim: int | None = row[1] if row else None
+        self.table = f"embedpipe_{self.collection}"
+        self.docs = f"{self.table}__docs"
 
-    def _ensure_table(self, dim: int) -> None:
+    def _ensure_tables(self, dim: int) -> None:
         if self._dim is not None:
             return
+        if self.spec is None:
+            raise ConfigError("this store handle has no embedding spec: it cannot write")
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.table} (chunk_id text PRIMARY KEY, doc_id text NOT NULL, idx int,"
@@ -63,8 +70,19 @@ class PgStore:
             )
             conn.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_doc_id ON {self.table} (doc_id)")
             conn.execute(
-                "INSERT INTO embedpipe_collections VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
-                (self.table, self.model, dim),
+                f"CREATE TABLE IF NOT EXISTS {self.docs} (doc_id text PRIMARY KEY, content_hash text NOT NULL,"
+                " chunks int, text text, metadata jsonb, updated double precision)"
+            )
+            conn.execute(
+                f"INSERT INTO {REGISTRY} (name, spec, dim, created) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING",
+                (self.collection, json.dumps(self.spec.to_dict()), dim, time.time()),
+            )
+            # the first collection of a store serves search from the start
+            conn.execute(
+                f"UPDATE {REGISTRY} SET active = true WHERE name = %s"
+                f" AND NOT EXISTS (SELECT 1 FROM {REGISTRY} WHERE active)",
+                (self.collection,),
             )
         self._dim = dim
 
@@ -73,7 +91,7 @@ class PgStore:
             return
         if vectors.shape[0] != len(chunks):
             raise ValueError(f"{len(chunks)} chunks but {vectors.shape[0]} vectors")
-        self._ensure_table(vectors.shape[1])
+        self._ensure_tables(vectors.shape[1])
         rows = sorted(
             (
                 (
@@ -99,6 +117,7 @@ class PgStore:
                 " embedding = excluded.embedding",
                 rows,
             )
+        STORE_WRITES.labels("upsert").inc()
 
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {d: set() for d in doc_ids}
@@ -115,7 +134,89 @@ class PgStore:
         if self._dim is not None and chunk_ids:
             with self._pool.connection() as conn:
                 conn.execute(f"DELETE FROM {self.table} WHERE chunk_id = ANY(%s)", (sorted(chunk_ids),))
+            STORE_WRITES.labels("delete").inc()
 
+    # --- documents -----------------------------------------------------------------------------
+    def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]:
+        if self._dim is None or not doc_ids:
+            return {}
+        with self._pool.connection() as conn:
+            rows = conn.execute(f"SELECT doc_id, content_hash FROM {self.docs} WHERE doc_id = ANY(%s)", (doc_ids,))
+            return dict(rows.fetchall())
+
+    def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
+        """In one transaction: delete stale chunks of done documents and record their hashes; remove
+        every chunk and record of failed ones. Returns the chunks deleted."""
+        if self._dim is None:
+            return 0
+        stale = sorted(stale_chunks(self.chunk_ids([*expected, *failed]), expected, failed))
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(f"DELETE FROM {self.table} WHERE chunk_id = ANY(%s)", (stale,))
+            cur.execute(f"DELETE FROM {self.docs} WHERE doc_id = ANY(%s)", (sorted(failed),))
+            cur.executemany(
+                f"INSERT INTO {self.docs} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (doc_id) DO UPDATE SET"
+                " content_hash = excluded.content_hash, chunks = excluded.chunks, text = excluded.text,"
+                " metadata = excluded.metadata, updated = excluded.updated",
+                sorted(
+                    (d.doc_id, d.content_hash, d.chunks, d.text, json.dumps(d.metadata), time.time()) for d in done
+                ),
+            )
+        STORE_WRITES.labels("documents").inc()
+        return len(stale)
+
+    def forget_documents(self, doc_ids: list[str]) -> int:
+        if self._dim is None or not doc_ids:
+            return 0
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(f"DELETE FROM {self.table} WHERE doc_id = ANY(%s)", (sorted(doc_ids),))
+            cur.execute(f"DELETE FROM {self.docs} WHERE doc_id = ANY(%s)", (sorted(doc_ids),))
+            held = cur.rowcount
+        STORE_WRITES.labels("delete").inc()
+        return held
+
+    def doc_ids(self) -> set[str]:
+        if self._dim is None:
+            return set()
+        with self._pool.connection() as conn:
+            return {r[0] for r in conn.execute(f"SELECT doc_id FROM {self.docs}")}
+
+    def documents(self) -> Iterator[DocRecord]:
+        if self._dim is None:
+            return
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(name="embedpipe_documents") as cur:
+            cur.execute(f"SELECT doc_id, content_hash, chunks, text, metadata FROM {self.docs} ORDER BY doc_id")
+            for r in cur:
+                yield DocRecord(r[0], r[1], r[2], r[3], r[4])
+
+    # --- collections ---------------------------------------------------------------------------
+    def collections(self) -> list[dict[str, Any]]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(f"SELECT name, spec, created, active, probe FROM {REGISTRY} ORDER BY created").fetchall()
+            out = []
+            for name, spec, created, active, probe in rows:
+                table = f"embedpipe_{name}"
+                chunks = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                docs = conn.execute(f"SELECT count(*) FROM {table}__docs").fetchone()[0]
+                entry = {"name": name, "active": active, "chunks": chunks, "documents": docs, "spec": spec}
+                out.append(entry | {"created": created} | ({"probe": probe} if probe else {}))
+        return out
+
+    def active(self) -> str | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(f"SELECT name FROM {REGISTRY} WHERE active").fetchone()
+        return row[0] if row else None
+
+    def activate(self, name: str) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            if conn.execute(f"SELECT 1 FROM {REGISTRY} WHERE name = %s", (name,)).fetchone() is None:
+                raise ConfigError(f"no collection {name!r} in the store")
+            conn.execute(f"UPDATE {REGISTRY} SET active = (name = %s)", (name,))
+
+    def record_probe(self, result: dict[str, Any]) -> None:
+        with self._pool.connection() as conn:
+            conn.execute(f"UPDATE {REGISTRY} SET probe = %s WHERE name = %s", (json.dumps(result), self.collection))
+
+    # --- reading -------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         if self._dim is None:
             return []

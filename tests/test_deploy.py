@@ -97,7 +97,7 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         status = json.loads(embedpipe("status", "--json", env=env).stdout)
         assert status["documents_done"] == len(list((EXAMPLES / "docs").iterdir()))
-        store = open_store(pg_url, "all-MiniLM-L6-v2")
+        store = open_store(pg_url)
         assert store.count() > status["documents_done"]
         store.close()
     finally:

@@ -113,7 +113,7 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
     expected = {}
     for c in chunk_batch(docs, tokenizer, policy):
         expected.setdefault(c.doc_id, set()).add(c.chunk_id)
-    store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+    store = open_store(env["EMBEDPIPE_STORE"])
     try:
         assert store.chunk_ids(list(expected)) == expected
         assert store.count() == sum(map(len, expected.values()))  # no duplicates, nothing else
@@ -142,7 +142,7 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
         EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
             iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
         )
-        local = open_store(str(embedded_store), "all-MiniLM-L6-v2").vectors()
+        local = open_store(str(embedded_store)).vectors()
         distributed = store.vectors()
         assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
         for chunk, vector in local.items():

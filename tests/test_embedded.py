@@ -24,7 +24,7 @@ def run_examples(store, embedder, exclude=("README.md",)):
 
 def test_sample_corpus_is_stored_completely_once_and_searchable(tmp_path, embedder, tokenizer):
     summary = run_examples(tmp_path / "store", embedder)
-    store = open_store(str(tmp_path / "store"), "all-MiniLM-L6-v2")
+    store = open_store(str(tmp_path / "store"))
     assert summary.failed == 0 and summary.documents == summary.documents_stored >= 30
     assert store.count() == summary.chunks == summary.chunks_embedded
     rows = store.search(embedder.embed(["how do I fix a flat bicycle tyre"])[0], 5)

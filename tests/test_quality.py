@@ -45,6 +45,6 @@ def test_recall_at_10_on_a_scifact_subset(scifact, tmp_path, embedder):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
     assert summary.failed == 0 and summary.documents_stored == len(ids)
-    scores = evaluate(open_store(settings.store, settings.model), embedder, eval_set)
+    scores = evaluate(open_store(settings.store), embedder, eval_set)
     assert scores["queries"] == SUBSET_QUERIES
     assert scores["recall@10"] >= THRESHOLD, scores

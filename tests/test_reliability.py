@@ -70,7 +70,7 @@ def expected_chunks(tokenizer, sources: list[SourceDoc]) -> dict[str, set[str]]:
 
 def assert_nothing_lost(env: dict[str, str], expected: dict[str, set[str]]) -> dict[str, int]:
     """Each document is either stored with exactly its chunks, or a dead letter: never both, never neither."""
-    store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+    store = open_store(env["EMBEDPIPE_STORE"])
     stored = store.chunk_ids(list(expected))
     dead = {d["doc_id"] for d in json.loads(embedpipe("failed", "--json", env=env).stdout)}
     complete = {d for d, ids in stored.items() if ids == expected[d]}
@@ -265,7 +265,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
         only = json.loads(embedpipe("failed", "--json", "--reason", "source_error", env=env).stdout)
         assert [f["doc_id"] for f in only] == [url]
 
-        store = open_store(env["EMBEDPIPE_STORE"], "all-MiniLM-L6-v2")
+        store = open_store(env["EMBEDPIPE_STORE"])
         stored = {
             d
             for d, ids in store.chunk_ids(

@@ -10,9 +10,15 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
-from shared.store import open_store
+from shared.spec import EmbeddingSpec
+from shared.store import DocRecord, open_store
 
 pytestmark = pytest.mark.slow
+
+
+def spec(model: str = "m", dimensions: int = 0) -> EmbeddingSpec:
+    """A spec without a model on disk: the store only needs its fields."""
+    return EmbeddingSpec(model, "rev", "mean", True, 256, dimensions, "", 254, 25)
 
 
 def chunks(doc: str, n: int, dim: int = 8, seed: int = 0) -> tuple[list[Chunk], np.ndarray]:
@@ -23,7 +29,7 @@ def chunks(doc: str, n: int, dim: int = 8, seed: int = 0) -> tuple[list[Chunk], 
 
 
 def test_upserts_are_idempotent_and_search_ranks_by_cosine(pg_url):
-    store = open_store(pg_url, "all-MiniLM-L6-v2")
+    store = open_store(pg_url, spec())
     a, va = chunks("a", 20)
     store.upsert(a, va)
     store.upsert(a, va)  # a redelivered part
@@ -44,19 +50,41 @@ def test_upserts_are_idempotent_and_search_ranks_by_cosine(pg_url):
     store.close()
 
 
-def test_one_table_holds_one_model(pg_url):
-    store = open_store(pg_url, "model-a")
-    store.upsert(*chunks("a", 2))
-    store.close()
-    with pytest.raises(ConfigError, match="model-a"):
-        open_store(pg_url, "model-b")
+def test_each_spec_writes_its_own_collection_and_search_reads_the_active_one(pg_url):
+    first = open_store(pg_url, spec("model-a"))
+    first.upsert(*chunks("a", 3))
+    first.commit_documents([DocRecord("a", "h1", 3, "text of a", {})], {"a": ["a-0", "a-1", "a-2"]}, [])
+    second = open_store(pg_url, spec("model-b", dimensions=4))
+    second.upsert(*chunks("b", 2, dim=4))
+    assert first.collection != second.collection
+    reader = open_store(pg_url)  # no spec: the active collection, the first one written
+    assert reader.collection == first.collection and reader.spec.model == "model-a" and reader.count() == 3
+    assert reader.doc_hashes(["a", "x"]) == {"a": "h1"}
+    assert [d.text for d in reader.documents()] == ["text of a"]
+    reader.activate(second.collection)
+    now = open_store(pg_url)
+    assert now.collection == second.collection
+    now.close()
+    with pytest.raises(ConfigError, match="no collection"):
+        open_store(pg_url, collection="nothing_here")
+    rows = {c["name"]: c for c in reader.collections()}
+    assert rows[second.collection]["active"] and not rows[first.collection]["active"]
+    assert rows[first.collection]["documents"] == 1 and rows[second.collection]["chunks"] == 2
+    # a document committed with fewer chunks loses the stale ones; a forgotten one loses everything
+    first.commit_documents([DocRecord("a", "h2", 1, "new", {})], {"a": ["a-0"]}, [])
+    assert first.chunk_ids(["a"]) == {"a": {"a-0"}} and first.doc_hashes(["a"]) == {"a": "h2"}
+    assert first.forget_documents(["a"]) == 1
+    assert first.count() == 0 and first.doc_ids() == set()
+    for s in (first, second, reader):
+        s.close()
 
 
 WRITER = """
 import sys, numpy as np
 from shared.messages import Chunk
 from shared.store import open_store
-store = open_store(sys.argv[1], "m")
+from shared.spec import EmbeddingSpec
+store = open_store(sys.argv[1], EmbeddingSpec("m", "rev", "mean", True, 256, 0, "", 254, 25))
 rng = np.random.default_rng(int(sys.argv[2]))
 for round in range(15):
     ids = rng.permutation(60)[:40]  # overlapping keys, in a different order in every batch
@@ -67,7 +95,7 @@ store.close()
 
 
 def test_concurrent_writers_neither_deadlock_nor_lose_rows(pg_url):
-    seed_store = open_store(pg_url, "m")
+    seed_store = open_store(pg_url, spec())
     seed_store.upsert(*chunks("seed", 1))
     seed_store.close()
     writers = [
@@ -83,7 +111,7 @@ def test_concurrent_writers_neither_deadlock_nor_lose_rows(pg_url):
             ids = rng.permutation(60)[:40]
             rng.normal(size=(len(ids), 8))
             written |= {f"c{i}" for i in ids}
-    store = open_store(pg_url, "m")
+    store = open_store(pg_url)
     assert store.count() == len(written) + 1
     assert set().union(*store.chunk_ids([f"d{i}" for i in range(6)]).values()) == written
     store.close()

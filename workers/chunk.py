@@ -11,7 +11,7 @@ import bisect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.messages import Chunk, Document, chunk_id
 from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
@@ -136,6 +136,15 @@ def pack_parts(chunks: list[Chunk], max_chunks: int, max_tokens: int) -> list[li
     return parts
 
 
+def skip_unchanged(docs: list[Document], store: Any) -> tuple[list[Document], list[Document]]:
+    """(changed or new, unchanged): a document whose text the store already holds under this
+    embedding spec is not chunked, embedded or written again."""
+    known = store.doc_hashes([d.id for d in docs])
+    unchanged = [d for d in docs if known.get(d.id) == d.content_hash]
+    DOCUMENTS.labels(STAGE, "skipped").inc(len(unchanged))
+    return [d for d in docs if known.get(d.id) != d.content_hash], unchanged
+
+
 def chunk_job(batch_id: str) -> dict[str, int]:
     """rq job: chunk a loaded batch and enqueue one embed job per part."""
     import msgpack
@@ -147,7 +156,7 @@ def chunk_job(batch_id: str) -> dict[str, int]:
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
-    docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
+    docs, unchanged = skip_unchanged(decode_documents(ctx.redis.get(keys.documents(batch_id))), ctx.store)
     chunks = chunk_batch(docs, ctx.tokenizer, ctx.chunk_policy)
     parts = pack_parts(chunks, ctx.settings.part_max_chunks, ctx.settings.part_max_tokens)
     CHUNKS.inc(len(chunks))
@@ -155,12 +164,15 @@ def chunk_job(batch_id: str) -> dict[str, int]:
         CHUNK_TOKENS.observe(c.tokens)
     DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
     ttl = ctx.settings.payload_ttl_s
-    plan: dict[str, bytes | int] = {"parts": len(parts)}
+    plan: dict[str, bytes | int | str] = {"parts": len(parts), "spec": ctx.spec.fingerprint}
     by_doc: dict[str, list[str]] = {d.id: [] for d in docs}
     for c in chunks:
         by_doc[c.doc_id].append(c.chunk_id)
     plan.update({f"doc:{doc_id}": msgpack.packb(ids) for doc_id, ids in by_doc.items()})
     with ctx.redis.pipeline() as pipe:
+        if unchanged:
+            ctx.ledger.clear_dead([d.id for d in unchanged], pipe=pipe)
+            ctx.ledger.incr(pipe=pipe, documents_skipped=len(unchanged))
         pipe.delete(keys.batch_plan(batch_id))
         pipe.hset(keys.batch_plan(batch_id), mapping=plan)
         pipe.expire(keys.batch_plan(batch_id), ttl)
@@ -168,6 +180,16 @@ def chunk_job(batch_id: str) -> dict[str, int]:
             pipe.set(keys.chunks(batch_id, p), pack(part), ex=ttl)
         tokens = [sum(c.tokens for c in part) for part in parts]
         enqueue_next(ctx, "embed", [(batch_id, p) for p in range(len(parts))], pipe, tokens)
+        if not parts:  # nothing to embed: the batch is complete now
+            pipe.set(keys.batch_finalized(batch_id), 1, ex=ttl)
+            pipe.delete(*keys.batch_keys(batch_id, 0))
         pipe.execute()
-    log.info("chunk %s: %d documents -> %d chunks in %d parts", batch_id, len(docs), len(chunks), len(parts))
-    return {"chunks": len(chunks), "parts": len(parts)}
+    log.info(
+        "chunk %s: %d documents -> %d chunks in %d parts; %d unchanged, skipped",
+        batch_id,
+        len(docs),
+        len(chunks),
+        len(parts),
+        len(unchanged),
+    )
+    return {"chunks": len(chunks), "parts": len(parts), "unchanged": len(unchanged)}

@@ -16,16 +16,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from producer.submit import batched
+from shared.cache import LocalVectorCache
 from shared.errors import ConfigError
 from shared.ledger import LocalLedger, local_ledger_path
-from shared.messages import Chunk, DeadLetter, SourceDoc
-from shared.models import ModelTokenizer
+from shared.messages import Chunk, DeadLetter, Document, SourceDoc
+from shared.models import load_tokenizer
 from shared.settings import Settings
+from shared.spec import spec_for
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_batch, pack_parts
-from workers.embed import Embedder, embed_batch
+from workers.chunk import ChunkPolicy, chunk_batch, pack_parts, skip_unchanged
+from workers.embed import Embedder, embed_part, make_embedder, model_error_letters
 from workers.load import load_batch
-from workers.write import delete_stale, write_batch
+from workers.write import commit_documents, doc_records, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,17 @@ _DONE = object()
 class RunSummary:
     documents: int = 0  # submitted
     documents_stored: int = 0
+    unchanged: int = 0  # held by the store with the same text: skipped before chunking
     failed: int = 0
     chunks: int = 0
-    chunks_embedded: int = 0
+    chunks_embedded: int = 0  # by the model; the rest came from the embedding cache
+    chunks_cached: int = 0
     tokens: int = 0
     seconds: float = 0.0  # the whole run, model loading included
     model_load_seconds: float = 0.0
     chunks_per_s: float = 0.0
     store: str = ""
+    collection: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,8 +57,10 @@ class RunSummary:
 
 @dataclass
 class _Batch:
+    docs: list[Document]
     expected: dict[str, list[str]]  # doc_id -> its chunk IDs, to delete stale ones once written
     parts_left: int
+    refused: set[str] = field(default_factory=set)  # documents the model refused (dead letters)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -62,16 +69,21 @@ class EmbeddedRun:
         self.settings = settings
         if "://" in settings.store:
             raise ConfigError("the embedded mode writes a directory store; use the distributed mode for a server store")
-        self.store = open_store(settings.store, settings.model)
+        self.spec = spec_for(settings)
+        self.store = open_store(settings.store, self.spec)
         self.ledger = LocalLedger(local_ledger_path(settings.store_path))
-        self.tokenizer = ModelTokenizer(settings.model)
+        self.cache = LocalVectorCache(
+            settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
+        )
+        self.tokenizer = load_tokenizer(settings.model)
         self.policy = ChunkPolicy.for_model(
             self.tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
         )
-        self.embedder = embedder or Embedder(settings.model, settings.device, settings.batch_size)
+        self.embedder = embedder or make_embedder(settings)
         self.progress = progress  # a tqdm-like bar, or None
-        self.summary = RunSummary(store=str(settings.store_path.resolve()))
+        self.summary = RunSummary(store=str(settings.store_path.resolve()), collection=self.spec.collection)
         self._errors: list[BaseException] = []
+        self._submitted: set[str] = set()
 
     def run(self, items: Iterable[SourceDoc | DeadLetter]) -> RunSummary:
         started = time.perf_counter()
@@ -88,14 +100,22 @@ class EmbeddedRun:
                     loading = time.perf_counter()
                     self.embedder.warm_up()
                     self.summary.model_load_seconds = round(time.perf_counter() - loading, 3)
-                vectors = embed_batch(part, self.embedder)
-                self.summary.chunks_embedded += len(part)
+                vectors, refused, embedded_now = embed_part(part, self.embedder, self.spec, self.cache)
+                self.summary.chunks_embedded += embedded_now
+                self.summary.chunks_cached += len(part) - embedded_now
+                if refused:
+                    letters = model_error_letters(part, refused, {d.id: _source(d) for d in batch.docs})
+                    self.ledger.add_dead(letters)
+                    with batch.lock:
+                        batch.refused |= {d.doc_id for d in letters}
                 embedded.put((batch, part, vectors))
         finally:
             embedded.put(_DONE)
             writer.join()
+            self.cache.close()
         if self._errors:
             raise self._errors[0]
+        self.summary.failed = len({d.doc_id for d in self.ledger.dead()} & self._submitted)
         self.store.optimize()
         self.summary.seconds = round(time.perf_counter() - started, 3)
         self.summary.chunks_per_s = round(self.summary.chunks_embedded / max(self.summary.seconds, 1e-9), 2)
@@ -113,18 +133,23 @@ class EmbeddedRun:
         s = self.settings
         for group in batched(items, s.batch_docs):
             rejected = [i for i in group if isinstance(i, DeadLetter)]
-            docs, dead = load_batch([i.to_dict() for i in group if isinstance(i, SourceDoc)], s.max_doc_bytes)
+            loaded, dead = load_batch([i.to_dict() for i in group if isinstance(i, SourceDoc)], s.max_doc_bytes)
             self.ledger.add_dead(rejected + dead)
+            docs, unchanged = skip_unchanged(loaded, self.store)
+            self.ledger.clear_dead([d.id for d in unchanged])
             chunks = chunk_batch(docs, self.tokenizer, self.policy)
             batch_parts = pack_parts(chunks, s.part_max_chunks, s.part_max_tokens)
+            self._submitted |= {getattr(i, "id", None) or getattr(i, "doc_id", "") for i in group}
             self.summary.documents += len(group)
-            self.summary.failed += len(rejected) + len(dead)
+            self.summary.unchanged += len(unchanged)
             self.summary.chunks += len(chunks)
             self.summary.tokens += sum(c.tokens for c in chunks)
             if self.progress is not None:
                 self.progress.total = (self.progress.total or 0) + len(chunks)
                 self.progress.refresh()
-            batch = _Batch(_expected(docs, chunks), len(batch_parts))
+            batch = _Batch(docs, _expected(docs, chunks), len(batch_parts))
+            if not batch_parts and docs:  # documents without a single chunk: nothing to wait for
+                self._finish(batch)
             for part in batch_parts:
                 parts.put((batch, part))
         parts.put(_DONE)
@@ -132,19 +157,28 @@ class EmbeddedRun:
     def _write(self, embedded: queue.Queue[Any]) -> None:
         while (item := embedded.get()) is not _DONE:
             batch, part, vectors = item
-            write_batch(self.store, part, vectors)
+            keep = [i for i, c in enumerate(part) if c.doc_id not in batch.refused]
+            write_batch(self.store, [part[i] for i in keep], vectors[keep])
             if self.progress is not None:
                 self.progress.update(len(part))
             with batch.lock:
                 batch.parts_left -= 1
                 complete = batch.parts_left == 0
             if complete:
-                delete_stale(self.store, batch.expected)
-                self.ledger.clear_dead(batch.expected)
-                self.ledger.incr(
-                    documents_done=len(batch.expected), chunks_written=sum(map(len, batch.expected.values()))
-                )
-                self.summary.documents_stored += len(batch.expected)
+                self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        """All parts of the batch are written: record its documents, delete what is stale."""
+        done = {d: ids for d, ids in batch.expected.items() if d not in batch.refused}
+        commit_documents(self.store, doc_records(batch.docs, done), done, sorted(batch.refused))
+        self.ledger.clear_dead(done)
+        self.ledger.incr(documents_done=len(done), chunks_written=sum(map(len, done.values())))
+        self.summary.documents_stored += len(done)
+
+
+def _source(doc: Document) -> dict[str, Any]:
+    """A loaded document as a source again (its clean text), for redrive."""
+    return {"id": doc.id, "text": doc.text, "metadata": doc.metadata}
 
 
 def _expected(docs: list[Any], chunks: list[Chunk]) -> dict[str, list[str]]:

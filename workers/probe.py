@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.quality import evaluate, load_beir
-from shared.store import TABLE, Store
+from shared.store import Store
 from workers.embed import Embedder
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,11 @@ def run_probe(store: Store, embedder: Embedder, eval_dir: str) -> dict[str, Any]
     if not (path / "queries.jsonl").is_file() or not (path / "qrels" / "test.tsv").is_file():
         raise ConfigError(f"{eval_dir} is not a BEIR-layout eval set (queries.jsonl, qrels/test.tsv)")
     started = time.perf_counter()
-    scores = evaluate(store, embedder.warm_up(), load_beir(path))
+    scores = evaluate(
+        store, embedder.warm_up(), load_beir(path), query_prefix=store.spec.query_prefix if store.spec else ""
+    )
     result = {
-        "collection": TABLE,
+        "collection": store.collection or "",
         "recall_at_10": round(scores["recall@10"], 4),
         "ndcg_at_10": round(scores["ndcg@10"], 4),
         "queries": scores["queries"],
@@ -51,7 +53,8 @@ def probe_job(eval_dir: str, chunks_written: int) -> dict[str, Any]:
 
     ctx = context()
     if "store" not in ctx.resources:
-        ctx.resources["store"] = open_store(ctx.settings.store, ctx.settings.model)
+        ctx.resources["store"] = open_store(ctx.settings.store, ctx.spec)
     result = run_probe(ctx.store, ctx.embedder, eval_dir) | {"chunks_written": chunks_written}
     ctx.ledger.record_probe(result)
+    ctx.store.record_probe(result)
     return result

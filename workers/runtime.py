@@ -33,9 +33,10 @@ JOB_FUNCTIONS = {
     "embed": "workers.embed.embed_job",
     "write": "workers.write.write_job",
     "finalize": "workers.write.finalize_job",  # runs on the write queue: it needs the store
+    "prune": "workers.write.prune_job",  # write queue: the store
     "probe": "workers.probe.probe_job",  # runs on the embed queue: it needs the model
 }
-QUEUE_OF = {"finalize": "write", "probe": "embed"}
+QUEUE_OF = {"finalize": "write", "prune": "write", "probe": "embed"}
 ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
 RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
@@ -99,6 +100,14 @@ class WorkerContext:
     def store(self) -> Any:
         return self._resource("store")
 
+    @property
+    def spec(self) -> Any:
+        return self._resource("spec")
+
+    @property
+    def cache(self) -> Any:
+        return self._resource("cache")
+
     def _resource(self, name: str) -> Any:
         if name not in self.resources:
             raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
@@ -123,27 +132,44 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     redis = redis or connect(settings)
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
     ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if stage != "load":
+        from shared.spec import spec_for
+
+        ctx.resources["spec"] = spec_for(settings)
+    if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
+        from shared.store import open_store
+
+        ctx.resources["store"] = open_store(settings.store, ctx.resources["spec"])
     if stage == "chunk":
-        from shared.models import ModelTokenizer
+        from shared.models import load_tokenizer
         from workers.chunk import ChunkPolicy
 
-        tokenizer = ModelTokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model)
         ctx.resources["tokenizer"] = tokenizer
         ctx.resources["chunk_policy"] = ChunkPolicy.for_model(
             tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
         )
     elif stage == "embed":
-        from workers.embed import Embedder
+        from shared.cache import RedisVectorCache
+        from workers.embed import make_embedder
 
-        ctx.resources["embedder"] = Embedder(settings.model, settings.device, settings.batch_size).warm_up()
-    elif stage == "write":
-        from shared.store import open_store
-
-        ctx.resources["store"] = open_store(settings.store, settings.model)
-    elif stage != "load":
-        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
+        ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
     _context = ctx
     return ctx
+
+
+def check_spec(ctx: WorkerContext, batch_id: str) -> None:
+    """Every stage of a batch must use the same embedding spec: a pool configured with another model
+    (or dimensions, prefix, chunker) fails the job rather than mixing vectors."""
+    planned = ctx.redis.hget(keys.batch_plan(batch_id), "spec")
+    if planned is not None and planned.decode() != ctx.spec.fingerprint:
+        raise ConfigError(
+            f"batch {batch_id} was chunked for embedding spec {planned.decode()}, but this worker uses "
+            f"{ctx.spec.fingerprint} ({ctx.spec.collection}): all pools need the same model settings"
+        )
 
 
 def enqueue_next(

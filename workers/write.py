@@ -2,8 +2,9 @@
 
 Upserts are idempotent by chunk_id. Finalising a batch makes every document end in exactly one
 place: a document whose chunks were all written has its stale chunks (from an earlier version)
-deleted and counts as done; a document with a chunk in a part that failed for good (already a dead
-letter, written by the janitor) has all its chunks removed from the store.
+deleted and its content hash recorded (an unchanged resubmission is then skipped), and counts as
+done; a document with a chunk in a part that failed for good, or that the model refused (already a
+dead letter), has all its chunks and its record removed from the store.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import numpy as np
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError
-from shared.messages import Chunk
-from shared.metrics import DOCUMENTS, count_retry
-from shared.store import Store
+from shared.messages import Chunk, Document
+from shared.metrics import COLLECTION_CHUNKS, DOCUMENTS, count_retry
+from shared.store import DocRecord, Store, prune
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,18 @@ def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray) -> None:
 
 
 @store_retry
-def delete_stale(store: Store, expected: dict[str, list[str]]) -> int:
-    """Delete stored chunks of these documents that are not in their current chunk list."""
-    stored = store.chunk_ids(list(expected))
-    stale = [cid for doc_id, ids in stored.items() for cid in ids - set(expected[doc_id])]
-    store.delete_chunks(stale)
-    return len(stale)
+def commit_documents(store: Store, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
+    """Documents whose chunks are all written: stale chunks deleted, content hash recorded (so an
+    unchanged resubmission is skipped). Failed documents: every chunk and record removed."""
+    deleted = store.commit_documents(done, expected, failed)
+    if done and store.collection:
+        active = "1" if store.active() == store.collection else "0"
+        COLLECTION_CHUNKS.labels(store.collection, active).set(store.count())
+    return deleted
+
+
+def doc_records(docs: list[Document], expected: dict[str, list[str]]) -> list[DocRecord]:
+    return [DocRecord(d.id, d.content_hash, len(expected[d.id]), d.text, d.metadata) for d in docs if d.id in expected]
 
 
 def decode_vectors(raw: bytes | None, rows: int) -> np.ndarray:
@@ -62,14 +69,17 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     """rq job: store one part; the writer that completes a batch finalises it."""
     from shared import keys
     from shared.messages import decode_chunks
-    from workers.runtime import context
+    from workers.runtime import check_spec, context
 
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
+    check_spec(ctx, batch_id)
     chunks = decode_chunks(ctx.redis.get(keys.chunks(batch_id, part)))
     vectors = decode_vectors(ctx.redis.get(keys.vectors(batch_id, part)), len(chunks))
-    write_batch(ctx.store, chunks, vectors)
+    refused = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}  # dead letters already
+    keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
+    write_batch(ctx.store, [chunks[i] for i in keep], vectors[keep])
     with ctx.redis.pipeline() as pipe:
         pipe.sadd(keys.parts_written(batch_id), part)
         pipe.expire(keys.parts_written(batch_id), ctx.settings.payload_ttl_s)
@@ -79,6 +89,28 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     if batch_accounted(ctx.redis, batch_id):
         finalize(batch_id)
     return {"chunks": len(chunks)}
+
+
+def prune_job(token: str) -> dict[str, int]:
+    """rq job (write queue): a sync removes the documents its sources no longer list, everywhere."""
+    import msgpack
+
+    from shared import keys
+    from shared.errors import DecodeError
+    from workers.runtime import context
+
+    ctx = context()
+    raw = ctx.redis.get(keys.kept_ids(token))
+    try:
+        kept = msgpack.unpackb(raw) if raw is not None else None
+    except Exception as e:
+        raise DecodeError(f"prune {token}: the kept IDs are not valid msgpack: {e}") from e
+    if not isinstance(kept, list) or not all(isinstance(i, str) for i in kept):
+        raise DecodeError(f"prune {token}: the kept IDs are missing or not a list of strings")
+    removed = prune(ctx.settings.store, set(kept))
+    ctx.redis.delete(keys.kept_ids(token))
+    log.info("prune %s: removed %s", token, removed)
+    return removed
 
 
 def batch_accounted(redis: object, batch_id: str) -> bool:
@@ -111,17 +143,18 @@ def finalize(batch_id: str) -> None:
     import msgpack
 
     from shared import keys
-    from shared.messages import decode_chunks
+    from shared.messages import decode_chunks, decode_documents
     from workers.runtime import context
 
     ctx = context()
     plan = ctx.redis.hgetall(keys.batch_plan(batch_id))
     expected = {k.decode()[4:]: msgpack.unpackb(v) for k, v in plan.items() if k.startswith(b"doc:")}
-    failed = set()
+    failed = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}
     for part in ctx.redis.smembers(keys.parts_failed(batch_id)):
         failed |= {c.doc_id for c in decode_chunks(ctx.redis.get(keys.chunks(batch_id, int(part))))}
     done = {doc: ids for doc, ids in expected.items() if doc not in failed}
-    stale = delete_stale(ctx.store, {**done, **{key: [] for key in failed}})
+    docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
+    stale = commit_documents(ctx.store, doc_records(docs, done), done, sorted(failed))
     if ctx.redis.set(keys.batch_finalized(batch_id), 1, nx=True, ex=ctx.settings.payload_ttl_s):
         with ctx.redis.pipeline() as pipe:
             ctx.ledger.clear_dead(done, pipe=pipe)

@@ -1,0 +1,161 @@
+"""`embedpipe` commands of the model lifecycle: collections, reembed, promote, delete."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from producer.cli import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, main, settings_options
+from shared.settings import Settings
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@settings_options("store")
+@fail_clearly
+def collections(as_json: bool, settings: Settings) -> None:
+    """List the store's collections (one per embedding spec): model, dimensions, documents, chunks,
+    the last quality probe, and which one search uses (*)."""
+    from shared.store import open_store
+
+    store = open_store(settings.store)
+    rows = store.collections()
+    store.close()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no collections: run `embedpipe run PATH` first")
+    for c in rows:
+        spec, probe = c["spec"], c.get("probe") or {}
+        quality = f"recall@10 {probe['recall_at_10']:.3f}" if probe else "no probe"
+        click.echo(
+            f"{'*' if c['active'] else ' '} {c['name']}  {spec['model']}  dims {spec['dimensions'] or 'all'}  "
+            f"{c['documents']} documents  {c['chunks']} chunks  {quality}"
+        )
+
+
+@main.command()
+@click.option("--from", "source", default=None, help="Collection to read documents from (default: the active one).")
+@click.option("--dry-run", is_flag=True, help="Print documents, chunks, tokens (and API cost); embed nothing.")
+@click.option("--enqueue", "distributed", is_flag=True, help="Submit to the distributed pipeline (Redis) instead.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "max_backlog_jobs")
+@fail_clearly
+def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool | None, settings: Settings) -> None:
+    """Re-embed every document of the store under the current settings' embedding spec (a new model,
+    dimensions, prefix or chunker), into that spec's own collection. The documents' text comes from
+    the store: no sources needed. Search keeps using the active collection until `embedpipe promote`."""
+    from tqdm import tqdm
+
+    from producer.lifecycle import stored_sources
+    from shared.spec import spec_for
+    from shared.store import open_store
+
+    target = spec_for(settings)
+    store = open_store(settings.store, collection=source)
+    if store.collection is None:
+        raise click.ClickException("the store has no collection to re-embed: run `embedpipe run PATH` first")
+    if store.collection == target.collection:
+        click.echo(f"nothing to do: {store.collection} already uses this embedding spec")
+        return
+    click.echo(f"re-embedding {store.collection} -> {target.collection} ({target.model})")
+    if dry_run:
+        click.echo(_plan(stored_sources(store), settings))
+        return
+    show = sys.stderr.isatty() if progress is None else progress
+    if distributed:
+        from producer.submit import submit
+        from workers.runtime import connect
+
+        result = submit(connect(settings), settings, stored_sources(store))
+        click.echo(f"enqueued {result.documents} documents; then `embedpipe promote {target.collection}`")
+        return
+    from workers.embedded import EmbeddedRun
+
+    with tqdm(total=0, unit="chunk", desc="re-embedding", disable=not show, dynamic_ncols=True) as bar:
+        summary = EmbeddedRun(settings, progress=bar).run(stored_sources(store))
+    click.echo(
+        f"{summary.documents_stored} documents, {summary.chunks} chunks into {target.collection} in "
+        f"{summary.seconds:.1f} s; search still uses the active collection: `embedpipe promote` switches it"
+    )
+
+
+def _plan(sources: object, settings: Settings) -> str:
+    """Documents, chunks, tokens and (API models) cost of embedding `sources` with `settings`."""
+    from producer.submit import batched
+    from shared.models import load_tokenizer
+    from workers.chunk import ChunkPolicy, chunk_batch
+    from workers.load import load_batch
+
+    tokenizer = load_tokenizer(settings.model)
+    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
+    documents = chunks = tokens = 0
+    for group in batched(sources, settings.batch_docs):  # type: ignore[arg-type]
+        docs, _ = load_batch([s.to_dict() for s in group], settings.max_doc_bytes)
+        made = chunk_batch(docs, tokenizer, policy)
+        documents, chunks, tokens = documents + len(docs), chunks + len(made), tokens + sum(c.tokens for c in made)
+    line = f"{documents} documents, {chunks} chunks, {tokens} tokens"
+    cost = _api_cost(settings, tokens)
+    return line + (f", about ${cost:.4f} at the API's price" if cost is not None else ", local model: no API cost")
+
+
+def _api_cost(settings: Settings, tokens: int) -> float | None:
+    from shared.models import is_api_model
+
+    if not is_api_model(settings.model):
+        return None
+    from workers.embed_api import cost_usd
+
+    return cost_usd(settings, tokens)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="Promote even if incomplete or worse on the quality probe.")
+@click.option(
+    "--tolerance", type=float, default=None, help="Allowed recall@10 drop [default: EMBEDPIPE_PROMOTE_TOLERANCE]."
+)
+@settings_options("store", *MODEL, *CHUNKING, "probe_eval", "promote_tolerance")
+@fail_clearly
+def promote(name: str | None, force: bool, tolerance: float | None, settings: Settings) -> None:
+    """Make collection NAME (default: the current settings' spec's) the one search uses. Refused,
+    unless --force, when it holds fewer documents than the active one or its recall@10 on the
+    quality probe is lower by more than the tolerance. With --probe-eval DIR the probes run now."""
+    from producer.lifecycle import probe_collection, promotion
+    from shared.spec import spec_for
+    from shared.store import open_store
+
+    target = name or spec_for(settings).collection
+    store = open_store(settings.store)
+    try:
+        rows = store.collections()
+        if settings.probe_eval:
+            for c in rows:
+                if c["name"] == target or c["active"]:
+                    result = probe_collection(settings.store, c["name"], settings.probe_eval, settings)
+                    click.echo(f"probe {c['name']}: recall@10 {result['recall_at_10']:.3f}")
+            rows = store.collections()
+        allowed = tolerance if tolerance is not None else settings.promote_tolerance
+        decision = promotion(rows, target, allowed)
+        if not decision.allowed and not force:
+            raise click.ClickException(f"promotion refused: {decision.message} (--force overrides)")
+        store.activate(target)
+    finally:
+        store.close()
+    click.echo(f"{target} is now the active collection: {decision.message}" + (" (forced)" if force else ""))
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@settings_options("store")
+@fail_clearly
+def delete(ids: tuple[str, ...], settings: Settings) -> None:
+    """Delete documents IDS and all their chunks from every collection of the store."""
+    from shared.store import delete_documents
+
+    removed = delete_documents(settings.store, list(ids))
+    held = max(removed.values(), default=0)
+    click.echo(f"deleted {held} of {len(ids)} documents (" + ", ".join(f"{k}: {v}" for k, v in removed.items()) + ")")

@@ -1,0 +1,98 @@
+"""The model lifecycle: collections per embedding spec, re-embedding, promotion, deletion and sync.
+
+A changed spec (model, weights, dimensions, prefix, chunker) fills a new collection; search keeps
+reading the active one until `promote` switches it, which it refuses when the new collection is
+incomplete or its quality probe is worse than the active one's by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.messages import DeadLetter, SourceDoc
+from shared.settings import Settings
+from shared.store import Store, delete_documents, each_collection, open_store, prune  # noqa: F401
+
+
+def embedder_for(store: Store, settings: Settings) -> Any:
+    """An embedder that embeds queries as the store's collection was embedded (model, dimensions)."""
+    from workers.embed import make_embedder
+
+    if store.spec is None:
+        raise ConfigError("the store has no collection yet: run `embedpipe run PATH` first")
+    return make_embedder(store.spec.settings_for(settings))
+
+
+class Listed:
+    """Passes sources through and remembers their document IDs (for --prune)."""
+
+    def __init__(self, items: Iterable[SourceDoc | DeadLetter]) -> None:
+        self.items = items
+        self.ids: set[str] = set()
+
+    def __iter__(self) -> Iterator[SourceDoc | DeadLetter]:
+        for item in self.items:
+            if isinstance(item, SourceDoc):
+                self.ids.add(item.id)
+            yield item
+
+
+def stored_sources(store: Store) -> Iterator[SourceDoc]:
+    """Every document of a collection as a source again (its clean text), for re-embedding."""
+    for record in store.documents():
+        yield SourceDoc(id=record.doc_id, text=record.text, metadata=record.metadata)
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    message: str
+
+
+def promotion(collections: list[dict[str, Any]], target: str, tolerance: float) -> Decision:
+    """May `target` become the active collection? Compares completeness and the quality probes."""
+    by_name = {c["name"]: c for c in collections}
+    if target not in by_name:
+        raise ConfigError(f"no collection {target!r}; see `embedpipe collections`")
+    active = next((c for c in collections if c["active"]), None)
+    new = by_name[target]
+    if active is None:
+        return Decision(True, f"{target} is the first active collection")
+    if active["name"] == target:
+        return Decision(True, f"{target} is already the active collection")
+    if new["documents"] < active["documents"]:
+        return Decision(
+            False,
+            f"{target} holds {new['documents']} documents, the active {active['name']} {active['documents']}: "
+            "the re-embed is not complete",
+        )
+    old_probe, new_probe = active.get("probe"), new.get("probe")
+    if not old_probe or not new_probe:
+        missing = target if not new_probe else active["name"]
+        return Decision(False, f"no quality probe of {missing}: run `embedpipe promote --probe-eval DIR`")
+    if old_probe.get("eval") != new_probe.get("eval"):
+        return Decision(False, "the two quality probes used different eval sets: run them again with --probe-eval DIR")
+    old, now = old_probe["recall_at_10"], new_probe["recall_at_10"]
+    if now < old - tolerance:
+        return Decision(
+            False,
+            f"recall@10 of {target} is {now:.3f}, of the active {active['name']} {old:.3f}: "
+            f"a drop of {old - now:.3f} > tolerance {tolerance:.3f}",
+        )
+    return Decision(True, f"recall@10 {old:.3f} -> {now:.3f} (tolerance {tolerance:.3f})")
+
+
+def probe_collection(location: str, name: str, eval_dir: str, settings: Settings) -> dict[str, Any]:
+    """Run the quality probe on one collection, with the model that embedded it; record it there."""
+    from workers.probe import run_probe
+
+    store = open_store(location, collection=name)
+    try:
+        result = run_probe(store, embedder_for(store, settings), eval_dir)
+        store.record_probe(result)
+        return result
+    finally:
+        store.close()

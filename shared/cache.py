@@ -1,0 +1,111 @@
+"""The embedding cache: chunk vectors by (embedding spec, hash of the text the model reads).
+
+A chunk whose text did not change, in an edited document or in another document (boilerplate),
+gets its vector from here instead of the model. Distributed: Redis keys that expire when unused for
+cache_ttl_s. Embedded: SQLite beside the store, at most cache_max_entries (least recently used go).
+Whatever is read back is checked (size, finite numbers): a bad entry counts as a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.keys import PREFIX
+
+
+def text_key(fingerprint: str, text: str) -> str:
+    return fingerprint + ":" + hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+class VectorCache(Protocol):
+    def get_many(self, keys: list[str], dim: int) -> dict[str, np.ndarray]: ...
+    def put_many(self, vectors: dict[str, np.ndarray]) -> None: ...
+
+
+def _decode(raw: bytes | None, dim: int) -> np.ndarray | None:
+    if raw is None or len(raw) != 4 * dim:
+        return None
+    vector = np.frombuffer(raw, dtype=np.float32)
+    return vector if np.isfinite(vector).all() else None
+
+
+class RedisVectorCache:
+    def __init__(self, redis: Any, ttl_s: int) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    def get_many(self, keys: list[str], dim: int) -> dict[str, np.ndarray]:
+        if not keys:
+            return {}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.getex(f"{PREFIX}:vcache:{key}", ex=self.ttl_s)  # a hit keeps the entry alive
+            raws = pipe.execute()
+        found = {key: _decode(raw, dim) for key, raw in zip(keys, raws, strict=True)}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def put_many(self, vectors: dict[str, np.ndarray]) -> None:
+        if not vectors:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, vector in vectors.items():
+                pipe.set(f"{PREFIX}:vcache:{key}", np.asarray(vector, dtype=np.float32).tobytes(), ex=self.ttl_s)
+            pipe.execute()
+
+
+class LocalVectorCache:
+    EVICT_EVERY = 1000  # puts between evictions
+
+    def __init__(self, path: Path, max_entries: int, ttl_s: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS vcache (key TEXT PRIMARY KEY, vector BLOB, used REAL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS vcache_used ON vcache (used)")
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._puts = 0
+        self._evict()
+
+    def get_many(self, keys: list[str], dim: int) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), 500):  # SQLite's limit on parameters
+            some = keys[start : start + 500]
+            marks = ",".join("?" * len(some))
+            for key, raw in self._db.execute(f"SELECT key, vector FROM vcache WHERE key IN ({marks})", some):
+                vector = _decode(raw, dim)
+                if vector is not None:
+                    found[key] = vector
+        if found:
+            now = time.time()
+            self._db.executemany("UPDATE vcache SET used = ? WHERE key = ?", [(now, k) for k in found])
+        return found
+
+    def put_many(self, vectors: dict[str, np.ndarray]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT OR REPLACE INTO vcache VALUES (?, ?, ?)",
+            [(k, np.asarray(v, dtype=np.float32).tobytes(), now) for k, v in vectors.items()],
+        )
+        self._puts += len(vectors)
+        if self._puts >= self.EVICT_EVERY:
+            self._puts = 0
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop entries unused for ttl_s, then the least recently used beyond max_entries."""
+        self._db.execute("DELETE FROM vcache WHERE used < ?", (time.time() - self.ttl_s,))
+        excess = self._db.execute("SELECT count(*) FROM vcache").fetchone()[0] - self.max_entries
+        if excess > 0:
+            self._db.execute(
+                "DELETE FROM vcache WHERE key IN (SELECT key FROM vcache ORDER BY used LIMIT ?)", (excess,)
+            )
+
+    def close(self) -> None:
+        self._db.close()

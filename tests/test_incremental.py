@@ -1,0 +1,174 @@
+"""Incremental processing and the model lifecycle, on the real model and real stores: unchanged
+documents cost nothing, an edit re-embeds only the chunks around it, deletions and syncs remove
+documents, and a new embedding spec fills its own collection until it is promoted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from shared.messages import Document, SourceDoc, content_hash
+from shared.settings import Settings
+from shared.store import open_store
+from workers.chunk import ChunkPolicy, chunk_document
+from workers.embedded import EmbeddedRun
+from workers.load import clean_text
+
+from .conftest import EXAMPLES, cli_env, embedpipe
+
+pytestmark = pytest.mark.slow
+
+WRITES = ("upsert", "delete", "documents")
+
+
+def counted() -> dict[str, float]:
+    """Model work and store writes so far in this process (the metrics module's counters)."""
+    sample = REGISTRY.get_sample_value
+    out = {"model_tokens": sample("embedpipe_embed_tokens_total") or 0.0}
+    out |= {op: sample("embedpipe_store_writes_total", {"op": op}) or 0.0 for op in WRITES}
+    return out
+
+
+def long_document() -> str:
+    """The sample corpus's Markdown guides as one ~60-chunk document with headings and paragraphs."""
+    return clean_text("\n\n".join(p.read_text() for p in sorted((EXAMPLES / "docs").glob("*.md"))))
+
+
+def test_unchanged_documents_cost_no_model_call_and_no_store_write(tmp_path, embedder):
+    settings = Settings.from_env({}, store=str(tmp_path / "store"))
+    sources = [SourceDoc(f"doc-{i}", text=f"Document {i}. " + f"A sentence about topic {i}. " * 20) for i in range(8)]
+    first = EmbeddedRun(settings, embedder=embedder).run(sources)
+    assert first.documents_stored == 8 and first.chunks_embedded == first.chunks > 0
+
+    before = counted()
+    again = EmbeddedRun(settings, embedder=embedder).run(sources)
+    assert counted() == before, "an unchanged resubmission called the model or wrote to the store"
+    assert (again.unchanged, again.chunks, again.chunks_embedded, again.documents_stored) == (8, 0, 0, 0)
+
+    # The unchanged path does not even import torch or sentence-transformers (a fresh process).
+    script = f"""
+import json, sys
+from shared.messages import SourceDoc
+from shared.settings import Settings
+from workers.embedded import EmbeddedRun
+sources = [SourceDoc(f"doc-{{i}}", text=f"Document {{i}}. " + f"A sentence about topic {{i}}. " * 20)
+           for i in range(8)]
+summary = EmbeddedRun(Settings.from_env({{}}, store={str(tmp_path / "store")!r})).run(sources)
+print(json.dumps({{"unchanged": summary.unchanged, "torch": "torch" in sys.modules,
+                  "st": "sentence_transformers" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), check=True)
+    assert json.loads(out.stdout) == {"unchanged": 8, "torch": False, "st": False}
+
+
+def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, embedder, tokenizer):
+    settings = Settings.from_env({}, store=str(tmp_path / "store"))
+    text = long_document()
+    first = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=text)])
+    assert 45 <= first.chunks <= 80, first.chunks
+
+    paragraphs = text.split("\n\n")
+    middle = max(range(len(paragraphs) // 3, 2 * len(paragraphs) // 3), key=lambda i: len(paragraphs[i]))
+    paragraphs[middle] = paragraphs[middle].replace(" ", " quite ", 1) + " An added closing sentence."
+    edited = "\n\n".join(paragraphs)
+    again = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=edited)])
+    assert again.chunks == again.chunks_embedded + again.chunks_cached
+    assert 1 <= again.chunks_embedded <= 3, f"{again.chunks_embedded} of {again.chunks} chunks re-embedded"
+
+    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    expected = {c.chunk_id for c in chunk_document(Document("guide", edited, content_hash(edited)), tokenizer, policy)}
+    store = open_store(settings.store)
+    assert store.chunk_ids(["guide"]) == {"guide": expected}, "stale chunks left behind, or new ones missing"
+    assert store.doc_hashes(["guide"]) == {"guide": content_hash(edited)}
+
+
+def test_the_cache_serves_boilerplate_shared_by_documents(tmp_path, embedder):
+    settings = Settings.from_env({}, store=str(tmp_path / "store"))
+    footer = "This page is maintained by the documentation team. Report mistakes to the issue tracker."
+    EmbeddedRun(settings, embedder=embedder).run([SourceDoc("a", text=footer)])
+    summary = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("b", text=footer)])
+    assert (summary.chunks_cached, summary.chunks_embedded, summary.documents_stored) == (1, 0, 1)
+    vectors = open_store(settings.store).vectors()
+    assert len(vectors) == 2
+    a, b = vectors.values()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_delete_and_prune_remove_documents_from_every_collection(tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(EXAMPLES / "docs", corpus)
+    store = tmp_path / "store"
+    env = cli_env(EMBEDPIPE_STORE=str(store))
+    embedpipe("run", str(corpus), env=env)
+    embedpipe("run", str(corpus), "--dimensions", "64", env=env)  # a second collection
+    ids = sorted(p.name for p in corpus.iterdir())
+
+    (corpus / ids[0]).unlink()
+    summary = json.loads(embedpipe("run", str(corpus), "--prune", "--json", env=env).stdout)
+    assert summary["unchanged"] == len(ids) - 1 and summary["chunks"] == 0
+    out = embedpipe("delete", ids[1], "no-such-document", env=env).stdout
+    assert "deleted 1 of 2 documents" in out
+    for collection in json.loads(embedpipe("collections", "--json", env=env).stdout):
+        handle = open_store(str(store), collection=collection["name"])
+        assert handle.doc_ids() == set(ids[2:]), collection["name"]
+        assert handle.chunk_ids(ids[:2]) == {ids[0]: set(), ids[1]: set()}
+
+
+def test_a_new_spec_fills_its_own_collection_and_promote_guards_quality(tmp_path):
+    """Changing the dimensions never mixes vectors: the new spec writes its own collection, search
+    stays on the old one until `promote`, which refuses a collection whose recall@10 dropped."""
+    store = tmp_path / "store"
+    env = cli_env(EMBEDPIPE_STORE=str(store))
+    eval_dir = str(EXAMPLES / "eval")
+    embedpipe("run", str(EXAMPLES), "--probe-eval", eval_dir, env=env)
+    embedpipe("run", str(EXAMPLES), "--dimensions", "128", env=env)
+    rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
+    full, small = rows[0], rows[128]
+    assert full["active"] and not small["active"] and full["chunks"] == small["chunks"] > 0
+
+    by_id = {
+        name: open_store(str(store), collection=c["name"]).vectors() for name, c in (("full", full), ("small", small))
+    }
+    assert {len(v) for v in by_id["full"].values()} == {384} and {len(v) for v in by_id["small"].values()} == {128}
+    for chunk_id, vector in by_id["small"].items():  # truncated and re-normalised, not mixed
+        head = by_id["full"][chunk_id][:128]
+        np.testing.assert_allclose(vector, head / np.linalg.norm(head), atol=2e-3)
+    assert open_store(str(store)).collection == full["name"], "search moved before promotion"
+
+    # 4 dimensions lose recall on the sample eval set: refused; --force overrides.
+    embedpipe("run", str(EXAMPLES), "--dimensions", "4", env=env)
+    refused = embedpipe("promote", "--dimensions", "4", "--probe-eval", eval_dir, env=env, check=False)
+    assert refused.returncode == 1 and "promotion refused" in refused.stderr and "drop" in refused.stderr
+    assert open_store(str(store)).collection == full["name"]
+    # 128 dimensions keep recall within the tolerance: allowed.
+    promoted = embedpipe("promote", small["name"], "--probe-eval", eval_dir, env=env)
+    assert "is now the active collection" in promoted.stdout
+    assert open_store(str(store)).collection == small["name"]
+    hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)
+    assert hits[0]["doc_id"] == "docs/bicycle-flat-tyre.md"
+    forced = embedpipe("promote", "--dimensions", "4", "--force", env=env)
+    assert "(forced)" in forced.stdout
+
+
+def test_reembed_takes_the_text_from_the_store(tmp_path):
+    store = tmp_path / "store"
+    env = cli_env(EMBEDPIPE_STORE=str(store))
+    corpus = tmp_path / "corpus"
+    shutil.copytree(EXAMPLES / "docs", corpus)
+    embedpipe("run", str(corpus), env=env)
+    shutil.rmtree(corpus)  # the sources are gone: the store keeps each document's text
+    plan = embedpipe("reembed", "--dimensions", "256", "--dry-run", env=env).stdout
+    documents = len(list((EXAMPLES / "docs").iterdir()))
+    assert f"{documents} documents" in plan and "local model: no API cost" in plan
+    embedpipe("reembed", "--dimensions", "256", env=env)
+    rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
+    assert rows[256]["documents"] == rows[0]["documents"] == documents
+    assert rows[256]["chunks"] == rows[0]["chunks"]
+    assert Path(store / "store.json").is_file()
