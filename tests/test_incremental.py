@@ -172,3 +172,70 @@ def test_reembed_takes_the_text_from_the_store(tmp_path):
     assert rows[256]["documents"] == rows[0]["documents"] == documents
     assert rows[256]["chunks"] == rows[0]["chunks"]
     assert Path(store / "store.json").is_file()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One process's /metrics, as {(sample name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url, tmp_path, tokenizer):
+    from redis import Redis
+
+    from .pool import Pool
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(EXAMPLES / "docs", corpus)
+    store = str(tmp_path / "store")
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=store, EMBEDPIPE_INBOX_WAIT_S="0.2")
+    redis = Redis.from_url(redis_url)
+    pool = Pool(env, tmp_path / "logs", metrics=True)
+    ids = sorted(p.name for p in corpus.iterdir())
+    try:
+        pool.start_all(redis)
+        embedpipe("enqueue", str(corpus), env=env)
+        embedpipe("wait", "--timeout", "600", env=env, timeout=660)
+        tokens = ("embedpipe_embed_tokens_total", ())
+        writes = [("embedpipe_store_writes_total", (("op", op),)) for op in WRITES]
+        skipped = ("embedpipe_documents_total", (("outcome", "skipped"), ("stage", "chunk")))
+        embed0, write0 = scrape(pool.metrics_ports["embed-0"]), scrape(pool.metrics_ports["write-0"])
+        assert embed0[tokens] > 0 and write0[writes[0]] > 0
+
+        embedpipe("enqueue", str(corpus), env=env)  # unchanged
+        embedpipe("wait", "--timeout", "600", env=env, timeout=660)
+        assert scrape(pool.metrics_ports["embed-0"])[tokens] == embed0[tokens], "the model ran again"
+        write1 = scrape(pool.metrics_ports["write-0"])
+        assert [write1.get(w, 0) for w in writes] == [write0.get(w, 0) for w in writes], "the store was written"
+        assert scrape(pool.metrics_ports["chunk-0"])[skipped] == len(ids)
+
+        # Edit one paragraph of one file, delete another, and sync.
+        edited = corpus / ids[0]
+        text = edited.read_text()
+        edited.write_text(text.replace("\n\n", "\n\nA new first sentence for this paragraph. ", 1))
+        (corpus / ids[1]).unlink()
+        out = embedpipe("enqueue", str(corpus), "--prune", env=env).stdout
+        assert "prune enqueued" in out
+        embedpipe("wait", "--timeout", "600", env=env, timeout=660)
+        embed2 = scrape(pool.metrics_ports["embed-0"])
+    finally:
+        codes = pool.stop()
+    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}"
+    handle = open_store(store)
+    assert ids[1] not in handle.doc_ids() and handle.chunk_ids([ids[1]]) == {ids[1]: set()}
+    assert handle.doc_ids() == set(ids) - {ids[1]}
+    new_text = clean_text(edited.read_text())
+    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    chunks = chunk_document(Document(ids[0], new_text, content_hash(new_text)), tokenizer, policy)
+    assert handle.chunk_ids([ids[0]]) == {ids[0]: {c.chunk_id for c in chunks}}
+    cache = {r: ("embedpipe_embed_cache_total", (("result", r),)) for r in ("hit", "miss")}
+    missed = embed2[cache["miss"]] - embed0[cache["miss"]]
+    assert 1 <= missed <= 3 and embed2[cache["hit"]] - embed0[cache["hit"]] == len(chunks) - missed
