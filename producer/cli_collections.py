@@ -90,7 +90,7 @@ def _plan(sources: object, settings: Settings) -> str:
     from workers.chunk import ChunkPolicy, chunk_batch
     from workers.load import load_batch
 
-    tokenizer = load_tokenizer(settings.model)
+    tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
     policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
     documents = chunks = tokens = 0
     for group in batched(sources, settings.batch_docs):  # type: ignore[arg-type]
@@ -98,18 +98,16 @@ def _plan(sources: object, settings: Settings) -> str:
         made = chunk_batch(docs, tokenizer, policy)
         documents, chunks, tokens = documents + len(docs), chunks + len(made), tokens + sum(c.tokens for c in made)
     line = f"{documents} documents, {chunks} chunks, {tokens} tokens"
-    cost = _api_cost(settings, tokens)
-    return line + (f", about ${cost:.4f} at the API's price" if cost is not None else ", local model: no API cost")
-
-
-def _api_cost(settings: Settings, tokens: int) -> float | None:
     from shared.models import is_api_model
 
     if not is_api_model(settings.model):
-        return None
-    from workers.embed_api import cost_usd
+        return line + ", local model: no API cost"
+    from workers.embed_api import cost_usd, price_table
 
-    return cost_usd(settings, tokens)
+    cost = cost_usd(tokens, settings.model, price_table(settings.api_prices))
+    return line + (
+        f", ${cost:.6f} at the API's price" if cost is not None else ", no price known (EMBEDPIPE_API_PRICES)"
+    )
 
 
 @main.command()

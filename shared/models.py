@@ -26,13 +26,13 @@ def is_api_model(name: str) -> bool:
     return name.startswith(API_PREFIX)
 
 
-def load_tokenizer(model: str) -> ModelTokenizer:
+def load_tokenizer(model: str, api_max_input_tokens: int = 8192) -> ModelTokenizer:
     """The tokenizer that counts tokens as the model does: its own for local models, tiktoken for API
-    models."""
+    models (whose inputs may hold up to api_max_input_tokens)."""
     if is_api_model(model):
         from shared.tokenizer_api import ApiTokenizer
 
-        return ApiTokenizer(model)  # type: ignore[return-value]
+        return ApiTokenizer(model, api_max_input_tokens)  # type: ignore[return-value]
     return ModelTokenizer(model)
 
 

@@ -67,9 +67,11 @@ class Settings:
     api_max_input_tokens: int = setting(8192, "Most tokens per input (longer inputs never reach the API).")
     api_max_request_tokens: int = setting(300_000, "Most tokens per embeddings request.")
     api_rpm: int = setting(0, "Requests per minute of the account, shared by all embedders; 0 = no limit.")
-    api_tpm: int = setting(0, "Tokens per minute of the account, shared by all embedders; 0 = no limit.")
+    api_tpm: int = setting(
+        0, "Tokens per minute of the account, shared by all embedders (a request carries at most 1 s of it); 0 = none."
+    )
     api_timeout_s: float = setting(30.0, "Timeout of one embeddings request.")
-    api_deadline_s: float = setting(300.0, "Stop retrying a request after this long.")
+    api_deadline_s: float = setting(300.0, "Stop retrying a request (5xx, timeouts, 429s) after this long.")
     api_prices: str = setting("", "USD per million tokens, overriding the defaults: 'model=0.02,other=0.1'.")
     # Secrets: environment or file only (see module docstring).
     redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
@@ -93,6 +95,8 @@ class Settings:
     def job_timeout_s(self, stage: str, tokens: int = 0) -> int:
         """The rq timeout of a job of `stage`, from the work it carries."""
         if stage == "embed" and not self.embed_timeout_s:
+            if self.model.startswith("openai:"):  # room for the API client's own retries and waits
+                return int(max(60 + tokens // 100, self.api_deadline_s + self.api_timeout_s + 60))
             return 60 + tokens // 100  # 100 tokens/s: ~30x slower than a 2-core CPU
         return int(getattr(self, f"{stage}_timeout_s"))
 

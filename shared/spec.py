@@ -67,7 +67,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
     """The spec these settings embed with; reads only small files (no torch, no model load)."""
     from workers.chunk import ChunkPolicy
 
-    info = load_tokenizer(settings.model).info
+    info = load_tokenizer(settings.model, settings.api_max_input_tokens).info
     policy = ChunkPolicy.for_model(info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
     if is_api_model(settings.model):
         revision, pooling, normalize = "api", "api", True
@@ -91,9 +91,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
 def _local_model_facts(path: str) -> tuple[str, str, bool]:
     """(weights hash, pooling mode, normalised?) of a sentence-transformers model directory."""
     root = Path(path)
-    weights = sorted(
-        p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.stat().st_size > 1_000_000
-    )
+    weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.stat().st_size > 1_000_000)
     digest = hashlib.blake2b(digest_size=8)
     for p in weights:
         with p.open("rb") as f:

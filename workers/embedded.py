@@ -75,7 +75,7 @@ class EmbeddedRun:
         self.cache = LocalVectorCache(
             settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
         )
-        self.tokenizer = load_tokenizer(settings.model)
+        self.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         self.policy = ChunkPolicy.for_model(
             self.tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
         )

@@ -146,7 +146,7 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
         from shared.models import load_tokenizer
         from workers.chunk import ChunkPolicy
 
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         ctx.resources["tokenizer"] = tokenizer
         ctx.resources["chunk_policy"] = ChunkPolicy.for_model(
             tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
