@@ -361,7 +361,7 @@ def health(stage: str, settings: Settings) -> None:
         connect(settings, retries=0).ping()  # a probe answers now, it does not wait out an outage
     if stage in ("chunk", "embed", "embedded"):
         resolve_model_path(settings.model)
-    if stage in ("write", "embedded"):
+    if stage in ("chunk", "write", "embedded"):  # chunkers look up unchanged documents in the store
         from shared.store import open_store
 
         open_store(settings.store).close()

@@ -26,6 +26,11 @@ def docs_failed(batch_id: str) -> str:
     return f"{PREFIX}:faileddocs:{batch_id}"
 
 
+def docs_committed(batch_id: str) -> str:
+    """set of IDs of documents of the batch written whole by one write job (records included)."""
+    return f"{PREFIX}:committed:{batch_id}"
+
+
 def kept_ids(token: str) -> str:
     """msgpack list of the document IDs a sync (`enqueue --prune`) keeps; claim check of a prune job."""
     return f"{PREFIX}:kept:{token}"
@@ -76,6 +81,7 @@ def batch_keys(batch_id: str, parts: int) -> list[str]:
         parts_written(batch_id),
         parts_failed(batch_id),
         docs_failed(batch_id),
+        docs_committed(batch_id),
     ]
     for p in range(parts):
         keys += [chunks(batch_id, p), vectors(batch_id, p)]

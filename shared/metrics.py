@@ -121,14 +121,27 @@ QUALITY_AT = Gauge(
 )
 
 
-def serve(port: int, stage: str) -> None:
+def serve(port: int, stage: str, model: str = "") -> None:
     """Serve /metrics from this process, with this stage's labelled series present from the start
-    (at zero), so rates, alerts and dashboards see them before the first event."""
+    (at zero), so rates, alerts and dashboards see them before the first event. An embedder also
+    shows its model's API series: zero cost is a fact worth showing for a local model."""
     from shared.errors import REASONS
 
-    for outcome in ("ok", "failed"):
+    for outcome in ("ok", "failed", "skipped"):
         DOCUMENTS.labels(stage, outcome)
+    for outcome in ("ok", "failed"):
         JOBS.labels(stage, outcome)
+    if stage == "embed":
+        name = model.removeprefix("openai:")
+        for result in ("hit", "miss"):
+            EMBED_CACHE.labels(result)
+        for outcome in ("ok", "rate_limited", "retried", "failed"):
+            API_REQUESTS.labels(name, outcome)
+        for metric in (API_REQUEST_SECONDS, API_TOKENS, API_COST, API_RATE_WAIT):
+            metric.labels(name)
+    if stage == "write":
+        for op in ("upsert", "delete", "documents"):
+            STORE_WRITES.labels(op)
     for layer in ("io", "job", "redis"):
         RETRIES.labels(stage, layer)
     for reason in REASONS:

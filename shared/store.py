@@ -56,7 +56,7 @@ class Store(Protocol):
     collection: str | None  # the collection this handle reads and writes (one per embedding spec)
     spec: EmbeddingSpec | None
 
-    def upsert(self, chunks: list[Chunk], vectors: np.ndarray) -> None: ...
+    def upsert(self, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord] = ()) -> None: ...
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]: ...
     def delete_chunks(self, chunk_ids: list[str]) -> None: ...
     def search(self, vector: np.ndarray, k: int) -> list[Hit]: ...
@@ -175,8 +175,13 @@ class LanceStore:
         for name, entry in sorted(data["collections"].items(), key=lambda kv: kv[1].get("created", 0)):
             handle = LanceStore(self.path, collection=name)
             out.append(
-                {"name": name, "active": name == data["active"], "chunks": handle.count(),
-                 "documents": len(handle.doc_ids()), **entry}
+                {
+                    "name": name,
+                    "active": name == data["active"],
+                    "chunks": handle.count(),
+                    "documents": len(handle.doc_ids()),
+                    **entry,
+                }
             )
         return out
 
@@ -216,7 +221,10 @@ class LanceStore:
                 return None
         return self._tables[name]
 
-    def upsert(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
+    def upsert(self, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord] = ()) -> None:
+        """Insert or update chunks by chunk_id. Documents in `complete` have all their chunks in this
+        call: their other chunks (from an earlier version) go in the same commit, then their records
+        are written (an unchanged resubmission is then skipped)."""
         import pyarrow as pa
 
         if not chunks:
@@ -241,8 +249,13 @@ class LanceStore:
             },
             schema=_schema(dim),
         )
-        table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        merge = table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all()
+        if complete:
+            merge = merge.when_not_matched_by_source_delete(f"doc_id IN ({_sql_list([d.doc_id for d in complete])})")
+        merge.execute(rows)
         STORE_WRITES.labels("upsert").inc()
+        if complete:
+            self._record(list(complete))
         self._writes += 1
         if self._writes % OPTIMIZE_EVERY_WRITES == 0:
             self.optimize()
@@ -274,7 +287,8 @@ class LanceStore:
     def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
         """Finish documents whose chunks are all written: delete their stale chunks, record their
         hashes; remove every chunk and record of failed ones. Returns the chunks deleted."""
-        import pyarrow as pa
+        if not done and not failed:
+            return 0
 
         stale = stale_chunks(self.chunk_ids([*expected, *failed]), expected, failed)
         self.delete_chunks(stale)
@@ -283,6 +297,14 @@ class LanceStore:
             return len(stale)
         if failed:
             docs.delete(f"doc_id IN ({_sql_list(failed)})")
+        if done:
+            self._record(done)
+        return len(stale)
+
+    def _record(self, done: list[DocRecord]) -> None:
+        import pyarrow as pa
+
+        docs = self._table("__docs", dim=0)
         if done:
             rows = pa.table(
                 {
@@ -297,7 +319,6 @@ class LanceStore:
             )
             docs.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
             STORE_WRITES.labels("documents").inc()
-        return len(stale)
 
     def forget_documents(self, doc_ids: list[str]) -> int:
         """Delete documents and all their chunks; returns how many of them the collection held."""

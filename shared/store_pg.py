@@ -86,7 +86,9 @@ class PgStore:
             )
         self._dim = dim
 
-    def upsert(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
+    def upsert(self, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord] = ()) -> None:
+        """Insert or update chunks by chunk_id; documents in `complete` have all their chunks here:
+        their other chunks are deleted and their records written, in the same transaction."""
         if not chunks:
             return
         if vectors.shape[0] != len(chunks):
@@ -117,6 +119,13 @@ class PgStore:
                 " embedding = excluded.embedding",
                 rows,
             )
+            if complete:
+                ids = [c.chunk_id for c in chunks]
+                cur.execute(
+                    f"DELETE FROM {self.table} WHERE doc_id = ANY(%s) AND NOT chunk_id = ANY(%s)",
+                    (sorted(d.doc_id for d in complete), ids),
+                )
+                self._record(cur, list(complete))
         STORE_WRITES.labels("upsert").inc()
 
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]:
@@ -147,22 +156,23 @@ class PgStore:
     def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
         """In one transaction: delete stale chunks of done documents and record their hashes; remove
         every chunk and record of failed ones. Returns the chunks deleted."""
-        if self._dim is None:
+        if self._dim is None or not (done or failed):
             return 0
         stale = sorted(stale_chunks(self.chunk_ids([*expected, *failed]), expected, failed))
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute(f"DELETE FROM {self.table} WHERE chunk_id = ANY(%s)", (stale,))
             cur.execute(f"DELETE FROM {self.docs} WHERE doc_id = ANY(%s)", (sorted(failed),))
-            cur.executemany(
-                f"INSERT INTO {self.docs} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (doc_id) DO UPDATE SET"
-                " content_hash = excluded.content_hash, chunks = excluded.chunks, text = excluded.text,"
-                " metadata = excluded.metadata, updated = excluded.updated",
-                sorted(
-                    (d.doc_id, d.content_hash, d.chunks, d.text, json.dumps(d.metadata), time.time()) for d in done
-                ),
-            )
+            self._record(cur, done)
         STORE_WRITES.labels("documents").inc()
         return len(stale)
+
+    def _record(self, cur: Any, done: list[DocRecord]) -> None:
+        cur.executemany(
+            f"INSERT INTO {self.docs} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (doc_id) DO UPDATE SET"
+            " content_hash = excluded.content_hash, chunks = excluded.chunks, text = excluded.text,"
+            " metadata = excluded.metadata, updated = excluded.updated",
+            sorted((d.doc_id, d.content_hash, d.chunks, d.text, json.dumps(d.metadata), time.time()) for d in done),
+        )
 
     def forget_documents(self, doc_ids: list[str]) -> int:
         if self._dim is None or not doc_ids:
@@ -191,7 +201,9 @@ class PgStore:
     # --- collections ---------------------------------------------------------------------------
     def collections(self) -> list[dict[str, Any]]:
         with self._pool.connection() as conn:
-            rows = conn.execute(f"SELECT name, spec, created, active, probe FROM {REGISTRY} ORDER BY created").fetchall()
+            rows = conn.execute(
+                f"SELECT name, spec, created, active, probe FROM {REGISTRY} ORDER BY created"
+            ).fetchall()
             out = []
             for name, spec, created, active, probe in rows:
                 table = f"embedpipe_{name}"

@@ -35,8 +35,8 @@ def test_sample_corpus_is_stored_completely_once_and_searchable(tmp_path, embedd
     vectors = store.vectors()
     assert len(vectors) == store.count()
 
-    again = run_examples(tmp_path / "store", embedder)  # a re-run upserts: nothing is duplicated
-    assert store.count() == summary.chunks and again.chunks == summary.chunks
+    again = run_examples(tmp_path / "store", embedder)  # unchanged: skipped, nothing duplicated
+    assert store.count() == summary.chunks and again.unchanged == summary.documents and again.chunks == 0
 
 
 def test_bad_documents_are_dead_letters_beside_the_store(tmp_path, embedder):

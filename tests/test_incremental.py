@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from shared.messages import Document, SourceDoc, content_hash
+from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.settings import Settings
 from shared.store import open_store
 from workers.chunk import ChunkPolicy, chunk_document
@@ -99,6 +99,23 @@ def test_the_cache_serves_boilerplate_shared_by_documents(tmp_path, embedder):
     assert len(vectors) == 2
     a, b = vectors.values()
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_document_written_whole_replaces_its_old_chunks_in_the_same_write(tmp_path):
+    from shared.spec import EmbeddingSpec
+    from shared.store import DocRecord
+
+    store = open_store(str(tmp_path / "store"), EmbeddingSpec("m", "rev", "mean", True, 256, 0, "", 254, 25))
+    rng = np.random.default_rng(0)
+
+    def version(tag: str, n: int) -> list:
+        return [Chunk(f"{tag}-{i}", "doc", i, f"{tag} {i}", 2, 0, 3, {}) for i in range(n)]
+
+    store.upsert(version("old", 3), rng.normal(size=(3, 8)).astype(np.float32), [DocRecord("doc", "h1", 3, "", {})])
+    store.upsert(version("x", 1), rng.normal(size=(1, 8)).astype(np.float32))  # another write, not whole
+    store.upsert(version("new", 2), rng.normal(size=(2, 8)).astype(np.float32), [DocRecord("doc", "h2", 2, "", {})])
+    assert store.chunk_ids(["doc"]) == {"doc": {"new-0", "new-1"}}
+    assert store.doc_hashes(["doc"]) == {"doc": "h2"}
 
 
 def test_delete_and_prune_remove_documents_from_every_collection(tmp_path):

@@ -73,6 +73,11 @@ def test_each_spec_writes_its_own_collection_and_search_reads_the_active_one(pg_
     # a document committed with fewer chunks loses the stale ones; a forgotten one loses everything
     first.commit_documents([DocRecord("a", "h2", 1, "new", {})], {"a": ["a-0"]}, [])
     assert first.chunk_ids(["a"]) == {"a": {"a-0"}} and first.doc_hashes(["a"]) == {"a": "h2"}
+    # a document written whole replaces its old chunks in the same transaction
+    new, vectors = chunks("a", 2, seed=1)
+    renamed = [Chunk(f"a-new-{c.index}", "a", c.index, c.text, 3, 0, 5, {}) for c in new]
+    first.upsert(renamed, vectors, complete=[DocRecord("a", "h3", 2, "newer", {})])
+    assert first.chunk_ids(["a"]) == {"a": {"a-new-0", "a-new-1"}} and first.doc_hashes(["a"]) == {"a": "h3"}
     assert first.forget_documents(["a"]) == 1
     assert first.count() == 0 and first.doc_ids() == set()
     for s in (first, second, reader):

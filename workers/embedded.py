@@ -27,7 +27,7 @@ from shared.store import open_store
 from workers.chunk import ChunkPolicy, chunk_batch, pack_parts, skip_unchanged
 from workers.embed import Embedder, embed_part, make_embedder, model_error_letters
 from workers.load import load_batch
-from workers.write import commit_documents, doc_records, write_batch
+from workers.write import commit_documents, complete_in, doc_records, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class _Batch:
     expected: dict[str, list[str]]  # doc_id -> its chunk IDs, to delete stale ones once written
     parts_left: int
     refused: set[str] = field(default_factory=set)  # documents the model refused (dead letters)
+    committed: set[str] = field(default_factory=set)  # documents written whole by one part
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -158,19 +159,23 @@ class EmbeddedRun:
         while (item := embedded.get()) is not _DONE:
             batch, part, vectors = item
             keep = [i for i, c in enumerate(part) if c.doc_id not in batch.refused]
-            write_batch(self.store, [part[i] for i in keep], vectors[keep])
+            kept = [part[i] for i in keep]
+            complete = complete_in(kept, batch.expected, batch.docs)
+            write_batch(self.store, kept, vectors[keep], complete)
             if self.progress is not None:
                 self.progress.update(len(part))
             with batch.lock:
+                batch.committed |= {d.doc_id for d in complete}
                 batch.parts_left -= 1
-                complete = batch.parts_left == 0
-            if complete:
+                last = batch.parts_left == 0
+            if last:
                 self._finish(batch)
 
     def _finish(self, batch: _Batch) -> None:
         """All parts of the batch are written: record its documents, delete what is stale."""
         done = {d: ids for d, ids in batch.expected.items() if d not in batch.refused}
-        commit_documents(self.store, doc_records(batch.docs, done), done, sorted(batch.refused))
+        rest = {d: ids for d, ids in done.items() if d not in batch.committed}  # spread over parts
+        commit_documents(self.store, doc_records(batch.docs, rest), rest, sorted(batch.refused))
         self.ledger.clear_dead(done)
         self.ledger.incr(documents_done=len(done), chunks_written=sum(map(len, done.values())))
         self.summary.documents_stored += len(done)

@@ -248,7 +248,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     from redis.exceptions import ConnectionError, TimeoutError
 
     ctx = init_context(settings, stage)
-    serve(settings.metrics_port, stage)
+    serve(settings.metrics_port, stage, settings.model)
     delay = 1.0
     while True:
         worker = None

@@ -35,19 +35,34 @@ store_retry = retry(
 
 
 @store_retry
-def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray) -> None:
-    store.upsert(chunks, vectors)
+def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord] = ()) -> None:
+    """Upsert chunks; documents in `complete` are replaced whole in the same write (see Store.upsert)."""
+    store.upsert(chunks, vectors, complete)
+
+
+def complete_in(chunks: list[Chunk], expected: dict[str, list[str]], docs: list[Document]) -> list[DocRecord]:
+    """Records of the documents whose every chunk is among `chunks` (parts keep documents whole
+    where they fit): those are replaced in the write itself, not at batch finalisation."""
+    here: dict[str, set[str]] = {}
+    for c in chunks:
+        here.setdefault(c.doc_id, set()).add(c.chunk_id)
+    whole = {d: ids for d, ids in expected.items() if here.get(d) == set(ids)}
+    return doc_records(docs, whole)
 
 
 @store_retry
 def commit_documents(store: Store, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
     """Documents whose chunks are all written: stale chunks deleted, content hash recorded (so an
     unchanged resubmission is skipped). Failed documents: every chunk and record removed."""
-    deleted = store.commit_documents(done, expected, failed)
-    if done and store.collection:
+    return store.commit_documents(done, expected, failed)
+
+
+def export_collection(store: Store) -> None:
+    """The collection's size for the dashboard; exact counts cost a scan, so only after a bulk load."""
+    if store.collection:
+        COLLECTION_CHUNKS.clear()  # a promotion elsewhere may have flipped `active`
         active = "1" if store.active() == store.collection else "0"
         COLLECTION_CHUNKS.labels(store.collection, active).set(store.count())
-    return deleted
 
 
 def doc_records(docs: list[Document], expected: dict[str, list[str]]) -> list[DocRecord]:
@@ -68,7 +83,7 @@ def decode_vectors(raw: bytes | None, rows: int) -> np.ndarray:
 def write_job(batch_id: str, part: int) -> dict[str, int]:
     """rq job: store one part; the writer that completes a batch finalises it."""
     from shared import keys
-    from shared.messages import decode_chunks
+    from shared.messages import decode_chunks, decode_documents
     from workers.runtime import check_spec, context
 
     ctx = context()
@@ -79,8 +94,14 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     vectors = decode_vectors(ctx.redis.get(keys.vectors(batch_id, part)), len(chunks))
     refused = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}  # dead letters already
     keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
-    write_batch(ctx.store, [chunks[i] for i in keep], vectors[keep])
+    kept = [chunks[i] for i in keep]
+    docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
+    complete = complete_in(kept, plan_expected(ctx.redis.hgetall(keys.batch_plan(batch_id))), docs)
+    write_batch(ctx.store, kept, vectors[keep], complete)
     with ctx.redis.pipeline() as pipe:
+        if complete:
+            pipe.sadd(keys.docs_committed(batch_id), *[d.doc_id for d in complete])
+            pipe.expire(keys.docs_committed(batch_id), ctx.settings.payload_ttl_s)
         pipe.sadd(keys.parts_written(batch_id), part)
         pipe.expire(keys.parts_written(batch_id), ctx.settings.payload_ttl_s)
         ctx.ledger.incr(pipe=pipe, chunks_written=len(chunks))
@@ -139,22 +160,32 @@ def _load_drained(ctx: object) -> bool:
     return queues["embed"].count == 0 and queues["write"].count == 0
 
 
-def finalize(batch_id: str) -> None:
+def plan_expected(plan: dict[bytes, bytes]) -> dict[str, list[str]]:
+    """doc_id -> its chunk IDs, from a batch plan (written by the chunk job)."""
     import msgpack
 
+    expected = {k.decode()[4:]: msgpack.unpackb(v) for k, v in plan.items() if k.startswith(b"doc:")}
+    if not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in expected.values()):
+        raise DecodeError("batch plan: a document's chunk list is not a list of strings")
+    return expected
+
+
+def finalize(batch_id: str) -> None:
     from shared import keys
     from shared.messages import decode_chunks, decode_documents
     from workers.runtime import context
 
     ctx = context()
     plan = ctx.redis.hgetall(keys.batch_plan(batch_id))
-    expected = {k.decode()[4:]: msgpack.unpackb(v) for k, v in plan.items() if k.startswith(b"doc:")}
+    expected = plan_expected(plan)
     failed = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}
+    committed = {m.decode() for m in ctx.redis.smembers(keys.docs_committed(batch_id))}
     for part in ctx.redis.smembers(keys.parts_failed(batch_id)):
         failed |= {c.doc_id for c in decode_chunks(ctx.redis.get(keys.chunks(batch_id, int(part))))}
     done = {doc: ids for doc, ids in expected.items() if doc not in failed}
     docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
-    stale = commit_documents(ctx.store, doc_records(docs, done), done, sorted(failed))
+    rest = {doc: ids for doc, ids in done.items() if doc not in committed}  # spread over several parts
+    stale = commit_documents(ctx.store, doc_records(docs, rest), rest, sorted(failed))
     if ctx.redis.set(keys.batch_finalized(batch_id), 1, nx=True, ex=ctx.settings.payload_ttl_s):
         with ctx.redis.pipeline() as pipe:
             ctx.ledger.clear_dead(done, pipe=pipe)
@@ -164,6 +195,7 @@ def finalize(batch_id: str) -> None:
         DOCUMENTS.labels(STAGE, "ok").inc(len(done))
     if _load_drained(ctx):
         store_retry(ctx.store.optimize)()  # after a bulk load: build the pgvector index, compact LanceDB
+        export_collection(ctx.store)
     log.info(
         "batch %s done: %d documents stored, %d failed, %d chunks deleted", batch_id, len(done), len(failed), stale
     )
