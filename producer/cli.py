@@ -153,7 +153,7 @@ def _has_probe(store: Any) -> bool:
 
 
 def _prune(store: str, kept: set[str]) -> dict[str, int]:
-    from producer.lifecycle import prune
+    from shared.store import prune
 
     return prune(store, kept)
 

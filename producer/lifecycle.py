@@ -14,7 +14,7 @@ from typing import Any
 from shared.errors import ConfigError
 from shared.messages import DeadLetter, SourceDoc
 from shared.settings import Settings
-from shared.store import Store, delete_documents, each_collection, open_store, prune  # noqa: F401
+from shared.store import Store, open_store
 
 
 def embedder_for(store: Store, settings: Settings) -> Any:
@@ -27,7 +27,8 @@ def embedder_for(store: Store, settings: Settings) -> Any:
 
 
 class Listed:
-    """Passes sources through and remembers their document IDs (for --prune)."""
+    """Passes sources through and remembers their document IDs (for --prune). A document that is
+    listed but cannot be read now (a dead letter) is kept: it still exists."""
 
     def __init__(self, items: Iterable[SourceDoc | DeadLetter]) -> None:
         self.items = items
@@ -35,8 +36,7 @@ class Listed:
 
     def __iter__(self) -> Iterator[SourceDoc | DeadLetter]:
         for item in self.items:
-            if isinstance(item, SourceDoc):
-                self.ids.add(item.id)
+            self.ids.add(item.id if isinstance(item, SourceDoc) else item.doc_id)
             yield item
 
 
