@@ -40,7 +40,12 @@ def collections(as_json: bool, settings: Settings) -> None:
 @main.command()
 @click.option("--from", "source", default=None, help="Collection to read documents from (default: the active one).")
 @click.option("--dry-run", is_flag=True, help="Print documents, chunks, tokens (and API cost); embed nothing.")
-@click.option("--enqueue", "distributed", is_flag=True, help="Submit to the distributed pipeline (Redis) instead.")
+@click.option(
+    "--enqueue",
+    "distributed",
+    is_flag=True,
+    help="Submit to the distributed pipeline (Redis) instead; its pools must run with the new settings.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "max_backlog_jobs")
 @fail_clearly
@@ -71,7 +76,11 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
         from workers.runtime import connect
 
         result = submit(connect(settings), settings, stored_sources(store))
-        click.echo(f"enqueued {result.documents} documents; then `embedpipe promote {target.collection}`")
+        click.echo(
+            f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
+            f"settings (model, dimensions, prefix, chunking), or their chunkers find the documents unchanged in their "
+            f"own collection; then `embedpipe promote {target.collection}`"
+        )
         return
     from workers.embedded import EmbeddedRun
 
