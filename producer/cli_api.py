@@ -26,8 +26,8 @@ def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], se
     from shared.messages import SourceDoc
     from shared.models import is_api_model, load_tokenizer
     from shared.tokenizer_api import api_model_name
+    from workers.api_protocol import cost_usd, price_table
     from workers.chunk import ChunkPolicy, chunk_batch
-    from workers.embed_api import cost_usd, price_table
     from workers.load import load_batch
 
     api = is_api_model(settings.model)

@@ -111,7 +111,7 @@ def _plan(sources: object, settings: Settings) -> str:
 
     if not is_api_model(settings.model):
         return line + ", local model: no API cost"
-    from workers.embed_api import cost_usd, price_table
+    from workers.api_protocol import cost_usd, price_table
 
     cost = cost_usd(tokens, settings.model, price_table(settings.api_prices))
     return line + (

@@ -24,8 +24,9 @@ from shared.messages import Chunk
 from shared.ratelimit import Limits, LocalBudget, RedisBudget
 from shared.settings import Settings
 from shared.tokenizer_api import ApiTokenizer
+from workers.api_protocol import duration_s, pack_requests, plan_requests, retry_after_s
 from workers.chunk import ChunkPolicy, chunk_batch
-from workers.embed_api import ApiEmbedder, duration_s, pack_requests, plan_requests, retry_after_s
+from workers.embed_api import ApiEmbedder
 
 from .conftest import EXAMPLES, REPO, cli_env, embedpipe, free_port
 from .openai_server import FakeOpenAI, serve

@@ -1,0 +1,107 @@
+"""Stateless parts of the OpenAI embeddings protocol: prices, packing requests within the API's
+limits, and reading how long a 429 asks us to wait. Used by workers/embed_api.py and `estimate`."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.settings import env_name
+from shared.tokenizer_api import api_model_name
+
+PRICES_PER_MILLION = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13, "text-embedding-ada-002": 0.10}
+MIN_SPLIT_INPUTS = 64  # a part that fits fewer requests than api_concurrency is spread over more, not below this
+
+
+def price_table(spec: str = "") -> dict[str, float]:
+    """The default prices, overridden by `spec` ('model=0.02,other=0.1', USD per million tokens)."""
+    prices = dict(PRICES_PER_MILLION)
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            prices[api_model_name(name.strip())] = float(value)
+        except ValueError as e:
+            raise ConfigError(f"{env_name('api_prices')}: {item!r} is not MODEL=USD_PER_MILLION_TOKENS") from e
+    return prices
+
+
+def cost_usd(tokens: int, model: str, prices: dict[str, float]) -> float | None:
+    """What `tokens` tokens of `model` cost; None when the price is unknown."""
+    price = prices.get(api_model_name(model))
+    return None if price is None else tokens * price / 1e6
+
+
+def plan_requests(
+    rows: Sequence[int], tokens: Sequence[int], max_inputs: int, max_tokens: int, concurrency: int
+) -> list[list[int]]:
+    """Requests within the API's limits; when they are fewer than `concurrency`, a large part is spread
+    over up to `concurrency` requests of at least MIN_SPLIT_INPUTS inputs, so they run side by side."""
+    requests = pack_requests(rows, tokens, max_inputs, max_tokens)
+    wanted = min(concurrency, len(rows) // MIN_SPLIT_INPUTS)
+    if len(requests) < wanted:
+        requests = pack_requests(rows, tokens, math.ceil(len(rows) / wanted), max_tokens)
+    return requests
+
+
+def pack_requests(rows: Sequence[int], tokens: Sequence[int], max_inputs: int, max_tokens: int) -> list[list[int]]:
+    """Cut `rows` (in order) into requests of at most max_inputs inputs and max_tokens tokens."""
+    requests: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for row in rows:
+        if current and (len(current) >= max_inputs or total + tokens[row] > max_tokens):
+            requests.append(current)
+            current, total = [], 0
+        current.append(row)
+        total += tokens[row]
+    if current:
+        requests.append(current)
+    return requests
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """How long a 429 asks us to wait: retry-after-ms, retry-after (seconds or an HTTP date), or the
+    later of x-ratelimit-reset-requests/-tokens ('1s', '6m0s', '250ms'). None when none is given."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    resets = [duration_s(headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def duration_s(value: str | None) -> float | None:
+    """OpenAI's reset durations: '1s', '6m0s', '59.432s', '120ms', '1h2m3s'."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value.strip())
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total = sum(float(n) * scale[u] for n, u in parts)
+    return total if math.isfinite(total) else None
