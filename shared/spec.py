@@ -35,6 +35,7 @@ class EmbeddingSpec:
     chunk_tokens: int
     chunk_overlap_tokens: int
     chunker_version: int = CHUNKER_VERSION
+    backend: str = "torch"  # onnx-int8 quantises the weights: other vectors
     query_prefix: str = ""  # put before queries: changes no stored vector, so not in the fingerprint
 
     @property
@@ -60,7 +61,10 @@ class EmbeddingSpec:
         """Settings that embed (queries, a probe) exactly as this spec did."""
         from dataclasses import replace
 
-        return replace(settings, model=self.model, dimensions=self.dimensions, query_prefix=self.query_prefix)
+        backend = settings.backend if self.backend == "api" else self.backend
+        return replace(
+            settings, model=self.model, dimensions=self.dimensions, query_prefix=self.query_prefix, backend=backend
+        )
 
 
 def spec_for(settings: Settings) -> EmbeddingSpec:
@@ -83,6 +87,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
         prefix=settings.doc_prefix,
         chunk_tokens=policy.max_tokens,
         chunk_overlap_tokens=policy.overlap_tokens,
+        backend="api" if is_api_model(settings.model) else settings.backend,
         query_prefix=settings.query_prefix,
     )
 
