@@ -34,7 +34,7 @@ def subset(eval_set: EvalSet, max_docs: int) -> set[str] | None:
 
 
 def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) -> list[dict[str, Any]]:
-    from workers.embed import Embedder
+    from workers.embed import make_embedder
     from workers.embedded import EmbeddedRun
     from workers.probe import run_probe
 
@@ -43,9 +43,9 @@ def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) 
     rows = []
     for spec in specs:
         name, dims = parse_spec(spec)
-        embedder = Embedder(name, settings.device, settings.batch_size, dimensions=dims).warm_up()
+        embedder = make_embedder(replace(settings, model=name, dimensions=dims)).warm_up()
         with tempfile.TemporaryDirectory(prefix="embedpipe-eval-") as store:
-            run = EmbeddedRun(replace(settings, model=name, store=store), embedder=embedder)
+            run = EmbeddedRun(replace(settings, model=name, dimensions=dims, store=store), embedder=embedder)
             summary = run.run(corpus_documents(eval_set, ids))
             probe = run_probe(run.store, embedder, eval_dir)
         rows.append(

@@ -31,12 +31,12 @@ class Settings:
     model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
     store: str = setting("./embedpipe-store", "Vector store: a directory (LanceDB) or a postgresql:// URL (pgvector).")
     device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
-    batch_size: int = setting(16, "Texts per model forward pass (micro-batch).")
+    batch_size: int = setting(256, "Most texts per forward pass; micro_batch_tokens usually cuts it first.")
     chunk_tokens: int = setting(0, "Max tokens per chunk; 0 = the model's limit less its special tokens.")
     chunk_overlap: float = setting(0.1, "Overlap between consecutive chunks, as a share of chunk_tokens.")
     batch_docs: int = setting(64, "Documents per load batch (the unit of work of load and chunk).")
     part_max_chunks: int = setting(512, "Max chunks per embed part (the unit of work of embed and write).")
-    part_max_tokens: int = setting(131072, "Max tokens per embed part.")
+    part_max_tokens: int = setting(65536, "Max padded tokens (longest chunk x chunks) per embed part.")
     max_doc_bytes: int = setting(20_000_000, "Documents larger than this become dead letters (too_large).")
     payload_ttl_s: int = setting(7 * 86400, "How long claim-check payloads live in Redis.")
     load_timeout_s: int = setting(600, "rq timeout of a load job (a batch of documents, URLs fetched).")
@@ -58,8 +58,8 @@ class Settings:
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     # --- throughput -----------------------------------------------------------------------------
-    backend: str = setting("torch", "Model runtime: torch, onnx, onnx-int8 (ONNX: CPU only).")
-    micro_batch_tokens: int = setting(0, "Padded tokens per forward pass; 0 = a default for the device.")
+    backend: str = setting("torch", "Model runtime: torch (fp16 on CUDA), onnx, onnx-int8 (ONNX: CPU only).")
+    micro_batch_tokens: int = setting(0, "Padded tokens per forward pass; 0 = 4096 on CPU, 65536 on GPU.")
     # --- OpenAI-compatible API models (EMBEDPIPE_MODEL=openai:NAME) ------------------------------
     openai_base_url: str = setting("", "OpenAI-compatible server for openai:MODEL ('' = api.openai.com).")
     api_concurrency: int = setting(4, "Concurrent embedding requests per embedder process.")
@@ -106,6 +106,10 @@ class Settings:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:
             raise ConfigError(f"{env_name('chunk_overlap')} must be in [0, 0.5), got {self.chunk_overlap}")
+        if self.backend not in ("torch", "onnx", "onnx-int8"):
+            raise ConfigError(f"{env_name('backend')} must be torch, onnx or onnx-int8, got {self.backend!r}")
+        if self.micro_batch_tokens < 0:
+            raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):

@@ -121,19 +121,42 @@ def _fit(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer, max_toke
 
 
 def pack_parts(chunks: list[Chunk], max_chunks: int, max_tokens: int) -> list[list[Chunk]]:
-    """Group chunks into embed parts of at most max_chunks chunks and max_tokens tokens, in order."""
+    """Group chunks into embed parts, in order: at most max_chunks chunks and a padded cost of at most
+    max_tokens, where padded cost = longest chunk x number of chunks (what a padded forward pass over
+    the part would compute, as TEI counts its batches). A document's chunks stay in one part whenever
+    they fit in one; only a document too large for a part of its own is split (in order)."""
     parts: list[list[Chunk]] = []
     current: list[Chunk] = []
-    tokens = 0
-    for c in chunks:
-        if current and (len(current) >= max_chunks or tokens + c.tokens > max_tokens):
+    longest = 0
+
+    def fits(n: int, tokens: int) -> bool:
+        return len(current) + n <= max_chunks and max(longest, tokens) * (len(current) + n) <= max_tokens
+
+    for doc in _runs_by_document(chunks):
+        doc_longest = max(c.tokens for c in doc)
+        if current and not fits(len(doc), doc_longest):
             parts.append(current)
-            current, tokens = [], 0
-        current.append(c)
-        tokens += c.tokens
+            current, longest = [], 0
+        for c in doc:  # the whole document fits now, unless it is too large for any part
+            if current and not fits(1, c.tokens):
+                parts.append(current)
+                current, longest = [], 0
+            current.append(c)
+            longest = max(longest, c.tokens)
     if current:
         parts.append(current)
     return parts
+
+
+def _runs_by_document(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """Consecutive chunks of the same document, in order."""
+    runs: list[list[Chunk]] = []
+    for c in chunks:
+        if runs and runs[-1][0].doc_id == c.doc_id:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs
 
 
 def skip_unchanged(docs: list[Document], store: Any) -> tuple[list[Document], list[Document]]:

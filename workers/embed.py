@@ -5,18 +5,29 @@ The model is loaded once per process by `Embedder.warm_up()`, never at import an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared.cache import VectorCache, text_key
-from shared.errors import EmbedFailures
+from shared.errors import ConfigError, EmbedFailures
 from shared.messages import Chunk, DeadLetter
-from shared.metrics import EMBED_CACHE, EMBED_JOB_SECONDS, observe_micro_batch
-from shared.models import is_api_model, resolve_model_path
+from shared.metrics import (
+    EMBED_CACHE,
+    EMBED_JOB_SECONDS,
+    EMBED_MICRO_BATCH_LIMIT,
+    EMBED_OOM_HALVINGS,
+    observe_micro_batch,
+)
+from shared.models import ModelTokenizer, is_api_model, resolve_model_path
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 
@@ -25,13 +36,64 @@ log = logging.getLogger(__name__)
 STAGE = "embed"
 
 
+# Micro-batches: padded tokens per forward pass (longest text x texts, special tokens included).
+# CPU: 4096 (16 texts of 256 tokens). Measured here (2 cores, 948 SciFact chunks, a quiet machine):
+# 2048 and 4096 took 18.7 s, 8192 20.8 s, sentence-transformers' own encode at batch 16 22.2 s.
+# GPU: 65536 (256 x 256), enough to keep a large GPU busy with a small model; on CUDA out-of-memory
+# the embedder halves it and grows it back slowly.
+CPU_MICRO_BATCH_TOKENS = 4096
+GPU_MICRO_BATCH_TOKENS = 65536
+REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget grows again ...
+REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
+BACKENDS = ("torch", "onnx", "onnx-int8")
+ONNX_FORMAT = "2"  # part of the cache key: bump when the export changes
+# Checked at export: ONNX vectors must match torch's on these texts (cosine), else the export is refused.
+ONNX_MIN_COSINE = 0.99
+_ONNX_CHECK_TEXTS = (
+    "Green tea is steeped at 80 °C for two minutes.",
+    "How do client and server agree on a secret key over an open network?",
+    " ".join(["The mitochondria regulate apoptosis through the release of cytochrome c."] * 20),
+)
+
+
 class Embedder:
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 16, dimensions: int = 0) -> None:
+    """A local sentence-transformers model. Parts are sorted by length, cut into micro-batches by a
+    padded-token budget (at most batch_size texts each), and put back in their order. On CUDA out of
+    memory the budget is halved and the micro-batch retried; a single text that still fails is
+    reported in EmbedFailures while every other text gets its vector.
+
+    backend: torch (CUDA fp16 where present); onnx or onnx-int8 (ONNX Runtime, CPU only: exported from
+    the local weights once, cached under cache_dir, checked against torch's vectors at export).
+    threads: CPU threads for the model; 0 = the CPUs this process may run on (see warm_up)."""
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        batch_size: int = 256,
+        dimensions: int = 0,
+        backend: str = "torch",
+        micro_batch_tokens: int = 0,
+        threads: int = 0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown embedding backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.model_name = model
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # the most texts in one micro-batch
         self.dimensions = dimensions  # > 0: keep the first N dimensions, re-normalised
-        self._model = None
+        self.backend = backend
+        self.micro_batch_tokens = micro_batch_tokens  # 0 = a default for the device
+        self.threads = threads
+        self.cache_dir = cache_dir or Path.home() / ".cache" / "embedpipe" / "onnx"
+        self._model: Any = None
+        self._oom: tuple[type[BaseException], ...] = ()
+        self._budget = self._limit = 0  # padded tokens per micro-batch: configured, and current
+        self._streak = 0  # successful micro-batches in a row while the limit is below the budget
+        self._tokenizer: ModelTokenizer | None = None
+        self._special = 2
+        self._max_len = 512
         self.dimension = 0
 
     @property
@@ -43,51 +105,286 @@ class Embedder:
         if self._model is not None:
             return self
         import torch
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the CLI shows its own progress
 
         device = self.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and not self.backend.startswith("onnx") else "cpu"
+        if self.backend.startswith("onnx") and device != "cpu":
+            raise ConfigError(f"the {self.backend} backend runs on the CPU only; use torch on {device}")
+        # Threads, deliberately: by default the CPUs this process may run on (its affinity mask, which
+        # taskset, cpusets and Kubernetes' static CPU manager narrow), never more than torch's own
+        # default (which OMP_NUM_THREADS lowers). In embedded mode the model gets every core: the
+        # load/chunk and write threads need a few percent of one core and mostly wait; leaving a core
+        # to them would cost the model a third of its speed on two cores. Several embedders (or a
+        # chunker and an embedder) busy on one machine must not oversubscribe the cores: pin each to
+        # its own CPUs (taskset -c) or give each `threads` = cores / processes.
+        threads = self.threads or min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+        if device == "cpu":
+            torch.set_num_threads(threads)
         started = time.perf_counter()
-        model = SentenceTransformer(str(resolve_model_path(self.model_name)), device=device, local_files_only=True)
-        if device.startswith("cuda"):
-            model.half()
-        self._model = model
-        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        self.dimension = int(dimension() or 0)
+        path = resolve_model_path(self.model_name)
+        self._tokenizer = ModelTokenizer(self.model_name)  # counts the tokens of embed()'s texts
+        self._special, self._max_len = self._tokenizer.info.special_tokens, self._tokenizer.info.max_seq_length
+        if self.backend.startswith("onnx"):
+            self._model = OnnxModel.load(path, self.backend == "onnx-int8", threads, self.cache_dir)
+            self._oom = ()
+        else:
+            self._model = _load_sentence_transformer(path, device)
+            self._oom = (torch.cuda.OutOfMemoryError,)
+        self.dimension = self._model.dimension
         if 0 < self.dimensions < self.dimension:
             self.dimension = self.dimensions
-        log.info("model %s on %s loaded in %.1f s", self.model_name, device, time.perf_counter() - started)
+        default = GPU_MICRO_BATCH_TOKENS if device.startswith("cuda") else CPU_MICRO_BATCH_TOKENS
+        self._budget = self._limit = self.micro_batch_tokens or default
+        EMBED_MICRO_BATCH_LIMIT.set(self._limit)
+        log.info(
+            "model %s (%s) on %s, %d threads, loaded in %.1f s",
+            self.model_name,
+            self.backend,
+            device,
+            threads,
+            time.perf_counter() - started,
+        )
         return self
 
+    @property
+    def micro_batch_limit(self) -> int:
+        """The current padded-token budget of a micro-batch (below the configured one after an OOM)."""
+        return self._limit
+
     def embed(self, texts: list[str]) -> np.ndarray:
+        """One normalised vector per text, in order (queries, evaluation sets)."""
+        self._check_ready()
+        lengths = self._tokenizer.count(texts) if texts else []
+        return self._embed_all(texts, lengths)
+
+    def embed_chunks(self, chunks: list[Chunk]) -> np.ndarray:
+        """One vector per chunk, in chunk order: sorted by length, cut into micro-batches by a token
+        budget, each measured (observe_micro_batch), put back in order. Raises EmbedFailures (with the
+        vectors of all other chunks) if a single chunk still runs out of memory."""
+        self._check_ready()
+        return self._embed_all([c.text for c in chunks], [c.tokens for c in chunks])
+
+    def _check_ready(self) -> None:
         if self._model is None:
             raise RuntimeError("Embedder.embed() before warm_up(): the model is not loaded")
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
+
+    def _embed_all(self, texts: list[str], content_tokens: list[int]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        lengths = [min(t + self._special, self._max_len) for t in content_tokens]  # what the model sees
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: the largest batch first
+        failed: dict[int, str] = {}
+        i = 0
+        while i < len(order):
+            # Sorted longest first, so the first text of the micro-batch sets its padded length.
+            count = max(1, min(self.batch_size, self._limit // lengths[order[i]], len(order) - i))
+            rows = order[i : i + count]
+            started = time.perf_counter()
+            try:
+                vectors[rows] = self._encode([texts[r] for r in rows])
+            except self._oom as e:
+                self._release_memory()
+                if len(rows) == 1:
+                    failed[rows[0]] = f"out of memory on one text of {lengths[rows[0]]} tokens: {e}"[:500]
+                    i += 1
+                else:
+                    self._halve(len(rows) * lengths[rows[0]])
+                continue
+            observe_micro_batch(time.perf_counter() - started, len(rows), [lengths[r] for r in rows])
+            self._succeeded()
+            i += count
+        if failed:
+            raise EmbedFailures(vectors, failed)
+        return vectors
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        """One forward pass: normalised float32 vectors, truncated to `dimension`."""
         vectors = self._model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
         if self.dimension < vectors.shape[1]:  # truncate, then back onto the unit sphere
             vectors = vectors[:, : self.dimension]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _halve(self, failed_cost: int) -> None:
+        """Out of memory on a micro-batch of `failed_cost` padded tokens: half of that from now on."""
+        self._limit = max(1, min(self._limit, failed_cost) // 2)
+        self._streak = 0
+        EMBED_OOM_HALVINGS.inc()
+        EMBED_MICRO_BATCH_LIMIT.set(self._limit)
+        log.warning("out of memory at %d padded tokens: micro-batches now <= %d", failed_cost, self._limit)
+
+    def _succeeded(self) -> None:
+        if self._limit >= self._budget:
+            return
+        self._streak += 1
+        if self._streak >= REGROW_AFTER:
+            self._limit = min(self._budget, int(self._limit * REGROW_FACTOR) + 1)
+            self._streak = 0
+            EMBED_MICRO_BATCH_LIMIT.set(self._limit)
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _load_sentence_transformer(path: Path, device: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI shows its own progress
+    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    if device.startswith("cuda"):
+        model.half()
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    model.dimension = int(dimension() or 0)
+    return model
+
+
+class OnnxModel:
+    """A Transformer + Pooling (mean or CLS) [+ Normalize] sentence-transformers model, run by ONNX
+    Runtime on the CPU. sentence-transformers' own ONNX backend needs optimum-onnx, which requires
+    transformers < 4.58 (a downgrade here); this needs only onnxruntime and onnx (the `onnx` extra).
+
+    `load()` exports the model once from the local weights (torch.onnx), optionally int8-quantised
+    (dynamic, per-channel, 7-bit weights: safe on CPUs without VNNI), checks it against torch's
+    vectors (cosine >= ONNX_MIN_COSINE) and caches it in cache_dir under a hash of the model's files
+    and the variant; later starts load the file without importing sentence-transformers."""
+
+    def __init__(self, model_dir: Path, file: Path, threads: int) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.pooling, self.normalize, transformer_dir = _onnx_compatible(model_dir)
+        config = json.loads((model_dir / "sentence_bert_config.json").read_text())
+        self.file = file
+        self.tokenizer = Tokenizer.from_file(str(transformer_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(int(config.get("max_seq_length", 512)))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # No spinning: idle ORT threads would burn the CPU that the chunker and writer need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.dimension = int(self.session.get_outputs()[0].shape[-1])
+
+    @classmethod
+    def load(cls, model_dir: Path, quantized: bool, threads: int, cache_dir: Path) -> OnnxModel:
+        return cls(model_dir, export_onnx(model_dir, quantized, cache_dir), threads)
+
+    def encode(self, texts: list[str], normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.zeros((len(texts), max(len(e.ids) for e in encodings)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(encodings):
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        if self.pooling == "cls":
+            vectors = hidden[:, 0]
+        else:
+            vectors = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        if normalize_embeddings or self.normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-    def embed_chunks(self, chunks: list[Chunk]) -> np.ndarray:
-        """One vector per chunk, in chunk order. The part is sorted by length and cut into
-        micro-batches of batch_size, so each batch pads little; each micro-batch is measured."""
-        vectors = np.zeros((len(chunks), self.dimension), dtype=np.float32)
-        order = sorted(range(len(chunks)), key=lambda i: -chunks[i].tokens)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            started = time.perf_counter()
-            vectors[rows] = self.embed([chunks[i].text for i in rows])
-            observe_micro_batch(time.perf_counter() - started, len(rows), [chunks[i].tokens for i in rows])
-        return vectors
+def _onnx_compatible(model_dir: Path) -> tuple[str, bool, Path]:
+    """(pooling, normalize, transformer directory) of a model the ONNX backends can run, else ConfigError."""
+    modules = json.loads((model_dir / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise ConfigError(f"the ONNX backends run Transformer + Pooling [+ Normalize] models; {model_dir} has {kinds}")
+    pooling = json.loads((model_dir / modules[1]["path"] / "config.json").read_text())
+    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+        raise ConfigError(f"the ONNX backends support mean or CLS pooling; {model_dir} uses {modes}")
+    return ("cls" if modes == ["pooling_mode_cls_token"] else "mean"), len(kinds) == 3, model_dir / modules[0]["path"]
+
+
+def export_onnx(model_dir: Path, quantized: bool, cache_dir: Path) -> Path:
+    """The cached ONNX file of this model (int8 if `quantized`), exported and checked first if missing.
+    The key hashes the model's files, so a changed model gets a fresh export; concurrent exporters
+    each write a temporary directory of their own and the first rename wins."""
+    digest = hashlib.blake2b(f"{ONNX_FORMAT}:{'int8' if quantized else 'fp32'}".encode(), digest_size=16)
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix != ".md"):
+        digest.update(str(f.relative_to(model_dir)).encode())
+        with f.open("rb") as data:
+            while block := data.read(1 << 20):
+                digest.update(block)
+    target = cache_dir / digest.hexdigest()
+    if (target / "model.onnx").is_file():
+        return target / "model.onnx"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as tmp:
+        work = Path(tmp) / "model"
+        work.mkdir()
+        cosine = _export(model_dir, quantized, work)
+        meta = {"model": str(model_dir), "int8": quantized, "min_cosine_to_torch": round(cosine, 5)}
+        (work / "meta.json").write_text(json.dumps(meta))
+        try:
+            work.rename(target)
+        except OSError:  # another process exported it first
+            if not (target / "model.onnx").is_file():
+                raise
+    log.info("exported %s to %s in %.1f s: %s", model_dir.name, target, time.perf_counter() - started, meta)
+    return target / "model.onnx"
+
+
+def _export(model_dir: Path, quantized: bool, work: Path) -> float:
+    """Export (and quantise) into work/model.onnx; return the smallest cosine to torch's vectors on
+    _ONNX_CHECK_TEXTS (ConfigError if below ONNX_MIN_COSINE)."""
+    import inspect
+    import warnings
+
+    import torch
+
+    st = _load_sentence_transformer(model_dir, "cpu")
+    hf = st[0].auto_model.eval()
+    tokenize = getattr(st, "preprocess", None) or st.tokenize  # renamed in sentence-transformers 6
+    sample = tokenize(["an example", "a slightly longer example text"])
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
+    names = [n for n in names if n in inspect.signature(hf.forward).parameters]
+
+    class Hidden(torch.nn.Module):  # positional inputs for the exporter; the last hidden state out
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = hf
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state
+
+    fp32 = work / ("fp32.onnx" if quantized else "model.onnx")
+    dynamic = {n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow: harmless here
+        torch.onnx.export(
+            Hidden(),
+            tuple(sample[n] for n in names),
+            str(fp32),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=dynamic,
+            opset_version=17,
+            dynamo=False,
+        )
+    if quantized:
+        _quantize(fp32, work / "model.onnx")
+        fp32.unlink()
+    texts = list(_ONNX_CHECK_TEXTS)
+    want = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    got = OnnxModel(model_dir, work / "model.onnx", threads=1).encode(texts)
+    cosine = float((want * got).sum(axis=1).min())
+    if cosine < ONNX_MIN_COSINE:
+        raise ConfigError(f"the ONNX export of {model_dir} differs from torch (cosine {cosine:.4f}); use backend torch")
+    return cosine
 
 
 def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
@@ -97,7 +394,14 @@ def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
         from workers.embed_api import ApiEmbedder
 
         return ApiEmbedder(settings, redis)  # type: ignore[return-value]
-    return Embedder(settings.model, settings.device, settings.batch_size, settings.dimensions)
+    return Embedder(
+        settings.model,
+        settings.device,
+        settings.batch_size,
+        settings.dimensions,
+        settings.backend,
+        settings.micro_batch_tokens,
+    )
 
 
 def embed_batch(chunks: list[Chunk], embedder: Embedder) -> np.ndarray:
@@ -127,7 +431,8 @@ def embed_part(
         new = embed_batch(batch, embedder) if batch else np.zeros((0, embedder.dimension), dtype=np.float32)
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
-    vectors = np.zeros((len(chunks), embedder.dimension), dtype=np.float32)
+    # an API model of unknown size learns its dimension from its first response
+    vectors = np.zeros((len(chunks), new.shape[1] if rows else embedder.dimension), dtype=np.float32)
     by_key = dict(found)
     by_key.update({keys[r]: new[i] for i, r in enumerate(rows) if i not in failed_new})
     failed = {}
@@ -180,3 +485,30 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
         pipe.execute()
     log.info("embed %s/%d: %d chunks in %.2f s, %d refused", batch_id, part, len(chunks), seconds, len(failed))
     return {"chunks": len(chunks), "failed": len(failed)}
+
+
+def _quantize(fp32: Path, out: Path) -> None:
+    """Dynamic int8: weights per channel in 7 bits (reduce_range: no saturation on AVX2 CPUs without
+    VNNI), activations per tensor at run time, only MatMuls with a constant weight. The FFN's
+    down-projections (weights with more rows than columns: 1536 x 384 in MiniLM) stay float: their
+    inputs have the outliers that int8 activations clip. Measured on the sample corpus: min cosine to
+    torch 0.994 with them float, 0.983-0.988 with everything quantised, for ~10% of the speed-up."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    down = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and len(d := shapes.get(n.input[1], ())) == 2 and d[0] > d[1]
+    ]
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        nodes_to_exclude=down,
+        extra_options={"MatMulConstBOnly": True},
+    )
