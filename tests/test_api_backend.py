@@ -19,10 +19,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from producer.sources import iter_sources, resolve
 from shared.errors import ConfigError, EmbedFailures, RetryableError
 from shared.messages import Chunk
 from shared.ratelimit import Limits, LocalBudget, RedisBudget
 from shared.settings import Settings
+from shared.store import open_store
 from shared.tokenizer_api import ApiTokenizer
 from workers.api_protocol import duration_s, pack_requests, plan_requests, retry_after_s
 from workers.chunk import ChunkPolicy, chunk_batch
@@ -668,3 +670,75 @@ def _all_values(redis: Redis) -> str:
         }.get(kind, lambda k: [])(key)
         out += [key, *[v for v in value if v is not None]]
     return "\n".join(x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in out)
+
+
+def _refusal_corpus(root: Path) -> dict[str, str]:
+    """Short documents the server embeds, and two whose single chunk is over its 40-token limit."""
+    root.mkdir()
+    docs = {f"ok-{i}.txt": f"Short note number {i} about tea." for i in range(4)}
+    docs |= {f"long-{i}.txt": " ".join(WORDS * (4 + i)) for i in range(2)}
+    for name, text in docs.items():
+        (root / name).write_text(text)
+    return docs
+
+
+def _assert_refused_documents_are_dead_letters(store: str, letters: list, docs: dict[str, str]) -> None:
+    refused = {d for d in docs if d.startswith("long-")}
+    assert {d["doc_id"] if isinstance(d, dict) else d.doc_id for d in letters} == refused
+    for d in letters:
+        reason = d["reason"] if isinstance(d, dict) else d.reason
+        message = d["message"] if isinstance(d, dict) else d.message
+        assert reason == "model_error" and "maximum context length is 40 tokens" in message
+    handle = open_store(store)
+    assert handle.doc_ids() == set(docs) - refused
+    assert handle.chunk_ids(sorted(refused)) == {d: set() for d in refused}
+    assert len(handle.chunk_ids(sorted(set(docs) - refused))) == 4
+    handle.close()
+
+
+def test_chunks_the_api_refuses_make_their_documents_dead_letters_embedded(tmp_path):
+    """The pipeline, not just the embedder: a refused chunk's document is a model_error dead letter
+    with the API's message and its source kept; every other document is stored."""
+    from shared.ledger import LocalLedger, local_ledger_path
+    from workers.embedded import EmbeddedRun
+
+    docs = _refusal_corpus(tmp_path / "corpus")
+    store = str(tmp_path / "store")
+    with serve(max_input_tokens=40) as server:
+        settings = Settings.from_env(
+            {}, model=SMALL, openai_base_url=server.url, openai_api_key="k", store=store, chunk_tokens=200
+        )
+        summary = EmbeddedRun(settings).run(iter_sources(resolve([str(tmp_path / "corpus")]), 10**6))
+    assert (summary.documents, summary.documents_stored, summary.failed) == (6, 4, 2)
+    ledger = LocalLedger(local_ledger_path(tmp_path / "store"))
+    letters = ledger.dead()
+    _assert_refused_documents_are_dead_letters(store, letters, docs)
+    assert all(ledger.source(d.doc_id)["text"] == docs[d.doc_id] for d in letters)  # kept for redrive
+
+
+@pytest.mark.slow
+def test_chunks_the_api_refuses_make_their_documents_dead_letters_distributed(tmp_path, redis_url):
+    docs = _refusal_corpus(tmp_path / "corpus")
+    proc, url = _start_server(tmp_path / "server.log", "--max-input-tokens", "40")
+    store = str(tmp_path / "store")
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=store,
+        EMBEDPIPE_MODEL=SMALL,
+        EMBEDPIPE_OPENAI_BASE_URL=url + "/v1",
+        EMBEDPIPE_OPENAI_API_KEY="k",
+        EMBEDPIPE_CHUNK_TOKENS="200",
+        EMBEDPIPE_INBOX_WAIT_S="0.2",
+    )
+    pool = Pool(env, tmp_path / "logs")
+    try:
+        pool.start_all(Redis.from_url(redis_url))
+        embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
+        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        letters = json.loads(embedpipe("failed", "--json", "--redis", env=env).stdout)
+    finally:
+        codes = pool.stop()
+        proc.terminate()
+        proc.wait(30)
+    assert codes == dict.fromkeys(codes, 0), codes
+    _assert_refused_documents_are_dead_letters(store, letters, docs)

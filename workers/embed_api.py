@@ -484,6 +484,6 @@ class ApiEmbedder:
     def _redact(self, text: str) -> str:
         """A message from the server or the client, without the API key or anything shaped like one."""
         key = self.settings.openai_api_key
-        if key:
-            text = text.replace(key, "***")
+        if key:  # as a whole token: a short key must not mangle the words it happens to be in
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", "***", text)
         return re.sub(r"\bsk-[A-Za-z0-9_\-*]{4,}", "sk-***", text)
