@@ -5,11 +5,8 @@ The model is loaded once per process by `Embedder.warm_up()`, never at import an
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,14 +43,6 @@ GPU_MICRO_BATCH_TOKENS = 65536
 REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget grows again ...
 REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
 BACKENDS = ("torch", "onnx", "onnx-int8")
-ONNX_FORMAT = "2"  # part of the cache key: bump when the export changes
-# Checked at export: ONNX vectors must match torch's on these texts (cosine), else the export is refused.
-ONNX_MIN_COSINE = 0.99
-_ONNX_CHECK_TEXTS = (
-    "Green tea is steeped at 80 °C for two minutes.",
-    "How do client and server agree on a secret key over an open network?",
-    " ".join(["The mitochondria regulate apoptosis through the release of cytochrome c."] * 20),
-)
 
 
 class Embedder:
@@ -126,10 +115,12 @@ class Embedder:
         self._tokenizer = ModelTokenizer(self.model_name)  # counts the tokens of embed()'s texts
         self._special, self._max_len = self._tokenizer.info.special_tokens, self._tokenizer.info.max_seq_length
         if self.backend.startswith("onnx"):
+            from workers.embed_onnx import OnnxModel
+
             self._model = OnnxModel.load(path, self.backend == "onnx-int8", threads, self.cache_dir)
             self._oom = ()
         else:
-            self._model = _load_sentence_transformer(path, device)
+            self._model = load_sentence_transformer(path, device)
             self._oom = (torch.cuda.OutOfMemoryError,)
         self.dimension = self._model.dimension
         if 0 < self.dimensions < self.dimension:
@@ -231,7 +222,7 @@ class Embedder:
             torch.cuda.empty_cache()
 
 
-def _load_sentence_transformer(path: Path, device: str) -> Any:
+def load_sentence_transformer(path: Path, device: str) -> Any:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
@@ -242,149 +233,6 @@ def _load_sentence_transformer(path: Path, device: str) -> Any:
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     model.dimension = int(dimension() or 0)
     return model
-
-
-class OnnxModel:
-    """A Transformer + Pooling (mean or CLS) [+ Normalize] sentence-transformers model, run by ONNX
-    Runtime on the CPU. sentence-transformers' own ONNX backend needs optimum-onnx, which requires
-    transformers < 4.58 (a downgrade here); this needs only onnxruntime and onnx (the `onnx` extra).
-
-    `load()` exports the model once from the local weights (torch.onnx), optionally int8-quantised
-    (dynamic, per-channel, 7-bit weights: safe on CPUs without VNNI), checks it against torch's
-    vectors (cosine >= ONNX_MIN_COSINE) and caches it in cache_dir under a hash of the model's files
-    and the variant; later starts load the file without importing sentence-transformers."""
-
-    def __init__(self, model_dir: Path, file: Path, threads: int) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        self.pooling, self.normalize, transformer_dir = _onnx_compatible(model_dir)
-        config = json.loads((model_dir / "sentence_bert_config.json").read_text())
-        self.file = file
-        self.tokenizer = Tokenizer.from_file(str(transformer_dir / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(int(config.get("max_seq_length", 512)))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # No spinning: idle ORT threads would burn the CPU that the chunker and writer need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.dimension = int(self.session.get_outputs()[0].shape[-1])
-
-    @classmethod
-    def load(cls, model_dir: Path, quantized: bool, threads: int, cache_dir: Path) -> OnnxModel:
-        return cls(model_dir, export_onnx(model_dir, quantized, cache_dir), threads)
-
-    def encode(self, texts: list[str], normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.zeros((len(texts), max(len(e.ids) for e in encodings)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
-        if self.pooling == "cls":
-            vectors = hidden[:, 0]
-        else:
-            vectors = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
-        if normalize_embeddings or self.normalize:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def _onnx_compatible(model_dir: Path) -> tuple[str, bool, Path]:
-    """(pooling, normalize, transformer directory) of a model the ONNX backends can run, else ConfigError."""
-    modules = json.loads((model_dir / "modules.json").read_text())
-    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
-    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        raise ConfigError(f"the ONNX backends run Transformer + Pooling [+ Normalize] models; {model_dir} has {kinds}")
-    pooling = json.loads((model_dir / modules[1]["path"] / "config.json").read_text())
-    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
-    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
-        raise ConfigError(f"the ONNX backends support mean or CLS pooling; {model_dir} uses {modes}")
-    return ("cls" if modes == ["pooling_mode_cls_token"] else "mean"), len(kinds) == 3, model_dir / modules[0]["path"]
-
-
-def export_onnx(model_dir: Path, quantized: bool, cache_dir: Path) -> Path:
-    """The cached ONNX file of this model (int8 if `quantized`), exported and checked first if missing.
-    The key hashes the model's files, so a changed model gets a fresh export; concurrent exporters
-    each write a temporary directory of their own and the first rename wins."""
-    digest = hashlib.blake2b(f"{ONNX_FORMAT}:{'int8' if quantized else 'fp32'}".encode(), digest_size=16)
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix != ".md"):
-        digest.update(str(f.relative_to(model_dir)).encode())
-        with f.open("rb") as data:
-            while block := data.read(1 << 20):
-                digest.update(block)
-    target = cache_dir / digest.hexdigest()
-    if (target / "model.onnx").is_file():
-        return target / "model.onnx"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as tmp:
-        work = Path(tmp) / "model"
-        work.mkdir()
-        cosine = _export(model_dir, quantized, work)
-        meta = {"model": str(model_dir), "int8": quantized, "min_cosine_to_torch": round(cosine, 5)}
-        (work / "meta.json").write_text(json.dumps(meta))
-        try:
-            work.rename(target)
-        except OSError:  # another process exported it first
-            if not (target / "model.onnx").is_file():
-                raise
-    log.info("exported %s to %s in %.1f s: %s", model_dir.name, target, time.perf_counter() - started, meta)
-    return target / "model.onnx"
-
-
-def _export(model_dir: Path, quantized: bool, work: Path) -> float:
-    """Export (and quantise) into work/model.onnx; return the smallest cosine to torch's vectors on
-    _ONNX_CHECK_TEXTS (ConfigError if below ONNX_MIN_COSINE)."""
-    import inspect
-    import warnings
-
-    import torch
-
-    st = _load_sentence_transformer(model_dir, "cpu")
-    hf = st[0].auto_model.eval()
-    tokenize = getattr(st, "preprocess", None) or st.tokenize  # renamed in sentence-transformers 6
-    sample = tokenize(["an example", "a slightly longer example text"])
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
-    names = [n for n in names if n in inspect.signature(hf.forward).parameters]
-
-    class Hidden(torch.nn.Module):  # positional inputs for the exporter; the last hidden state out
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = hf
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state
-
-    fp32 = work / ("fp32.onnx" if quantized else "model.onnx")
-    dynamic = {n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow: harmless here
-        torch.onnx.export(
-            Hidden(),
-            tuple(sample[n] for n in names),
-            str(fp32),
-            input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes=dynamic,
-            opset_version=17,
-            dynamo=False,
-        )
-    if quantized:
-        _quantize(fp32, work / "model.onnx")
-        fp32.unlink()
-    texts = list(_ONNX_CHECK_TEXTS)
-    want = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    got = OnnxModel(model_dir, work / "model.onnx", threads=1).encode(texts)
-    cosine = float((want * got).sum(axis=1).min())
-    if cosine < ONNX_MIN_COSINE:
-        raise ConfigError(f"the ONNX export of {model_dir} differs from torch (cosine {cosine:.4f}); use backend torch")
-    return cosine
 
 
 def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
@@ -485,30 +333,3 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
         pipe.execute()
     log.info("embed %s/%d: %d chunks in %.2f s, %d refused", batch_id, part, len(chunks), seconds, len(failed))
     return {"chunks": len(chunks), "failed": len(failed)}
-
-
-def _quantize(fp32: Path, out: Path) -> None:
-    """Dynamic int8: weights per channel in 7 bits (reduce_range: no saturation on AVX2 CPUs without
-    VNNI), activations per tensor at run time, only MatMuls with a constant weight. The FFN's
-    down-projections (weights with more rows than columns: 1536 x 384 in MiniLM) stay float: their
-    inputs have the outliers that int8 activations clip. Measured on the sample corpus: min cosine to
-    torch 0.994 with them float, 0.983-0.988 with everything quantised, for ~10% of the speed-up."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
-    down = [
-        n.name
-        for n in graph.node
-        if n.op_type == "MatMul" and len(d := shapes.get(n.input[1], ())) == 2 and d[0] > d[1]
-    ]
-    quantize_dynamic(
-        str(fp32),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        reduce_range=True,
-        nodes_to_exclude=down,
-        extra_options={"MatMulConstBOnly": True},
-    )
