@@ -172,10 +172,11 @@ def child_bare(docs_file: str, backend: str) -> dict:
     texts = [c.text for c in chunks]
     embedder = Embedder(MODEL, DEVICE, backend=backend).warm_up()
     model = embedder._model
-    if backend == "torch":
+    if backend.startswith("torch"):
 
         def encode(b: int) -> None:
-            model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
+            with embedder._precision():  # bf16 autocast for torch-bf16 on the CPU
+                model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
 
     else:  # the runtime itself, over all texts sorted by length (what encode() does for torch)
         ordered = sorted(texts, key=len, reverse=True)
@@ -432,7 +433,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
     rss = {n: m.stop() for n, m in monitors.items()}
     # How evenly the embedders shared the work (chunks per embedder), and when the first embed job
     # started and the last one ended (seconds after the clock started), from their line per job.
-    shares, first, last = {}, [], []
+    shares, first, last, busy_s = {}, [], [], 0.0
     for proc_name in procs:
         if proc_name.startswith("embed"):
             jobs = re.findall(
@@ -441,6 +442,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
                 re.M,
             )
             shares[proc_name] = sum(int(n) for _, n, _ in jobs)
+            busy_s += sum(float(s) for _, _, s in jobs)
             ends = [
                 time.mktime(time.strptime(t.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(t.split(",")[1]) / 1000
                 for t, _, _ in jobs
@@ -448,7 +450,11 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
             first += [e - float(s) for e, (_, _, s) in zip(ends, jobs, strict=True)]
             last += ends
     busy = (
-        {"first_embed_start_s": round(min(first) - wall0, 2), "last_embed_end_s": round(max(last) - wall0, 2)}
+        {
+            "first_embed_start_s": round(min(first) - wall0, 2),
+            "last_embed_end_s": round(max(last) - wall0, 2),
+            "embed_job_s": round(busy_s, 2),
+        }
         if first
         else {}
     )
@@ -520,7 +526,8 @@ def outside_cost(rows: dict[str, dict], bare: dict, bare_fast: dict | None) -> l
             if "first_embed_start_s" in r:
                 lines.append(
                     f"  first embed job started at {r['first_embed_start_s']:.1f} s, the last ended at"
-                    f" {r['last_embed_end_s']:.1f} s of {r['seconds']:.1f} s (start-up and drain: the rest)"
+                    f" {r['last_embed_end_s']:.1f} s of {r['seconds']:.1f} s (start-up and drain: the rest);"
+                    f" embed jobs took {r['embed_job_s']:.1f} s in all"
                 )
         elif key.startswith("embedded") and key != "embedded-cli" and "cpu_s" in r:
             ref = bare_fast if key == "embedded-fast" else bare

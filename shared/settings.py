@@ -19,6 +19,8 @@ from shared.errors import ConfigError
 
 ENV_PREFIX = "EMBEDPIPE_"
 STAGES = ("load", "chunk", "embed", "write")
+# Model runtimes of local models. Each computes other vectors, so the backend is part of the embedding spec.
+BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
 
 
 def setting(default: Any, help: str) -> Any:
@@ -58,8 +60,13 @@ class Settings:
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     # --- throughput -----------------------------------------------------------------------------
-    backend: str = setting("torch", "Model runtime: torch (fp16 on CUDA), onnx, onnx-int8 (ONNX: CPU only).")
+    backend: str = setting(
+        "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."
+    )
     micro_batch_tokens: int = setting(0, "Padded tokens per forward pass; 0 = 4096 on CPU, 65536 on GPU.")
+    support_nice: int = setting(
+        10, "Niceness the load, chunk and write workers and the janitor take, so embedders get the CPU first."
+    )
     # --- OpenAI-compatible API models (EMBEDPIPE_MODEL=openai:NAME) ------------------------------
     openai_base_url: str = setting("", "OpenAI-compatible server for openai:MODEL ('' = api.openai.com).")
     api_concurrency: int = setting(4, "Concurrent embedding requests per embedder process.")
@@ -106,8 +113,10 @@ class Settings:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:
             raise ConfigError(f"{env_name('chunk_overlap')} must be in [0, 0.5), got {self.chunk_overlap}")
-        if self.backend not in ("torch", "onnx", "onnx-int8"):
-            raise ConfigError(f"{env_name('backend')} must be torch, onnx or onnx-int8, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{env_name('backend')} must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.support_nice <= 19:
+            raise ConfigError(f"{env_name('support_nice')} must be 0 (off) to 19, got {self.support_nice}")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if self.chunk_tokens < 0:

@@ -35,7 +35,7 @@ class EmbeddingSpec:
     chunk_tokens: int
     chunk_overlap_tokens: int
     chunker_version: int = CHUNKER_VERSION
-    backend: str = "torch"  # onnx-int8 quantises the weights: other vectors
+    backend: str = "torch"  # bf16 and int8 ONNX compute other vectors than float32 torch
     query_prefix: str = ""  # put before queries: changes no stored vector, so not in the fingerprint
 
     @property

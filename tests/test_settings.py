@@ -24,6 +24,8 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_BATCH_SIZE": "0"},
         {"EMBEDPIPE_REDIS_URL": "http://x"},
         {"EMBEDPIPE_CHUNK_OVERLAP": "0.9"},
+        {"EMBEDPIPE_BACKEND": "bf16"},
+        {"EMBEDPIPE_SUPPORT_NICE": "20"},
         {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
     ],
 )

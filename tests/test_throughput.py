@@ -1,6 +1,6 @@
 """Throughput machinery (issue 7): token-budget parts, token-budget micro-batches that keep the order,
 halving on CUDA out-of-memory (the exception injected into the real model's encode, as the issue
-allows on a CPU), and the ONNX int8 backend against torch on the sample corpus.
+allows on a CPU), and the ONNX int8 and bf16 backends against torch on the sample corpus.
 
 Speed itself is measured in bench/throughput.py, never asserted here."""
 
@@ -209,3 +209,20 @@ def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, ex
     assert os.stat(exported / "model.onnx").st_mtime_ns == stamp
     assert [p.name for p in cache.iterdir()] == [exported.name]
     np.testing.assert_allclose(again.embed(["a query"]), onnx.embed(["a query"]), atol=1e-6)
+
+
+# --- torch bf16 on the CPU -----------------------------------------------------------------------
+
+
+def test_bf16_matches_float32_on_the_sample_corpus_and_names_its_own_collection(embedder, example_chunks):
+    from shared.settings import Settings
+    from shared.spec import spec_for
+
+    bf16 = Embedder(MODEL, "cpu", backend="torch-bf16").warm_up()
+    got, want = bf16.embed_chunks(example_chunks), embedder.embed_chunks(example_chunks)
+    cosine = (got * want).sum(axis=1)
+    assert cosine.min() >= 0.99, f"min cosine {cosine.min():.4f} (mean {cosine.mean():.4f})"
+    assert cosine.min() < 0.99999  # the forward really ran in bfloat16
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # float32, normalised
+    # its vectors differ from float32's, so they go to a collection of their own
+    assert spec_for(Settings(backend="torch-bf16")).collection != spec_for(Settings()).collection

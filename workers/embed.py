@@ -5,9 +5,12 @@ The model is loaded once per process by `Embedder.warm_up()`, never at import an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from shared.metrics import (
     observe_micro_batch,
 )
 from shared.models import ModelTokenizer, is_api_model, resolve_model_path
-from shared.settings import Settings
+from shared.settings import BACKENDS, Settings
 from shared.spec import EmbeddingSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,14 @@ CPU_MICRO_BATCH_TOKENS = 4096
 GPU_MICRO_BATCH_TOKENS = 65536
 REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget grows again ...
 REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
-BACKENDS = ("torch", "onnx", "onnx-int8")
+# Backends that change the arithmetic (bf16, ONNX) are checked when they load: their vectors must match
+# torch float32's on these texts (cosine), else the backend is refused.
+MIN_COSINE = 0.99
+CHECK_TEXTS = (
+    "Green tea is steeped at 80 °C for two minutes.",
+    "How do client and server agree on a secret key over an open network?",
+    " ".join(["The mitochondria regulate apoptosis through the release of cytochrome c."] * 20),
+)
 
 
 class Embedder:
@@ -51,8 +61,9 @@ class Embedder:
     memory the budget is halved and the micro-batch retried; a single text that still fails is
     reported in EmbedFailures while every other text gets its vector.
 
-    backend: torch (CUDA fp16 where present); onnx or onnx-int8 (ONNX Runtime, CPU only: exported from
-    the local weights once, cached under cache_dir, checked against torch's vectors at export).
+    backend: torch (CUDA fp16 where present); torch-bf16 (bfloat16 matmuls on the CPU, bfloat16 weights on
+    CUDA); onnx or onnx-int8 (ONNX Runtime, CPU only: exported from the local weights once, cached under
+    cache_dir, checked against torch's vectors at export).
     threads: CPU threads for the model; 0 = the CPUs this process may run on (see warm_up)."""
 
     def __init__(
@@ -78,6 +89,7 @@ class Embedder:
         self.cache_dir = cache_dir or Path.home() / ".cache" / "embedpipe" / "onnx"
         self._model: Any = None
         self._oom: tuple[type[BaseException], ...] = ()
+        self._precision: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext  # around each forward
         self._budget = self._limit = 0  # padded tokens per micro-batch: configured, and current
         self._streak = 0  # successful micro-batches in a row while the limit is below the budget
         self._tokenizer: ModelTokenizer | None = None
@@ -120,8 +132,11 @@ class Embedder:
             self._model = OnnxModel.load(path, self.backend == "onnx-int8", threads, self.cache_dir)
             self._oom = ()
         else:
-            self._model = load_sentence_transformer(path, device)
+            bf16 = self.backend == "torch-bf16"
+            self._model = load_sentence_transformer(path, device, bf16)
             self._oom = (torch.cuda.OutOfMemoryError,)
+            if bf16 and device == "cpu":
+                self._precision = cpu_bf16(self._model)
         self.dimension = self._model.dimension
         if 0 < self.dimensions < self.dimension:
             self.dimension = self.dimensions
@@ -190,9 +205,10 @@ class Embedder:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         """One forward pass: normalised float32 vectors, truncated to `dimension`."""
-        vectors = self._model.encode(
-            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
+        with self._precision():
+            vectors = self._model.encode(
+                texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            )
         if self.dimension < vectors.shape[1]:  # truncate, then back onto the unit sphere
             vectors = vectors[:, : self.dimension]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -222,17 +238,44 @@ class Embedder:
             torch.cuda.empty_cache()
 
 
-def load_sentence_transformer(path: Path, device: str) -> Any:
+def load_sentence_transformer(path: Path, device: str, bf16: bool = False) -> Any:
+    """The model on `device`; on CUDA with fp16 weights (bf16 if asked)."""
+    import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress
     model = SentenceTransformer(str(path), device=device, local_files_only=True)
     if device.startswith("cuda"):
-        model.half()
+        model.to(torch.bfloat16 if bf16 else torch.float16)
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     model.dimension = int(dimension() or 0)
     return model
+
+
+def cpu_bf16(model: Any) -> Callable[[], AbstractContextManager[Any]]:
+    """The context for bf16 forward passes on the CPU: autocast runs the matmuls in bfloat16 (float32
+    accumulation) and keeps layer norms, softmax and pooling in float32, with the float32 weights. Fast
+    only where the CPU multiplies bf16 natively (AVX512_BF16 or AMX); refused if its vectors drift below
+    MIN_COSINE from float32's on CHECK_TEXTS."""
+    import torch
+
+    native = [f for f in ("avx512_bf16", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+    if not native:
+        log.warning("this CPU has no native bfloat16 (AVX512_BF16, AMX): torch-bf16 is likely slower than torch")
+
+    def autocast() -> AbstractContextManager[Any]:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    texts = list(CHECK_TEXTS)
+    want = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    with autocast():
+        got = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    cosine = float((want * np.asarray(got, dtype=np.float32)).sum(axis=1).min())
+    if cosine < MIN_COSINE:
+        raise ConfigError(f"bf16 vectors differ from float32 (cosine {cosine:.4f}); use backend torch")
+    log.info("bf16 on the CPU (%s): min cosine to float32 %.5f", ", ".join(native) or "emulated", cosine)
+    return autocast
 
 
 def make_embedder(settings: Settings, redis: Any = None) -> Embedder:

@@ -2,7 +2,7 @@
 
 The model is exported from the local weights once (no download), cached under the embedder's
 cache_dir by a hash of the model files and the variant, and refused if its vectors drift below
-ONNX_MIN_COSINE from torch's on fixed texts.
+MIN_COSINE from torch's on fixed texts.
 """
 
 from __future__ import annotations
@@ -18,17 +18,11 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ConfigError
+from workers.embed import CHECK_TEXTS, MIN_COSINE, load_sentence_transformer
 
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "2"  # part of the cache key: bump when the export changes
-# Checked at export: ONNX vectors must match torch's on these texts (cosine), else the export is refused.
-ONNX_MIN_COSINE = 0.99
-_ONNX_CHECK_TEXTS = (
-    "Green tea is steeped at 80 °C for two minutes.",
-    "How do client and server agree on a secret key over an open network?",
-    " ".join(["The mitochondria regulate apoptosis through the release of cytochrome c."] * 20),
-)
 
 
 class OnnxModel:
@@ -38,7 +32,7 @@ class OnnxModel:
 
     `load()` exports the model once from the local weights (torch.onnx), optionally int8-quantised
     (dynamic, per-channel, 7-bit weights: safe on CPUs without VNNI), checks it against torch's
-    vectors (cosine >= ONNX_MIN_COSINE) and caches it in cache_dir under a hash of the model's files
+    vectors (cosine >= MIN_COSINE) and caches it in cache_dir under a hash of the model's files
     and the variant; later starts load the file without importing sentence-transformers."""
 
     def __init__(self, model_dir: Path, file: Path, threads: int) -> None:
@@ -127,13 +121,11 @@ def export_onnx(model_dir: Path, quantized: bool, cache_dir: Path) -> Path:
 
 def _export(model_dir: Path, quantized: bool, work: Path) -> float:
     """Export (and quantise) into work/model.onnx; return the smallest cosine to torch's vectors on
-    _ONNX_CHECK_TEXTS (ConfigError if below ONNX_MIN_COSINE)."""
+    CHECK_TEXTS (ConfigError if below MIN_COSINE)."""
     import inspect
     import warnings
 
     import torch
-
-    from workers.embed import load_sentence_transformer
 
     st = load_sentence_transformer(model_dir, "cpu")
     hf = st[0].auto_model.eval()
@@ -167,11 +159,11 @@ def _export(model_dir: Path, quantized: bool, work: Path) -> float:
     if quantized:
         _quantize(fp32, work / "model.onnx")
         fp32.unlink()
-    texts = list(_ONNX_CHECK_TEXTS)
+    texts = list(CHECK_TEXTS)
     want = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     got = OnnxModel(model_dir, work / "model.onnx", threads=1).encode(texts)
     cosine = float((want * got).sum(axis=1).min())
-    if cosine < ONNX_MIN_COSINE:
+    if cosine < MIN_COSINE:
         raise ConfigError(f"the ONNX export of {model_dir} differs from torch (cosine {cosine:.4f}); use backend torch")
     return cosine
 

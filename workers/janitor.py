@@ -27,7 +27,7 @@ from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, decode_inbox_message
 from shared.metrics import RETRIES, serve
 from shared.settings import STAGES, Settings
-from workers.runtime import JOB_FUNCTIONS, connect, queue
+from workers.runtime import JOB_FUNCTIONS, connect, queue, yield_cpu
 from workers.write import batch_accounted
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Janitor:
 
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        yield_cpu(self.settings)
         serve(self.settings.metrics_port, "janitor")
         log.info("janitor on %s", self.settings.redis_url_redacted)
         delay = 1.0
