@@ -253,6 +253,13 @@ def load_sentence_transformer(path: Path, device: str, bf16: bool = False) -> An
     return model
 
 
+def native_bf16() -> list[str]:
+    """The CPU's native bfloat16 features torch knows of (AVX512_BF16, AMX); empty if none."""
+    import torch
+
+    return [f for f in ("avx512_bf16", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+
+
 def cpu_bf16(model: Any) -> Callable[[], AbstractContextManager[Any]]:
     """The context for bf16 forward passes on the CPU: autocast runs the matmuls in bfloat16 (float32
     accumulation) and keeps layer norms, softmax and pooling in float32, with the float32 weights. Fast
@@ -260,7 +267,7 @@ def cpu_bf16(model: Any) -> Callable[[], AbstractContextManager[Any]]:
     MIN_COSINE from float32's on CHECK_TEXTS."""
     import torch
 
-    native = [f for f in ("avx512_bf16", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+    native = native_bf16()
     if not native:
         log.warning("this CPU has no native bfloat16 (AVX512_BF16, AMX): torch-bf16 is likely slower than torch")
 
