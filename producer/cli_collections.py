@@ -32,7 +32,8 @@ def collections(as_json: bool, settings: Settings) -> None:
         spec, probe = c["spec"], c.get("probe") or {}
         quality = f"recall@10 {probe['recall_at_10']:.3f}" if probe else "no probe"
         click.echo(
-            f"{'*' if c['active'] else ' '} {c['name']}  {spec['model']}  dims {spec['dimensions'] or 'all'}  "
+            f"{'*' if c['active'] else ' '} {c['name']}  {spec['model']}  {spec.get('backend', 'torch')}  "
+            f"dims {spec['dimensions'] or 'all'}  "
             f"{c['documents']} documents  {c['chunks']} chunks  {quality}"
         )
 
