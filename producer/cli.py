@@ -371,4 +371,4 @@ def health(stage: str, settings: Settings) -> None:
 
 
 # The commands that inspect the pipeline (status, failed, redrive, probe, eval) live in their own module.
-from producer import cli_api, cli_collections, cli_inspect  # noqa: E402, F401
+from producer import cli_api, cli_collections, cli_distill, cli_inspect  # noqa: E402, F401

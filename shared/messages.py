@@ -107,6 +107,26 @@ class Chunk:
     char_start: int
     char_end: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The model's token IDs of the text, special tokens excluded, as little-endian uint32 bytes (local
+    # models; empty for API models, which read the text): the embed stage feeds them to the model as is.
+    token_ids: bytes = b""
+
+
+def pack_token_ids(ids: Any) -> bytes:
+    """Token IDs (a numpy array or a list) as the little-endian uint32 bytes a Chunk carries."""
+    import numpy as np
+
+    return np.asarray(ids, dtype="<u4").tobytes()
+
+
+def unpack_token_ids(chunk: Chunk) -> Any:
+    """A chunk's token IDs as a numpy uint32 array, checked against its token count."""
+    import numpy as np
+
+    raw = chunk.token_ids
+    if len(raw) % 4 or len(raw) // 4 != chunk.tokens:
+        raise DecodeError(f"chunk {chunk.chunk_id}: {len(raw)} bytes of token IDs for {chunk.tokens} tokens")
+    return np.frombuffer(raw, dtype="<u4")
 
 
 @dataclass(frozen=True)
@@ -123,10 +143,20 @@ class DeadLetter:
 
 
 def pack(items: list[Any]) -> bytes:
-    """Encode a list of message dataclasses (or plain dicts) as msgpack."""
-    return msgpack.packb(
-        [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in items], use_bin_type=True
-    )
+    """Encode a list of message dataclasses (or plain dicts) as msgpack. Fields are read shallowly
+    (dataclasses.asdict deep-copies every metadata dict: a third of the chunk stage's cost)."""
+    return msgpack.packb([_fields(i) if dataclasses.is_dataclass(i) else i for i in items], use_bin_type=True)
+
+
+def _fields(item: Any) -> dict[str, Any]:
+    return {name: getattr(item, name) for name in _FIELD_NAMES.setdefault(type(item), _names(type(item)))}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _unpack_list(raw: bytes | None, what: str) -> list[Any]:
@@ -142,16 +172,27 @@ def _unpack_list(raw: bytes | None, what: str) -> list[Any]:
 
 
 def _build(cls: type, items: list[Any], what: str) -> list[Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(_names(cls))
+    types = _FIELD_TYPES.get(cls, {})
     try:
         out = []
         for item in items:
             if not isinstance(item, dict) or not set(item) <= names:
                 raise DecodeError(f"{what} item has unexpected shape")
+            for key, kind in types.items():
+                if key in item and not isinstance(item[key], kind):
+                    raise DecodeError(f"{what} item: {key!r} must be {kind.__name__}")
             out.append(cls(**item))
         return out
     except TypeError as e:
         raise DecodeError(f"{what} item is incomplete: {e}") from e
+
+
+# Fields whose type a payload from Redis must have (the rest are checked where they are used).
+_FIELD_TYPES: dict[type, dict[str, type]] = {
+    Document: {"id": str, "text": str, "content_hash": str, "metadata": dict},
+    Chunk: {"chunk_id": str, "doc_id": str, "text": str, "tokens": int, "metadata": dict, "token_ids": bytes},
+}
 
 
 def decode_documents(raw: bytes | None) -> list[Document]:

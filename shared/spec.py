@@ -16,11 +16,32 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from shared.models import is_api_model, load_tokenizer, resolve_model_path
+from shared.models import STATIC_CHUNK_TOKENS, is_api_model, load_tokenizer, model_kind, resolve_model_path
 from shared.settings import Settings
 
 # Bump when a change to workers/chunk.py or workers/load.py changes the chunks of a document.
-CHUNKER_VERSION = 2
+CHUNKER_VERSION = 3
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How the chunker cuts: part of the spec, since other chunks are other vectors."""
+
+    max_tokens: int  # content tokens per chunk, special tokens excluded
+    overlap_tokens: int
+
+    @classmethod
+    def for_model(cls, max_content_tokens: int, chunk_tokens: int, overlap: float) -> ChunkPolicy:
+        """max_content_tokens: the model's limit (0 = none: a static model, STATIC_CHUNK_TOKENS by default)."""
+        size = chunk_tokens or max_content_tokens or STATIC_CHUNK_TOKENS
+        if max_content_tokens:
+            size = min(size, max_content_tokens)
+        return cls(max_tokens=size, overlap_tokens=int(size * overlap))
+
+
+def chunk_policy(tokenizer: Any, chunk_tokens: int, overlap: float) -> ChunkPolicy:
+    """The policy for this model's tokenizer and the chunk settings (EMBEDPIPE_CHUNK_TOKENS, _OVERLAP)."""
+    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, chunk_tokens, overlap)
 
 
 @dataclass(frozen=True)
@@ -69,10 +90,9 @@ class EmbeddingSpec:
 
 def spec_for(settings: Settings) -> EmbeddingSpec:
     """The spec these settings embed with; reads only small files (no torch, no model load)."""
-    from workers.chunk import ChunkPolicy
-
-    info = load_tokenizer(settings.model, settings.api_max_input_tokens).info
-    policy = ChunkPolicy.for_model(info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
+    tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
+    info = tokenizer.info
+    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
     if is_api_model(settings.model):
         revision, pooling, normalize = "api", "api", True
     else:
@@ -102,7 +122,7 @@ def _local_model_facts(path: str) -> tuple[str, str, bool]:
         with p.open("rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)
-    pooling = "mean"
+    pooling = "static" if model_kind(root) == "static" else "mean"  # a static model averages its token vectors
     config = root / "1_Pooling" / "config.json"
     if config.is_file():
         modes = [k.removeprefix("pooling_mode_") for k, v in json.loads(config.read_text()).items() if v is True]

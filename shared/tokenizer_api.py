@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.models import API_PREFIX, TokenizerInfo
+from shared.models import API_PREFIX, TokenizerInfo, Tokens
 
 DEFAULT_ENCODING = "cl100k_base"
 DEFAULT_MAX_INPUT_TOKENS = 8192
@@ -130,7 +130,10 @@ def write_tiktoken_cache(directory: Path) -> list[Path]:
 
 class ApiTokenizer:
     """Counts tokens as an API model does, with the interface of shared.models.ModelTokenizer: no
-    special tokens are added to an embedding input; `max_input_tokens` is the API's limit per input."""
+    special tokens are added to an embedding input; `max_input_tokens` is the API's limit per input.
+    The API reads text, not token IDs (`ids_are_model_inputs`): a chunk is re-counted as its own text."""
+
+    ids_are_model_inputs = False
 
     def __init__(self, model: str, max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS) -> None:
         self.model = model
@@ -162,6 +165,24 @@ class ApiTokenizer:
 
     def count(self, texts: list[str]) -> list[int]:
         return [len(self.encode(t)) for t in texts]
+
+    def encode_batch(self, texts: list[str]) -> list[Tokens]:
+        """Tokens of each text for the chunker. A token starts a word where a space precedes it or the
+        character class changes (tiktoken's pieces carry their leading space)."""
+        import numpy as np
+
+        out = []
+        for text in texts:
+            tokens = self.encode(text)
+            spans = self.offsets(text)
+            starts = np.array([s for s, _ in spans], dtype=np.int64)
+            ends = np.array([e for _, e in spans], dtype=np.int64)
+            word_start = np.ones(len(spans), dtype=bool)
+            for i in range(1, len(spans)):
+                prev_end, start = ends[i - 1], starts[i]
+                word_start[i] = start > prev_end or not (text[start - 1].isalnum() and text[start].isalnum())
+            out.append(Tokens(np.array(tokens, dtype=np.uint32), word_start, starts=starts, ends=ends))
+        return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Throughput machinery (issue 7): token-budget parts, token-budget micro-batches that keep the order,
-halving on CUDA out-of-memory (the exception injected into the real model's encode, as the issue
-allows on a CPU), and the ONNX int8 and bf16 backends against torch on the sample corpus.
+"""Throughput machinery: token-budget parts, token-budget micro-batches that keep the order, halving
+on CUDA out-of-memory (the exception injected into the real model's forward pass, as a CPU cannot run
+out of GPU memory), and the ONNX int8 and bf16 backends against torch on the sample corpus.
 
 Speed itself is measured in bench/throughput.py, never asserted here."""
 
@@ -101,58 +101,64 @@ def reference(embedder, mixed_chunks) -> np.ndarray:
     return np.stack([embedder._model.encode([c.text], normalize_embeddings=True)[0] for c in mixed_chunks])
 
 
-class RecordingEncode:
-    """Wraps the real model's encode: records each call's texts and, like a GPU of `capacity` padded
-    tokens, raises CUDA's out-of-memory error for a forward pass larger than that."""
+class RecordingForward:
+    """Wraps the real model's forward pass: records the rows of each micro-batch (the token IDs the
+    model reads, special tokens included) and, like a GPU of `capacity` padded tokens, raises CUDA's
+    out-of-memory error for a forward pass larger than that."""
 
     def __init__(self, embedder: Embedder, capacity: int = 10**9) -> None:
         import torch
 
-        from shared.models import ModelTokenizer
+        self.real, self.capacity, self.calls, self.refused = embedder._model.forward, capacity, [], 0
+        self.error = torch.cuda.OutOfMemoryError
+        embedder._model.forward = self  # nn.Module.__call__ runs the instance's forward
 
-        self.real, self.capacity, self.calls, self.refused = embedder._model.encode, capacity, [], 0
-        self.count, self.error = ModelTokenizer(MODEL).count, torch.cuda.OutOfMemoryError
-        embedder._model.encode = self
-
-    def __call__(self, texts: list[str], **kwargs):
-        cost = (max(self.count(texts)) + 2) * len(texts)
+    def __call__(self, features, **kwargs):
+        ids, mask = features["input_ids"], features["attention_mask"]
+        cost = ids.shape[0] * ids.shape[1]
         if cost > self.capacity:
             self.refused += 1
             raise self.error(f"CUDA out of memory (injected): {cost} padded tokens > {self.capacity}")
-        self.calls.append(list(texts))
-        return self.real(texts, **kwargs)
+        self.calls.append([tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)])
+        return self.real(features, **kwargs)
+
+
+def model_rows(embedder: Embedder, chunks: list[Chunk]) -> dict[tuple[int, ...], int]:
+    """What the model reads of each chunk ([CLS] IDs [SEP]) -> its length."""
+    tok = embedder._tokenizer
+    return {tuple([*tok.head_ids, *np.frombuffer(c.token_ids, "<u4"), *tok.tail_ids]): c.tokens + 2 for c in chunks}
 
 
 def test_micro_batches_follow_the_token_budget_and_vectors_come_back_in_order(mixed_chunks, reference):
     embedder = Embedder(MODEL, "cpu", batch_size=4, micro_batch_tokens=600).warm_up()
-    encode = RecordingEncode(embedder)
+    forward = RecordingForward(embedder)
     tokens_before, padded_before = EMBED_TOKENS._value.get(), EMBED_PADDED_TOKENS._value.get()
     vectors = embedder.embed_chunks(mixed_chunks)
-    by_text = {c.text: c.tokens + 2 for c in mixed_chunks}
-    for texts in encode.calls:
-        lengths = [by_text[t] for t in texts]
+    by_row = model_rows(embedder, mixed_chunks)
+    for rows in forward.calls:
+        lengths = [by_row[r] for r in rows]
         assert lengths == sorted(lengths, reverse=True)  # each micro-batch is sorted, longest first
-        assert len(texts) <= 4 and (len(texts) == 1 or max(lengths) * len(texts) <= 600)
-    assert sorted(t for call in encode.calls for t in call) == sorted(c.text for c in mixed_chunks)
+        assert len(rows) <= 4 and (len(rows) == 1 or max(lengths) * len(rows) <= 600)
+    assert sorted(r for call in forward.calls for r in call) == sorted(by_row)  # each chunk's IDs, once
     assert vectors.shape == (len(mixed_chunks), 384)
     np.testing.assert_allclose((vectors * reference).sum(axis=1), 1.0, atol=2e-3)  # row i is chunk i
     # padding efficiency = real / padded tokens, both counted per micro-batch
     real = EMBED_TOKENS._value.get() - tokens_before
-    assert len(by_text) == len(mixed_chunks) and real == sum(by_text.values())
+    assert len(by_row) == len(mixed_chunks) and real == sum(by_row.values())
     assert 0.5 < real / (EMBED_PADDED_TOKENS._value.get() - padded_before) <= 1.0
 
 
 def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, reference):
     embedder = Embedder(MODEL, "cpu", batch_size=64, micro_batch_tokens=4096).warm_up()
-    encode = RecordingEncode(embedder, capacity=1200)  # a "GPU" that holds 1200 padded tokens
+    forward = RecordingForward(embedder, capacity=1200)  # a "GPU" that holds 1200 padded tokens
     halvings = EMBED_OOM_HALVINGS._value.get()
     vectors = embedder.embed_chunks(mixed_chunks)
     np.testing.assert_allclose((vectors * reference).sum(axis=1), 1.0, atol=2e-3)  # nothing lost, in order
-    assert encode.refused >= 1 and EMBED_OOM_HALVINGS._value.get() - halvings == encode.refused
+    assert forward.refused >= 1 and EMBED_OOM_HALVINGS._value.get() - halvings == forward.refused
     assert embedder.micro_batch_limit <= 1200 < 4096
     assert EMBED_MICRO_BATCH_LIMIT._value.get() == embedder.micro_batch_limit
     # the memory is back: after runs of successes the budget grows, slowly, back to what was configured
-    encode.capacity = 10**9
+    forward.capacity = 10**9
     limits = [embedder.micro_batch_limit]
     short = [c for c in mixed_chunks if c.tokens < 30]
     while embedder.micro_batch_limit < 4096:
@@ -162,13 +168,13 @@ def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, referen
         assert len(limits) < 50
     assert all(b <= a * 1.25 + 1 for a, b in itertools.pairwise(limits))  # slowly
     assert embedder.micro_batch_limit == 4096
-    assert len(encode.calls) >= REGROW_AFTER
+    assert len(forward.calls) >= REGROW_AFTER
 
 
 def test_a_single_text_that_still_runs_out_of_memory_fails_alone(mixed_chunks, reference):
     embedder = Embedder(MODEL, "cpu", micro_batch_tokens=4096).warm_up()
     longest = max(c.tokens for c in mixed_chunks) + 2
-    RecordingEncode(embedder, capacity=longest - 1)  # the longest chunks cannot pass, even alone
+    RecordingForward(embedder, capacity=longest - 1)  # the longest chunks cannot pass, even alone
     with pytest.raises(EmbedFailures) as caught:
         embedder.embed_chunks(mixed_chunks)
     failed = caught.value.failed

@@ -3,58 +3,69 @@
 Chunks are counted with the embedding model's own tokenizer, so none exceeds what the model reads
 (256 - 2 special = 254 tokens for all-MiniLM-L6-v2; a longer input is silently truncated by the
 model). Cuts prefer paragraph, then sentence, then word boundaries; consecutive chunks overlap.
+
+Each document is tokenised once. For a local model the chunk's token IDs are a slice of the
+document's and travel with the chunk (`Chunk.token_ids`): the embed stage feeds them to the model
+as they are and never tokenises again. The cut search runs on numpy arrays: no Python loop per token.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import re
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.messages import Chunk, Document, chunk_id
+import numpy as np
+
+from shared.messages import Chunk, Document, chunk_id, pack_token_ids
 from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
+from shared.models import TokenizerInfo, Tokens
+from shared.spec import ChunkPolicy, chunk_policy  # noqa: F401 (re-exported: the stage's policy)
 
 log = logging.getLogger(__name__)
 
 STAGE = "chunk"
 
-# Boundaries in the text, with their strength: a paragraph beats a line beats a sentence.
+# Boundaries in the text, with their strength: a paragraph beats a line beats a sentence (a word: 0.5).
 _BOUNDARIES = ((re.compile(r"\n\s*\n"), 3), (re.compile(r"\n"), 2), (re.compile(r"(?<=[.!?;:])\s+"), 1))
+_WORD = 0.5
 
 
 class Tokenizer(Protocol):
+    info: TokenizerInfo
+    ids_are_model_inputs: bool  # True: the model reads these IDs; False: it reads the text (an API)
+
+    def encode_batch(self, texts: list[str]) -> list[Tokens]: ...
     def offsets(self, text: str) -> list[tuple[int, int]]: ...
     def count(self, texts: list[str]) -> list[int]: ...
 
 
-@dataclass(frozen=True)
-class ChunkPolicy:
-    max_tokens: int  # content tokens per chunk, special tokens excluded
-    overlap_tokens: int
-
-    @classmethod
-    def for_model(cls, max_content_tokens: int, chunk_tokens: int, overlap: float) -> ChunkPolicy:
-        size = min(chunk_tokens or max_content_tokens, max_content_tokens)
-        return cls(max_tokens=size, overlap_tokens=int(size * overlap))
-
-
 def chunk_batch(docs: list[Document], tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
-    """All chunks of all documents, in document order."""
+    """All chunks of all documents, in document order (the batch tokenised in one call)."""
     out: list[Chunk] = []
-    for doc in docs:
-        out.extend(chunk_document(doc, tokenizer, policy))
+    for doc, tokens in zip(docs, tokenizer.encode_batch([d.text for d in docs]), strict=True):
+        out.extend(_chunks(doc, tokens, tokenizer, policy))
     return out
 
 
 def chunk_document(doc: Document, tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
-    spans = _fit(doc.text, _spans(doc.text, tokenizer.offsets(doc.text), policy), tokenizer, policy.max_tokens)
-    texts = [doc.text[s:e] for s, e in spans]
-    counts = tokenizer.count(texts)
+    return chunk_batch([doc], tokenizer, policy)
+
+
+def _chunks(doc: Document, tokens: Tokens, tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
+    cuts = _cuts(doc.text, tokens, policy)
+    spans = [tokens.span(a, b) for a, b in cuts]
+    if tokenizer.ids_are_model_inputs:  # the model reads the slice itself: it is never over the limit
+        ids = [pack_token_ids(tokens.ids[a:b]) for a, b in cuts]
+        counts = [b - a for a, b in cuts]
+    else:  # the model re-tokenises the chunk's text, which can come out a few tokens longer
+        spans = _fit(doc.text, spans, tokenizer, policy.max_tokens)
+        ids = [b""] * len(spans)
+        counts = tokenizer.count([doc.text[s:e] for s, e in spans])
     seen: dict[str, int] = {}
     chunks = []
-    for index, ((start, end), text, tokens) in enumerate(zip(spans, texts, counts, strict=True)):
+    for index, ((start, end), token_ids, count) in enumerate(zip(spans, ids, counts, strict=True)):
+        text = doc.text[start:end]
         occurrence = seen.get(text, 0)
         seen[text] = occurrence + 1
         chunks.append(
@@ -63,47 +74,52 @@ def chunk_document(doc: Document, tokenizer: Tokenizer, policy: ChunkPolicy) -> 
                 doc_id=doc.id,
                 index=index,
                 text=text,
-                tokens=tokens,
+                tokens=count,
                 char_start=start,
                 char_end=end,
                 metadata=doc.metadata,
+                token_ids=token_ids,
             )
         )
     return chunks
 
 
-def _spans(text: str, offsets: list[tuple[int, int]], policy: ChunkPolicy) -> list[tuple[int, int]]:
-    """Character spans of windows of at most max_tokens tokens, cut at the strongest boundary found
-    in the second half of each window."""
-    n = len(offsets)
+def _strength(text: str, tokens: Tokens) -> np.ndarray:
+    """strength[i]: how good it is to start a chunk at token i (0: inside a word, never cut there if
+    anything better is in reach)."""
+    n = len(tokens)
+    strength = np.zeros(n + 1, dtype=np.float32)
+    strength[:n][tokens.word_start] = _WORD
+    for pattern, value in _BOUNDARIES:  # strongest first, so a plain assignment never lowers one
+        ends = [m.end() for m in pattern.finditer(text)]
+        if ends:
+            at = tokens.first_at(ends)  # the first token starting at or after the boundary
+            at = at[(at > 0) & (at < n)]
+            strength[at] = np.maximum(strength[at], value)
+    return strength
+
+
+def _cuts(text: str, tokens: Tokens, policy: ChunkPolicy) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of windows of at most max_tokens tokens, each cut at the strongest
+    boundary in its second half (the latest of equals); the next window starts at the strongest
+    boundary within the overlap before the cut (the earliest of equals)."""
+    n = len(tokens)
     if n == 0:
         return []
-    starts = [s for s, _ in offsets]
-    strength = [0] * (n + 1)  # strength[i]: how good it is to start a chunk at token i
-    for i in range(1, n):
-        prev_end, start = offsets[i - 1][1], offsets[i][0]
-        if start > prev_end or not (text[start - 1].isalnum() and text[start].isalnum()):
-            strength[i] = 0.5  # a word boundary: never split a word into word pieces
-    for pattern, value in _BOUNDARIES:
-        for m in pattern.finditer(text):
-            i = bisect.bisect_left(starts, m.end())
-            if 0 < i < n:
-                strength[i] = max(strength[i], value)
-    spans = []
+    strength = _strength(text, tokens)
+    cuts = []
     start, size, overlap = 0, policy.max_tokens, policy.overlap_tokens
     while True:
         if start + size >= n:
             end = n
         else:
-            window = range(start + size, start + max(size // 2, 1), -1)
-            end = max(window, key=lambda i: (strength[i], i))
-        spans.append((offsets[start][0], offsets[end - 1][1]))
+            lo, hi = start + max(size // 2, 1) + 1, start + size
+            end = hi - int(np.argmax(strength[lo : hi + 1][::-1])) if lo <= hi else hi
+        cuts.append((start, end))
         if end >= n:
-            return spans
-        # Step back by the overlap, then forward to the strongest boundary before the cut.
+            return cuts
         back = max(end - overlap, start + 1)
-        candidates = range(back, end) if overlap else range(end, end + 1)
-        start = max(candidates, key=lambda i: (strength[i], -i))
+        start = back + int(np.argmax(strength[back:end])) if overlap and back < end else end
 
 
 def _fit(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer, max_tokens: int) -> list[tuple[int, int]]:

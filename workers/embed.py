@@ -11,15 +11,14 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared.cache import VectorCache, text_key
-from shared.errors import ConfigError, EmbedFailures
-from shared.messages import Chunk, DeadLetter
+from shared.errors import ConfigError, DecodeError, EmbedFailures
+from shared.messages import Chunk, DeadLetter, unpack_token_ids
 from shared.metrics import (
     EMBED_CACHE,
     EMBED_JOB_SECONDS,
@@ -27,7 +26,7 @@ from shared.metrics import (
     EMBED_OOM_HALVINGS,
     observe_micro_batch,
 )
-from shared.models import ModelTokenizer, is_api_model, resolve_model_path
+from shared.models import ModelTokenizer, is_api_model, model_kind, resolve_model_path
 from shared.settings import BACKENDS, Settings
 from shared.spec import EmbeddingSpec
 
@@ -43,6 +42,10 @@ STAGE = "embed"
 # the embedder halves it and grows it back slowly.
 CPU_MICRO_BATCH_TOKENS = 4096
 GPU_MICRO_BATCH_TOKENS = 65536
+# Static models: a forward pass is a lookup and a mean, its cost the tokens it reads (no padding), so a
+# micro-batch is as large as a part allows: per-call overhead is the only thing a small one would add.
+STATIC_MICRO_BATCH_TOKENS = 1 << 20
+UNBOUNDED_TOKENS = 1 << 30  # the "max sequence length" of a model that reads any length
 REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget grows again ...
 REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
 # Backends that change the arithmetic (bf16, ONNX) are checked when they load: their vectors must match
@@ -95,6 +98,10 @@ class Embedder:
         self._tokenizer: ModelTokenizer | None = None
         self._special = 2
         self._max_len = 512
+        self._static = False  # a static model: token vectors averaged, no special tokens, any length
+        self._prefix_ids: dict[str, np.ndarray | None] = {}  # a document prefix as token IDs (None: not separable)
+        self._pad_id = 0
+        self._token_types = False  # the model takes token_type_ids (BERT)
         self.dimension = 0
 
     @property
@@ -125,7 +132,9 @@ class Embedder:
         started = time.perf_counter()
         path = resolve_model_path(self.model_name)
         self._tokenizer = ModelTokenizer(self.model_name)  # counts the tokens of embed()'s texts
-        self._special, self._max_len = self._tokenizer.info.special_tokens, self._tokenizer.info.max_seq_length
+        self._static = model_kind(path) == "static"
+        self._special = 0 if self._static else self._tokenizer.info.special_tokens
+        self._max_len = self._tokenizer.info.max_seq_length or UNBOUNDED_TOKENS
         if self.backend.startswith("onnx"):
             from workers.embed_onnx import OnnxModel
 
@@ -135,12 +144,17 @@ class Embedder:
             bf16 = self.backend == "torch-bf16"
             self._model = load_sentence_transformer(path, device, bf16)
             self._oom = (torch.cuda.OutOfMemoryError,)
+            probe = self._model.preprocess(["a"])  # the features the model's first module reads
+            self._token_types = "token_type_ids" in probe
+            self._pad_id = int(getattr(self._model.tokenizer, "pad_token_id", None) or 0)
             if bf16 and device == "cpu":
                 self._precision = cpu_bf16(self._model)
         self.dimension = self._model.dimension
         if 0 < self.dimensions < self.dimension:
             self.dimension = self.dimensions
         default = GPU_MICRO_BATCH_TOKENS if device.startswith("cuda") else CPU_MICRO_BATCH_TOKENS
+        if self._static:  # no attention, no padding: a forward pass costs its tokens, and little per call
+            default = STATIC_MICRO_BATCH_TOKENS
         self._budget = self._limit = self.micro_batch_tokens or default
         EMBED_MICRO_BATCH_LIMIT.set(self._limit)
         log.info(
@@ -161,23 +175,66 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         """One normalised vector per text, in order (queries, evaluation sets)."""
         self._check_ready()
-        lengths = self._tokenizer.count(texts) if texts else []
-        return self._embed_all(texts, lengths)
+        lengths = [self._seen(n) for n in self._tokenizer.count(texts)] if texts else []
+        return self._embed_all(texts, lengths, self._encode)
 
-    def embed_chunks(self, chunks: list[Chunk]) -> np.ndarray:
-        """One vector per chunk, in chunk order: sorted by length, cut into micro-batches by a token
-        budget, each measured (observe_micro_batch), put back in order. Raises EmbedFailures (with the
-        vectors of all other chunks) if a single chunk still runs out of memory."""
+    def embed_chunks(self, chunks: list[Chunk], prefix: str = "") -> np.ndarray:
+        """One vector per chunk (of `prefix` + its text), in chunk order: sorted by length, cut into
+        micro-batches by a token budget, each measured (observe_micro_batch), put back in order. Chunks
+        that carry their token IDs are fed to the model as they are (no tokenisation here). Raises
+        EmbedFailures (with the vectors of all other chunks) if a single chunk still runs out of memory."""
         self._check_ready()
-        return self._embed_all([c.text for c in chunks], [c.tokens for c in chunks])
+        head = self._prefix_as_ids(prefix) if chunks and all(c.token_ids for c in chunks) else None
+        if head is None:
+            lengths = [self._seen(c.tokens) for c in chunks]
+            return self._embed_all([prefix + c.text for c in chunks], lengths, self._encode)
+        rows = [self._model_input(head, self._checked_ids(c)) for c in chunks]
+        return self._embed_all(rows, [len(r) for r in rows], self._encode_ids)
+
+    def _seen(self, content_tokens: int) -> int:
+        """Tokens the model reads for a text of this many content tokens (special tokens, truncation)."""
+        return min(content_tokens + self._special, self._max_len)
+
+    def _checked_ids(self, chunk: Chunk) -> np.ndarray:
+        """The chunk's token IDs; IDs outside this model's vocabulary (a chunker with another tokenizer)
+        fail the job rather than embed garbage."""
+        ids = unpack_token_ids(chunk)
+        if len(ids) and int(ids.max()) >= self._tokenizer.vocab_size:
+            raise DecodeError(
+                f"chunk {chunk.chunk_id} holds token ID {int(ids.max())}, outside the vocabulary of "
+                f"{self.model_name} ({self._tokenizer.vocab_size}): it was tokenised for another model"
+            )
+        return ids
+
+    def _prefix_as_ids(self, prefix: str) -> np.ndarray | None:
+        """`prefix` as token IDs to put before a chunk's, if tokenising prefix + text always gives the
+        prefix's IDs then the text's (checked on fixed texts); None: embed the text instead."""
+        if prefix not in self._prefix_ids:
+            ids = self._tokenizer.ids([prefix])[0] if prefix else []
+            joined = self._tokenizer.ids([prefix + t for t in CHECK_TEXTS])
+            alone = self._tokenizer.ids(list(CHECK_TEXTS))
+            separable = all(j == ids + a for j, a in zip(joined, alone, strict=True))
+            if not separable:
+                log.warning("the prefix %r does not tokenise apart from the text: chunks are re-tokenised", prefix)
+            self._prefix_ids[prefix] = np.asarray(ids, dtype=np.uint32) if separable else None
+        return self._prefix_ids[prefix]
+
+    def _model_input(self, head: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """What the model reads: its special tokens around prefix + chunk IDs, truncated as the model's
+        own tokenizer truncates (static models take any length and no special tokens)."""
+        content = np.concatenate([head, ids]) if len(head) else ids
+        if self._static:
+            return content
+        tok = self._tokenizer
+        return np.concatenate([tok.head_ids, content[: self._max_len - self._special], tok.tail_ids]).astype(np.int64)
 
     def _check_ready(self) -> None:
         if self._model is None:
             raise RuntimeError("Embedder.embed() before warm_up(): the model is not loaded")
 
-    def _embed_all(self, texts: list[str], content_tokens: list[int]) -> np.ndarray:
+    def _embed_all(self, texts: list[Any], lengths: list[int], encode: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
+        """texts: texts or token-ID rows; lengths: the tokens the model reads of each; encode: one forward pass."""
         vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        lengths = [min(t + self._special, self._max_len) for t in content_tokens]  # what the model sees
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: the largest batch first
         failed: dict[int, str] = {}
         i = 0
@@ -187,7 +244,7 @@ class Embedder:
             rows = order[i : i + count]
             started = time.perf_counter()
             try:
-                vectors[rows] = self._encode([texts[r] for r in rows])
+                vectors[rows] = encode([texts[r] for r in rows])
             except self._oom as e:
                 self._release_memory()
                 if len(rows) == 1:
@@ -209,10 +266,40 @@ class Embedder:
             vectors = self._model.encode(
                 texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
             )
+        return self._truncated(np.asarray(vectors, dtype=np.float32))
+
+    def _encode_ids(self, rows: list[np.ndarray]) -> np.ndarray:
+        """One forward pass over token-ID rows (special tokens included), without the tokenizer."""
+        if self.backend.startswith("onnx"):
+            return self._truncated(self._model.encode_ids(rows))
+        import torch
+
+        if self._static:  # an EmbeddingBag: all IDs in one row, each text's start in `offsets`
+            lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+            features = {
+                "input_ids": torch.from_numpy(np.concatenate(rows).astype(np.int64)),
+                "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths[:-1])])),
+            }
+        else:
+            ids = np.full((len(rows), max(len(r) for r in rows)), self._pad_id, dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = r
+                mask[i, : len(r)] = 1
+            features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+            if self._token_types:
+                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        device = self._model.device
+        with torch.inference_mode(), self._precision():
+            out = self._model({k: v.to(device) for k, v in features.items()})["sentence_embedding"]
+            out = torch.nn.functional.normalize(out.float(), p=2, dim=1)
+        return self._truncated(out.cpu().numpy())
+
+    def _truncated(self, vectors: np.ndarray) -> np.ndarray:
         if self.dimension < vectors.shape[1]:  # truncate, then back onto the unit sphere
             vectors = vectors[:, : self.dimension]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.asarray(vectors, dtype=np.float32)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _halve(self, failed_cost: int) -> None:
         """Out of memory on a micro-batch of `failed_cost` padded tokens: half of that from now on."""
@@ -245,9 +332,14 @@ def load_sentence_transformer(path: Path, device: str, bf16: bool = False) -> An
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress
-    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    try:
+        model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # an incomplete or foreign directory
+        raise ConfigError(f"cannot load the model at {path}: {type(e).__name__}: {str(e)[:300]}") from e
     if device.startswith("cuda"):
         model.to(torch.bfloat16 if bf16 else torch.float16)
+    else:
+        model.float()  # model2vec saves float16 vectors: float32 on the CPU (faster, and the mean exact)
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     model.dimension = int(dimension() or 0)
     return model
@@ -302,9 +394,9 @@ def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
     )
 
 
-def embed_batch(chunks: list[Chunk], embedder: Embedder) -> np.ndarray:
-    """One vector per chunk, in chunk order (each kind of embedder batches in its own way)."""
-    return embedder.embed_chunks(chunks)
+def embed_batch(chunks: list[Chunk], embedder: Embedder, prefix: str = "") -> np.ndarray:
+    """One vector per chunk (of prefix + its text), in chunk order (each kind of embedder batches in its own way)."""
+    return embedder.embed_chunks(chunks, prefix)
 
 
 def embed_part(
@@ -323,10 +415,11 @@ def embed_part(
     EMBED_CACHE.labels("hit").inc(len(chunks) - len(todo))
     EMBED_CACHE.labels("miss").inc(len(todo))
     rows = list(todo.values())
-    batch = [replace(chunks[r], text=texts[r]) for r in rows]
+    batch = [chunks[r] for r in rows]
     failed_new: dict[int, str] = {}
     try:
-        new = embed_batch(batch, embedder) if batch else np.zeros((0, embedder.dimension), dtype=np.float32)
+        empty = np.zeros((0, embedder.dimension), dtype=np.float32)
+        new = embed_batch(batch, embedder, spec.prefix) if batch else empty
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
     # an API model of unknown size learns its dimension from its first response

@@ -179,10 +179,10 @@ class ApiEmbedder:
             raise PermanentError(f"text {row} cannot be embedded: {message}")
         return vectors
 
-    def embed_chunks(self, chunks: list[Chunk]) -> np.ndarray:
-        """One row per chunk, in order. Chunks that fail for good raise EmbedFailures, which carries
-        the vectors of all the others."""
-        vectors, failed = self._embed_texts([c.text for c in chunks])
+    def embed_chunks(self, chunks: list[Chunk], prefix: str = "") -> np.ndarray:
+        """One row per chunk (of prefix + its text: the API reads text), in order. Chunks that fail for
+        good raise EmbedFailures, which carries the vectors of all the others."""
+        vectors, failed = self._embed_texts([prefix + c.text for c in chunks])
         if failed:
             raise EmbedFailures(vectors, failed)
         return vectors

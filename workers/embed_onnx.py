@@ -59,12 +59,15 @@ class OnnxModel:
         return cls(model_dir, export_onnx(model_dir, quantized, cache_dir), threads)
 
     def encode(self, texts: list[str], normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.zeros((len(texts), max(len(e.ids) for e in encodings)), dtype=np.int64)
+        return self.encode_ids([e.ids for e in self.tokenizer.encode_batch(texts)], normalize_embeddings)
+
+    def encode_ids(self, rows: list[Any], normalize_embeddings: bool = True) -> np.ndarray:
+        """Vectors of token-ID rows (special tokens included), padded into one batch."""
+        ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
         mask = np.zeros_like(ids)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
+        for row, r in enumerate(rows):
+            ids[row, : len(r)] = r
+            mask[row, : len(r)] = 1
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
         if self.pooling == "cls":

@@ -24,7 +24,7 @@ from shared.models import load_tokenizer
 from shared.settings import Settings
 from shared.spec import spec_for
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_batch, pack_parts, skip_unchanged
+from workers.chunk import chunk_batch, chunk_policy, pack_parts, skip_unchanged
 from workers.embed import Embedder, embed_part, make_embedder, model_error_letters
 from workers.load import load_batch
 from workers.write import commit_documents, complete_in, doc_records, write_batch
@@ -77,9 +77,7 @@ class EmbeddedRun:
             settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
         )
         self.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-        self.policy = ChunkPolicy.for_model(
-            self.tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
-        )
+        self.policy = chunk_policy(self.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         self.embedder = embedder or make_embedder(settings)
         self.progress = progress  # a tqdm-like bar, or None
         self.summary = RunSummary(store=str(settings.store_path.resolve()), collection=self.spec.collection)
