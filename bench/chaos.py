@@ -21,12 +21,13 @@ during the later rounds (without it they finish their work in the first seconds)
 Reported: the two times, the extra time the kills cost, and the outcome (each document stored
 with exactly its chunks, or a dead letter: lost and duplicate chunks must be 0). Per kill: the job
 it interrupted and
-  - job_done_s: kill → that job's final successful end (rq's `ended_at`). rq recovers a job of a
-    SIGKILLed SimpleWorker only job_timeout + 60 s after it started, then retries it after 5 s,
-    so expect roughly 80-100 s here (FAST_RECOVERY timeouts are 15-20 s).
+  - job_done_s: kill → that job's final successful end (rq's `ended_at`). A job of a SIGKILLed
+    worker is retried once its lease runs out (EMBEDPIPE_JOB_LEASE_S, 20 s after the worker's last
+    heartbeat: workers/lease.py) and the janitor's next clean-up round (5 s), then after 5 s, plus
+    the job itself and whatever queued before its retry.
   - stage_drained_s (proxy): kill → the first moment (sampled every 0.25 s) at which the killed
     stage's queue + started registry held 0 jobs. The orphaned job sits in the started registry
-    until rq declares it abandoned (job_timeout + 60 s after it started) and moves it to the
+    until rq declares it abandoned (its lease run out) and moves it to the
     scheduled registry for its retry, so this is >= the time until recovery, plus whatever backlog
     the stage had; for the bottleneck stage (embed) it can be much of the rest of the run.
     A killed janitor holds rq's scheduler locks for up to 60 s more, so retries due in that window

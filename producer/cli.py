@@ -46,7 +46,15 @@ MODEL = [
 ]
 CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
 CACHE = ["cache_ttl_s", "cache_max_entries"]
-JOBS = ["payload_ttl_s", "load_timeout_s", "chunk_timeout_s", "embed_timeout_s", "write_timeout_s", "job_retries"]
+JOBS = [
+    "payload_ttl_s",
+    "load_timeout_s",
+    "chunk_timeout_s",
+    "embed_timeout_s",
+    "write_timeout_s",
+    "job_lease_s",
+    "job_retries",
+]
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "probe_eval", "support_nice"]
 
 

@@ -45,6 +45,9 @@ class Settings:
     chunk_timeout_s: int = setting(300, "rq timeout of a chunk job (tokenising a batch).")
     embed_timeout_s: int = setting(0, "rq timeout of an embed job; 0 = 60 s + 10 ms per token of the part.")
     write_timeout_s: int = setting(300, "rq timeout of a write job (one part into the store).")
+    job_lease_s: int = setting(
+        20, "Lease of a running job, renewed every lease/4 s: a killed worker's job is redone once it runs out."
+    )
     job_retries: int = setting(3, "rq retries of a failed job before its documents become dead letters.")
     max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
@@ -117,6 +120,8 @@ class Settings:
             raise ConfigError(f"{env_name('backend')} must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 <= self.support_nice <= 19:
             raise ConfigError(f"{env_name('support_nice')} must be 0 (off) to 19, got {self.support_nice}")
+        if not 3 <= self.job_lease_s <= 300:  # rq scores in whole seconds: a beat needs room in the lease
+            raise ConfigError(f"{env_name('job_lease_s')} must be 3 to 300 s, got {self.job_lease_s}")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if self.chunk_tokens < 0:

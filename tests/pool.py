@@ -59,6 +59,13 @@ class Pool:
         self.procs[name].wait()
         self.kills += 1
 
+    def restart_exited(self) -> dict[str, int]:
+        """Start again every process that exited, as the platform's restart policy would; their exit codes."""
+        exited = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        for name in exited:
+            self.start(name)
+        return exited
+
     def alive(self) -> dict[str, bool]:
         return {n: p.poll() is None for n, p in self.procs.items()}
 

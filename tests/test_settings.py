@@ -26,6 +26,8 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_CHUNK_OVERLAP": "0.9"},
         {"EMBEDPIPE_BACKEND": "bf16"},
         {"EMBEDPIPE_SUPPORT_NICE": "20"},
+        {"EMBEDPIPE_JOB_LEASE_S": "0"},
+        {"EMBEDPIPE_JOB_LEASE_S": "600"},
         {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
     ],
 )

@@ -1,7 +1,8 @@
 """The janitor: one per deployment. It turns the inbox into load batches, runs rq's scheduler (retries
 with a delay need it) and runs rq's registry clean-up for every queue every few seconds, so a job
-of a killed worker is recovered about job_timeout + 60 s after it started, not when some idle worker
-next gets around to it (rq does that only every 10 minutes).
+of a killed worker is retried within CLEAN_INTERVAL_S of its lease running out (job_lease_s after its
+worker's last heartbeat: workers/lease.py), not when some idle worker next gets around to it (rq does
+that only every 10 minutes).
 """
 
 from __future__ import annotations

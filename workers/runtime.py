@@ -3,7 +3,9 @@
 The worker loads what its stage needs (tokenizer, model, store) once, before `work()`; the job
 functions reach it through `context()`. SimpleWorker runs jobs in this process: the default forking
 Worker would reload the model for every job and could not use a CUDA context made in the parent.
-With a single queue rq dequeues with BLMOVE, so a job of a worker killed after the pop is recovered.
+With a single queue rq dequeues with BLMOVE, so a job of a worker killed after the pop is recovered;
+a running job holds a lease that a heartbeat renews (workers/lease.py), so a job of a killed worker is
+recovered about `job_lease_s` after the kill, not job_timeout + 60 s after its start.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.metrics import JOBS, RETRIES, serve
 from shared.settings import STAGES, Settings
+from workers.lease import JobLease, beat_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,12 @@ RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
 
 
-def connect(settings: Settings, retries: int = 6) -> Redis:
+def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None) -> Redis:
     """A Redis client that retries transient connection errors with backoff (~25 s in all), saying so
     in the log; the password comes from the environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL
-    in EMBEDPIPE_REDIS_URL, and is never logged."""
-    from redis.backoff import ExponentialBackoff
+    in EMBEDPIPE_REDIS_URL, and is never logged. With `timeout_s`, every connect and read gives up
+    after that long (not for a client that dequeues: its reads block)."""
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.exceptions import ConnectionError, TimeoutError
     from redis.retry import Retry as RedisRetry
 
@@ -63,11 +67,13 @@ def connect(settings: Settings, retries: int = 6) -> Redis:
             return super().call_with_retry(do, logged_fail, *args, **kwargs)
 
     kwargs: dict[str, Any] = {
-        "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries=retries),
+        "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries) if retries else RedisRetry(NoBackoff(), 0),
         "retry_on_error": [ConnectionError, TimeoutError],
         "health_check_interval": 30,
-        "socket_connect_timeout": 10,
+        "socket_connect_timeout": timeout_s or 10,
     }
+    if timeout_s:
+        kwargs["socket_timeout"] = timeout_s
     if settings.redis_password:
         kwargs["password"] = settings.redis_password
     return Redis.from_url(settings.redis_url, **kwargs)
@@ -145,13 +151,11 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
         ctx.resources["store"] = open_store(settings.store, ctx.resources["spec"])
     if stage == "chunk":
         from shared.models import load_tokenizer
-        from workers.chunk import ChunkPolicy
+        from shared.spec import chunk_policy
 
         tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         ctx.resources["tokenizer"] = tokenizer
-        ctx.resources["chunk_policy"] = ChunkPolicy.for_model(
-            tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap
-        )
+        ctx.resources["chunk_policy"] = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
     elif stage == "embed":
         from shared.cache import RedisVectorCache
         from workers.embed import make_embedder
@@ -216,7 +220,35 @@ def enqueue_jobs(
 
 class StageWorker(SimpleWorker):
     """Runs only embedpipe's own stage function for its queue: a job naming any other function
-    (os.system, say) is refused and never imported or executed."""
+    (os.system, say) is refused and never imported or executed. A running job holds a lease of
+    `job_lease_s` that a side thread renews (workers/lease.py): the worker exits with code 75
+    (LEASE_LOST_EXIT_CODE) when it can no longer renew it, rather than run the job on unguarded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = context().settings
+        self.lease_s = settings.job_lease_s
+        self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
+        self._lease: JobLease | None = None
+
+    def get_heartbeat_ttl(self, job: Any) -> int:
+        """The first registration of a job takes the lease too (SimpleWorker's: timeout + 60 s)."""
+        return self.lease_s
+
+    def prepare_execution(self, job: Any) -> Any:
+        held_since = time.monotonic()
+        execution = super().prepare_execution(job)
+        self._lease = JobLease(self, job, execution, self.lease_redis, self.lease_s, held_since).start()
+        return execution
+
+    def handle_execution_ended(self, job: Any, queue: Queue, heartbeat_ttl: int) -> None:
+        self._end_lease()  # before rq removes the job's entries
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+    def _end_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.stop()
+            self._lease = None
 
     def execute_job(self, job: Any, queue: Queue) -> Any:
         allowed = ALLOWED.get(queue.name, set())
@@ -228,7 +260,10 @@ class StageWorker(SimpleWorker):
             job.retries_left = 0
         elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
-        return super().execute_job(job, queue)
+        try:
+            return super().execute_job(job, queue)
+        finally:
+            self._end_lease()  # also when rq's bookkeeping raised (Redis gone)
 
     def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
         JOBS.labels(queue.name, "ok").inc()
