@@ -27,8 +27,8 @@ from producer.cli import fail_clearly, main
 def distill(source: str, out: Path, dims: int, force: bool, as_json: bool) -> None:
     """Make a static embedding model (model2vec) from a local model, offline: one vector per token, so
     embedding is a lookup and a mean, ~100x cheaper than the source on a CPU, at some cost in quality.
-    Use it with EMBEDPIPE_MODEL=OUT (its own collection). Chunks of a static model hold 256 tokens
-    unless EMBEDPIPE_CHUNK_TOKENS says otherwise. Takes ~30 s for the default model on 2 cores."""
+    Use it with EMBEDPIPE_MODEL=OUT (its own collection). Chunks of a static model hold 128 tokens
+    unless EMBEDPIPE_CHUNK_TOKENS says otherwise. Takes ~40 s for the default model on 2 cores."""
     from workers.distill import distill as distill_model
 
     made = distill_model(source, out, dims, force)

@@ -59,6 +59,14 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
+def static_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static model distilled from the default one by `embedpipe distill`, once per test run (~40 s)."""
+    out = tmp_path_factory.mktemp("models") / "static-minilm"
+    embedpipe("distill", "--out", str(out), "--json", env=cli_env(), timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
 def scifact() -> Path:
     if not (SCIFACT / "corpus.jsonl").is_file():
         pytest.skip(f"SciFact eval data not found at {SCIFACT} (../shared/data/scifact beside the repo)")
