@@ -57,8 +57,8 @@ def vectors(batch_id: str, part: int) -> str:
 
 
 def batch_plan(batch_id: str) -> str:
-    """hash: parts -> number of embed parts; spec -> the embedding spec's fingerprint;
-    doc:<id> -> msgpack list of the document's chunk IDs."""
+    """hash (messages.BatchPlan): parts -> number of embed parts; spec -> the embedding spec's
+    fingerprint; chunks -> msgpack map of each document's chunk IDs."""
     return f"{PREFIX}:plan:{batch_id}"
 
 

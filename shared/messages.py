@@ -7,6 +7,7 @@ failure in one `DecodeError`; nothing is unpickled, nothing is trusted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -130,6 +131,34 @@ def unpack_token_ids(chunk: Chunk) -> Any:
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """What the chunker planned for a batch, kept in a Redis hash (keys.batch_plan) that every later
+    stage reads: how many embed parts, the embedding spec's fingerprint, each document's chunk IDs."""
+
+    parts: int
+    spec: str
+    chunks: dict[str, list[str]]  # doc_id -> its chunk IDs, in order
+
+    def to_hash(self) -> dict[str, Any]:
+        return {"parts": self.parts, "spec": self.spec, "chunks": msgpack.packb(self.chunks, use_bin_type=True)}
+
+    @classmethod
+    def from_hash(cls, fields: dict[bytes, bytes]) -> BatchPlan:
+        """The plan from HGETALL; a missing or malformed one is a DecodeError."""
+        try:
+            parts, spec = int(fields[b"parts"]), fields[b"spec"].decode()
+            chunks = msgpack.unpackb(fields[b"chunks"], raw=False)
+        except (KeyError, ValueError, TypeError) as e:  # msgpack's errors are ValueErrors
+            raise DecodeError(f"batch plan is missing or malformed: {type(e).__name__}: {e}") from e
+        if not isinstance(chunks, dict) or not all(
+            isinstance(d, str) and isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+            for d, ids in chunks.items()
+        ):
+            raise DecodeError("batch plan: the chunk lists are not {document ID: [chunk IDs]}")
+        return cls(parts, spec, chunks)
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     """A document that failed for good, with what is needed to understand and redrive it."""
 
@@ -149,14 +178,12 @@ def pack(items: list[Any]) -> bytes:
 
 
 def _fields(item: Any) -> dict[str, Any]:
-    return {name: getattr(item, name) for name in _FIELD_NAMES.setdefault(type(item), _names(type(item)))}
+    return {name: getattr(item, name) for name in _names(type(item))}
 
 
+@functools.cache
 def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
-
-
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _unpack_list(raw: bytes | None, what: str) -> list[Any]:

@@ -257,8 +257,9 @@ class PgStore:
                 for c, v in conn.execute(f"SELECT chunk_id, embedding FROM {self.table}")
             }
 
-    def optimize(self) -> None:
-        """Build the HNSW index if the table has none yet: writers call this when a load has drained."""
+    def optimize(self, min_writes: int = 0) -> None:
+        """Build the HNSW index if the table has none yet: writers call this when a load has drained
+        (at once, whatever `min_writes`: the index is built once, and search needs it)."""
         import psycopg
 
         if self._dim is None or self.has_index():

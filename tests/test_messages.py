@@ -64,3 +64,34 @@ def test_dead_letters_keep_their_source_bytes():
     letter = DeadLetter("d", "load", "empty", "nothing", source={"id": "d", "content": b"\x00\x01"})
     assert decode_dead_letter(encode_dead_letter(letter)) == letter
     json.dumps({"doc_id": letter.doc_id})  # listings never include the raw source
+
+
+def test_batch_plan_round_trips_and_refuses_what_it_cannot_trust():
+    from shared.messages import BatchPlan
+
+    plan = BatchPlan(2, "f00d", {"a": ["c1", "c2"], "b": []})
+    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in plan.to_hash().items()}
+    assert BatchPlan.from_hash(fields) == plan
+    for broken in (
+        {},  # expired
+        {**fields, b"parts": b"many"},
+        {**fields, b"chunks": b"\xc1"},  # not msgpack
+        {**fields, b"chunks": msgpack.packb({"a": "c1"})},  # not a list of IDs
+        {**fields, b"chunks": msgpack.packb({"a": [1]})},
+    ):
+        with pytest.raises(DecodeError):
+            BatchPlan.from_hash(broken)
+
+
+def test_chunk_payloads_are_type_checked_and_token_ids_match_their_count():
+    from shared.messages import pack_token_ids, unpack_token_ids
+
+    good = Chunk("c", "d", 0, "two words", 2, 0, 9, {}, pack_token_ids([7, 8]))
+    assert decode_chunks(pack([good])) == [good] and list(unpack_token_ids(good)) == [7, 8]
+    [fields] = msgpack.unpackb(pack([good]))
+    for field, value in (("text", 5), ("token_ids", "not bytes"), ("tokens", "2")):
+        raw = msgpack.packb([{**fields, field: value}])
+        with pytest.raises(DecodeError):
+            decode_chunks(raw)
+    with pytest.raises(DecodeError, match="token IDs"):
+        unpack_token_ids(Chunk("c", "d", 0, "two words", 3, 0, 9, {}, pack_token_ids([7, 8])))

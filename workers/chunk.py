@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 STAGE = "chunk"
 
 # Boundaries in the text, with their strength: a paragraph beats a line beats a sentence (a word: 0.5).
-_BOUNDARIES = ((re.compile(r"\n\s*\n"), 3), (re.compile(r"\n"), 2), (re.compile(r"(?<=[.!?;:])\s+"), 1))
+# (Only where each match ends counts; a leading character class scans faster than a lookbehind.)
+_BOUNDARIES = ((re.compile(r"\n\s*\n"), 3), (re.compile(r"\n"), 2), (re.compile(r"[.!?;:]\s+"), 1))
 _WORD = 0.5
 
 
@@ -186,10 +187,8 @@ def skip_unchanged(docs: list[Document], store: Any) -> tuple[list[Document], li
 
 def chunk_job(batch_id: str) -> dict[str, int]:
     """rq job: chunk a loaded batch and enqueue one embed job per part."""
-    import msgpack
-
     from shared import keys
-    from shared.messages import decode_documents, pack
+    from shared.messages import BatchPlan, decode_documents, pack
     from workers.runtime import context, enqueue_next
 
     ctx = context()
@@ -203,11 +202,10 @@ def chunk_job(batch_id: str) -> dict[str, int]:
         CHUNK_TOKENS.observe(c.tokens)
     DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
     ttl = ctx.settings.payload_ttl_s
-    plan: dict[str, bytes | int | str] = {"parts": len(parts), "spec": ctx.spec.fingerprint}
     by_doc: dict[str, list[str]] = {d.id: [] for d in docs}
     for c in chunks:
         by_doc[c.doc_id].append(c.chunk_id)
-    plan.update({f"doc:{doc_id}": msgpack.packb(ids) for doc_id, ids in by_doc.items()})
+    plan = BatchPlan(len(parts), ctx.spec.fingerprint, by_doc).to_hash()
     with ctx.redis.pipeline() as pipe:
         if unchanged:
             ctx.ledger.clear_dead([d.id for d in unchanged], pipe=pipe)

@@ -30,6 +30,7 @@ FETCH_TIMEOUT_S = 30.0
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
+_ODD_SPACES = re.compile(r"[\t\f\v\u00a0\u2000-\u200a\u3000]")  # spaces other than " "
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
@@ -185,8 +186,10 @@ def clean_text(text: str) -> str:
     Paragraph breaks are kept: the chunker prefers to cut there."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _CONTROL.sub("", text.replace("\t", " "))
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    if "  " in text or _ODD_SPACES.search(text):  # most texts hold single " " only: nothing to collapse
+        text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return (_BLANK_LINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
 
 
 class _Transient(Exception):

@@ -15,9 +15,9 @@ import numpy as np
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError
-from shared.messages import Chunk, Document
+from shared.messages import BatchPlan, Chunk, Document
 from shared.metrics import COLLECTION_CHUNKS, DOCUMENTS, count_retry
-from shared.store import DocRecord, Store, prune
+from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, Store, prune
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
     kept = [chunks[i] for i in keep]
     docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
-    complete = complete_in(kept, plan_expected(ctx.redis.hgetall(keys.batch_plan(batch_id))), docs)
+    complete = complete_in(kept, BatchPlan.from_hash(ctx.redis.hgetall(keys.batch_plan(batch_id))).chunks, docs)
     write_batch(ctx.store, kept, vectors[keep], complete)
     with ctx.redis.pipeline() as pipe:
         if complete:
@@ -160,24 +160,14 @@ def _load_drained(ctx: object) -> bool:
     return queues["embed"].count == 0 and queues["write"].count == 0
 
 
-def plan_expected(plan: dict[bytes, bytes]) -> dict[str, list[str]]:
-    """doc_id -> its chunk IDs, from a batch plan (written by the chunk job)."""
-    import msgpack
-
-    expected = {k.decode()[4:]: msgpack.unpackb(v) for k, v in plan.items() if k.startswith(b"doc:")}
-    if not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in expected.values()):
-        raise DecodeError("batch plan: a document's chunk list is not a list of strings")
-    return expected
-
-
 def finalize(batch_id: str) -> None:
     from shared import keys
     from shared.messages import decode_chunks, decode_documents
     from workers.runtime import context
 
     ctx = context()
-    plan = ctx.redis.hgetall(keys.batch_plan(batch_id))
-    expected = plan_expected(plan)
+    plan = BatchPlan.from_hash(ctx.redis.hgetall(keys.batch_plan(batch_id)))
+    expected = plan.chunks
     failed = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}
     committed = {m.decode() for m in ctx.redis.smembers(keys.docs_committed(batch_id))}
     for part in ctx.redis.smembers(keys.parts_failed(batch_id)):
@@ -190,11 +180,11 @@ def finalize(batch_id: str) -> None:
         with ctx.redis.pipeline() as pipe:
             ctx.ledger.clear_dead(done, pipe=pipe)
             ctx.ledger.incr(pipe=pipe, documents_done=len(done))
-            pipe.delete(*keys.batch_keys(batch_id, int(plan.get(b"parts", 0))))
+            pipe.delete(*keys.batch_keys(batch_id, plan.parts))
             pipe.execute()
         DOCUMENTS.labels(STAGE, "ok").inc(len(done))
-    if _load_drained(ctx):
-        store_retry(ctx.store.optimize)()  # after a bulk load: build the pgvector index, compact LanceDB
+    if _load_drained(ctx):  # after a bulk load: build the pgvector index, compact LanceDB
+        store_retry(ctx.store.optimize)(OPTIMIZE_AFTER_DRAIN_WRITES)
         export_collection(ctx.store)
     log.info(
         "batch %s done: %d documents stored, %d failed, %d chunks deleted", batch_id, len(done), len(failed), stale

@@ -1,0 +1,233 @@
+"""Feeding a fast embedder: how much of a static model's speed does the distributed pipeline keep, and
+what does everything around the embedder cost per chunk?
+
+    python bench/fast.py [--docs 10000] [--model DIR] [--embedders 1] [--pools chunk=2] [--recovery]
+                         [--device cpu] [--set EMBEDPIPE_X=V ...] [--out FILE.json]
+
+The fast embedder is a static model (model2vec) distilled from the default model: --model DIR, or one
+distilled once into .bench/static-minilm (`embedpipe distill`, ~40 s). The corpus: the first --docs
+SciFact abstracts (past 5,183 they repeat under new IDs), as bench/throughput.py writes it. Rows, each
+in processes of its own, one after the other:
+
+  chunker      the chunk stage's batch function (chunk_batch) against the model's raw tokenizer
+               (encode_batch) on the same texts, CPU seconds, in one process: the chunker's overhead.
+  bare         the limit: the pipeline's own chunks through SentenceTransformer.encode(texts) in one
+               call (batch 256, 1024, 4096; the best kept), and through the embedder with the chunks'
+               token IDs (what the embed stage does: no tokenising). Only the encoding is timed.
+  distributed  a private redis-server, the janitor, --embedders embed workers and one worker per other
+               pool (--pools adds more), ready before the clock; timed from `embedpipe enqueue` until
+               `embedpipe wait` returns (bench/throughput.py's row). Reported: end-to-end chunks/s and
+               its ratio to bare encode, the support cost (CPU ms per chunk written of the janitor,
+               loader, chunker, writer and Redis, each and summed), the embedders' CPU, each process's
+               peak RSS.
+  recovery     (--recovery) bench/recovery.py: the job of an embed worker SIGKILLed mid-job, with an
+               hour's job timeout, redone by the other embedder (the default model: its jobs last
+               seconds, a static model's milliseconds).
+
+Name the CPU with every figure (printed first): machines differ between sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import throughput as tp  # noqa: E402  (bench/throughput.py: the distributed row and its helpers)
+
+STATIC_DIR = ROOT / ".bench" / "static-minilm"
+SUPPORT = ("janitor", "load", "chunk", "write", "redis")
+
+
+def cpu_name() -> str:
+    """The CPU model and the flags that decide which backend is fastest."""
+    flags, model = set(), "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and model == "unknown CPU":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    has = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni") if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, " + (", ".join(has) if has else "no AVX512_BF16/AMX/VNNI")
+
+
+def static_model(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    if not (STATIC_DIR / "model.safetensors").is_file():
+        print(f"distilling a static model into {STATIC_DIR} (once)", flush=True)
+        subprocess.run([tp.EMBEDPIPE, "distill", "--out", str(STATIC_DIR), "--force"], env=tp.clean_env(), check=True)
+    return STATIC_DIR
+
+
+# --- child processes (this script again, with --child) ---------------------------------------------
+
+
+def child_chunker(docs_file: str) -> dict:
+    """chunk_batch against the raw tokenizer on the same loaded texts: CPU seconds, best of 3."""
+    from shared.messages import SourceDoc
+    from shared.models import load_tokenizer
+    from shared.settings import Settings
+    from workers.chunk import chunk_batch, chunk_policy
+    from workers.load import load_batch
+
+    raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
+    docs, _ = load_batch(raw, Settings().max_doc_bytes)
+    tokenizer = load_tokenizer(tp.MODEL)
+    policy = chunk_policy(tokenizer, 0, 0.1)
+    texts = [d.text for d in docs]
+
+    def best(f) -> float:
+        times = []
+        for _ in range(3):
+            started = time.process_time()
+            f()
+            times.append(time.process_time() - started)
+        return min(times)
+
+    raw_s = best(lambda: tokenizer._tok.encode_batch(texts, add_special_tokens=False))
+    chunk_s = best(lambda: chunk_batch(docs, tokenizer, policy))
+    chunks = chunk_batch(docs, tokenizer, policy)
+    return {
+        "documents": len(docs),
+        "chunks": len(chunks),
+        "tokens": sum(c.tokens for c in chunks),
+        "raw_tokenizer_cpu_s": raw_s,
+        "chunker_cpu_s": chunk_s,
+    }
+
+
+def child_bare(docs_file: str) -> dict:
+    """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
+    from workers.embed import Embedder
+
+    chunks = tp.pipeline_chunks(Path(docs_file))
+    texts = [c.text for c in chunks]
+    embedder = Embedder(tp.MODEL, tp.DEVICE).warm_up()
+    model = embedder._model
+    model.encode(texts[:64], batch_size=64)  # first-call costs outside the clock
+    seconds = {}
+    for b in (256, 1024, 4096):
+        started = time.perf_counter()
+        model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
+        seconds[b] = time.perf_counter() - started
+    started, cpu0 = time.perf_counter(), time.process_time()
+    embedder.embed_chunks(chunks)
+    ids_s, ids_cpu = time.perf_counter() - started, time.process_time() - cpu0
+    return {
+        "chunks": len(chunks),
+        "tokens": sum(c.tokens for c in chunks),
+        "seconds_by_batch": seconds,
+        "token_ids_seconds": ids_s,
+        "token_ids_cpu_s": ids_cpu,
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def support_lines(r: dict) -> list[str]:
+    per_ms = 1000 / max(r["chunks"], 1)  # CPU seconds of the run -> CPU ms per chunk
+    cpu = r["cpu_by_process"]
+    support = {n: s for n, s in cpu.items() if n.rstrip("0123456789") in SUPPORT}
+    embed = sum(s for n, s in cpu.items() if n.startswith("embed"))
+    total = sum(support.values()) * per_ms
+    each = ", ".join(f"{n} {s * per_ms:.3f}" for n, s in support.items())
+    return [
+        f"support cost: {total:.3f} CPU ms per chunk written ({each}); embedders {embed * per_ms:.3f}",
+        "peak RSS MB: " + ", ".join(f"{n} {v:.0f}" for n, v in r["peak_rss_mb"].items()),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=10000, help="SciFact abstracts (default 10,000)")
+    parser.add_argument("--model", type=Path, help="a static model directory (default: distil one, once)")
+    parser.add_argument("--embedders", type=int, nargs="+", default=[1], help="distributed rows: embed workers")
+    parser.add_argument("--pools", default="", help="workers of the other pools, e.g. load=2,chunk=4,write=2")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--scifact", type=Path, default=tp.SCIFACT, help="BEIR SciFact directory")
+    parser.add_argument("--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for all rows")
+    parser.add_argument("--recovery", action="store_true", help="also the recovery of a SIGKILLed embed job")
+    parser.add_argument("--only", nargs="+", choices=("chunker", "bare", "distributed"), help="only these rows")
+    parser.add_argument("--out", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        tp.MODEL, tp.DEVICE = args.child[1], args.child[2]
+        fn = {"chunker": child_chunker, "bare": child_bare}[args.child[0]]
+        print(json.dumps(fn(*args.child[3:])))
+        return
+    tp.MODEL, tp.DEVICE = str(static_model(args.model)), args.device
+    tp.SETTINGS.update(kv.split("=", 1) for kv in args.set)
+    pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
+    wanted = set(args.only or ("chunker", "bare", "distributed"))
+    results: dict = {"cpu": cpu_name(), "model": tp.MODEL, "device": args.device, "documents": args.docs}
+    print(f"{results['cpu']}; model {tp.MODEL} on {args.device}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    me = [sys.executable, __file__, "--child"]
+    with tempfile.TemporaryDirectory(prefix="embedpipe-fast-") as tmp_name:
+        tmp = Path(tmp_name)
+        docs_file = tmp / "docs.jsonl"
+        tp.write_docs(args.docs, docs_file, args.scifact)
+        if "chunker" in wanted:
+            c, _, _ = tp.run_measured([*me, "chunker", tp.MODEL, args.device, str(docs_file)], tp.clean_env())
+            results["chunker"] = c
+            ratio = c["chunker_cpu_s"] / c["raw_tokenizer_cpu_s"]
+            print(
+                f"chunker: {c['chunker_cpu_s']:.2f} CPU s for {c['chunks']} chunks "
+                f"({c['chunker_cpu_s'] * 1000 / c['chunks']:.3f} ms per chunk), the raw tokenizer "
+                f"{c['raw_tokenizer_cpu_s']:.2f} s on the same texts: {ratio:.2f}x",
+                flush=True,
+            )
+        bare = None
+        if "bare" in wanted or "distributed" in wanted:
+            b, _, rss = tp.run_measured([*me, "bare", tp.MODEL, args.device, str(docs_file)], tp.clean_env())
+            best = min(b["seconds_by_batch"], key=b["seconds_by_batch"].get)
+            bare = {**b, "best_batch": best, "seconds": b["seconds_by_batch"][best], "peak_rss_mb": rss}
+            results["bare"] = bare
+            print(
+                f"bare encode (B={best}): {b['chunks']} chunks in {bare['seconds']:.2f} s = "
+                f"{b['chunks'] / bare['seconds']:,.0f} chunks/s, {b['tokens'] / bare['seconds']:,.0f} tokens/s; "
+                f"from token IDs: {b['token_ids_seconds']:.2f} s = "
+                f"{b['chunks'] / b['token_ids_seconds']:,.0f} chunks/s",
+                flush=True,
+            )
+        if "distributed" in wanted:
+            results["distributed"] = []
+            for n in args.embedders:
+                (tmp / f"d{n}").mkdir()
+                r = tp.bench_distributed(docs_file, tmp / f"d{n}", "torch", n, pools)
+                r.pop("status", None)
+                results["distributed"].append(r)
+                print(
+                    f"{r['mode']}: {r['chunks']} chunks in {r['seconds']:.1f} s = {r['chunks_per_s']:,.0f} chunks/s, "
+                    f"{r['tokens_per_s']:,.0f} tokens/s; {r['chunks_per_s'] / (bare['chunks'] / bare['seconds']):.3f}"
+                    " of bare encode",
+                    flush=True,
+                )
+                for line in support_lines(r):
+                    print("  " + line, flush=True)
+                if r["chunks"] != bare["chunks"]:
+                    print(f"  WARNING: {r['chunks']} chunks stored, bare encode had {bare['chunks']}")
+    if args.recovery:
+        from recovery import measure_recovery, summary
+
+        r = measure_recovery(scifact=args.scifact)
+        results["recovery"] = r
+        print("recovery: " + summary(r), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
