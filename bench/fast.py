@@ -1,8 +1,8 @@
 """Feeding a fast embedder: how much of a static model's speed does the distributed pipeline keep, and
 what does everything around the embedder cost per chunk?
 
-    python bench/fast.py [--docs 10000] [--model DIR] [--embedders 1] [--pools chunk=2] [--recovery]
-                         [--device cpu] [--set EMBEDPIPE_X=V ...] [--out FILE.json]
+    python bench/fast.py [--docs 10000] [--model DIR] [--embedders 1] [--pools chunk=2] [--quality]
+                         [--recovery] [--device cpu] [--set EMBEDPIPE_X=V ...] [--out FILE.json]
 
 The fast embedder is a static model (model2vec) distilled from the default model: --model DIR, or one
 distilled once into .bench/static-minilm (`embedpipe distill`, ~40 s). The corpus: the first --docs
@@ -13,13 +13,19 @@ in processes of its own, one after the other:
                (encode_batch) on the same texts, CPU seconds, in one process: the chunker's overhead.
   bare         the limit: the pipeline's own chunks through SentenceTransformer.encode(texts) in one
                call (batch 256, 1024, 4096; the best kept), and through the embedder with the chunks'
-               token IDs (what the embed stage does: no tokenising). Only the encoding is timed.
+               token IDs (what the embed stage does: no tokenising). Only the encoding is timed. Then
+               the same for the source model (--reference, default all-MiniLM-L6-v2) on the first
+               --reference-docs documents (its bare encode at batch 16, 32, 64 on a CPU), for tokens/s
+               side by side.
   distributed  a private redis-server, the janitor, --embedders embed workers and one worker per other
                pool (--pools adds more), ready before the clock; timed from `embedpipe enqueue` until
                `embedpipe wait` returns (bench/throughput.py's row). Reported: end-to-end chunks/s and
                its ratio to bare encode, the support cost (CPU ms per chunk written of the janitor,
                loader, chunker, writer and Redis, each and summed), the embedders' CPU, each process's
                peak RSS.
+  quality      (--quality) SciFact recall@10 and nDCG@10 (documents ranked by their best chunk), the
+               static model on the whole corpus, and both models on the test suite's subset
+               (tests/test_quality.py: 100 queries, 401 documents), in the embedded mode.
   recovery     (--recovery) bench/recovery.py: the job of an embed worker SIGKILLed mid-job, with an
                hour's job timeout, redone by the other embedder (the default model: its jobs last
                seconds, a static model's milliseconds).
@@ -106,7 +112,7 @@ def child_chunker(docs_file: str) -> dict:
     }
 
 
-def child_bare(docs_file: str) -> dict:
+def child_bare(docs_file: str, batches: str) -> dict:
     """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
     from workers.embed import Embedder
 
@@ -116,7 +122,7 @@ def child_bare(docs_file: str) -> dict:
     model = embedder._model
     model.encode(texts[:64], batch_size=64)  # first-call costs outside the clock
     seconds = {}
-    for b in (256, 1024, 4096):
+    for b in map(int, batches.split(",")):
         started = time.perf_counter()
         model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
         seconds[b] = time.perf_counter() - started
@@ -130,6 +136,44 @@ def child_bare(docs_file: str) -> dict:
         "token_ids_seconds": ids_s,
         "token_ids_cpu_s": ids_cpu,
     }
+
+
+def child_quality(scifact: str, whole: str) -> dict:
+    """SciFact recall@10 / nDCG@10 with tp.MODEL in the embedded mode: the subset, and the whole corpus."""
+    from shared.quality import corpus_documents, evaluate, load_beir
+    from shared.settings import Settings
+    from shared.spec import spec_for
+    from shared.store import open_store
+    from tests.test_quality import subset
+    from workers.embed import make_embedder
+    from workers.embedded import EmbeddedRun
+
+    full = load_beir(Path(scifact))
+    out = {}
+    for name, (eval_set, ids) in {"subset": subset(full), **({"corpus": (full, None)} if whole == "1" else {})}.items():
+        with tempfile.TemporaryDirectory() as store:
+            settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE)
+            embedder = make_embedder(settings).warm_up()
+            summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
+            out[name] = {
+                "chunks": summary.chunks,
+                **evaluate(open_store(store, spec_for(settings)), embedder, eval_set),
+            }
+    return out
+
+
+def bare_row(me: list[str], model: str, device: str, docs_file: Path, batches: str) -> dict:
+    b, _, rss = tp.run_measured([*me, "bare", model, device, str(docs_file), batches], tp.clean_env())
+    best = min(b["seconds_by_batch"], key=b["seconds_by_batch"].get)
+    return {**b, "best_batch": best, "seconds": b["seconds_by_batch"][best], "peak_rss_mb": rss}
+
+
+def bare_line(name: str, b: dict) -> str:
+    return (
+        f"{name} bare encode (B={b['best_batch']}): {b['chunks']} chunks in {b['seconds']:.2f} s = "
+        f"{b['chunks'] / b['seconds']:,.0f} chunks/s, {b['tokens'] / b['seconds']:,.0f} tokens/s; from token IDs: "
+        f"{b['token_ids_seconds']:.2f} s = {b['tokens'] / b['token_ids_seconds']:,.0f} tokens/s"
+    )
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -157,6 +201,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--scifact", type=Path, default=tp.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for all rows")
+    parser.add_argument("--reference", default="all-MiniLM-L6-v2", help="the model to compare speed with")
+    parser.add_argument("--reference-docs", type=int, default=500, help="documents for the reference's bare row")
+    parser.add_argument(
+        "--quality", action="store_true", help="also SciFact recall@10: the static model and --reference"
+    )
     parser.add_argument("--recovery", action="store_true", help="also the recovery of a SIGKILLed embed job")
     parser.add_argument("--only", nargs="+", choices=("chunker", "bare", "distributed"), help="only these rows")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
@@ -164,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         tp.MODEL, tp.DEVICE = args.child[1], args.child[2]
-        fn = {"chunker": child_chunker, "bare": child_bare}[args.child[0]]
+        fn = {"chunker": child_chunker, "bare": child_bare, "quality": child_quality}[args.child[0]]
         print(json.dumps(fn(*args.child[3:])))
         return
     tp.MODEL, tp.DEVICE = str(static_model(args.model)), args.device
@@ -190,17 +239,16 @@ def main() -> None:
             )
         bare = None
         if "bare" in wanted or "distributed" in wanted:
-            b, _, rss = tp.run_measured([*me, "bare", tp.MODEL, args.device, str(docs_file)], tp.clean_env())
-            best = min(b["seconds_by_batch"], key=b["seconds_by_batch"].get)
-            bare = {**b, "best_batch": best, "seconds": b["seconds_by_batch"][best], "peak_rss_mb": rss}
-            results["bare"] = bare
-            print(
-                f"bare encode (B={best}): {b['chunks']} chunks in {bare['seconds']:.2f} s = "
-                f"{b['chunks'] / bare['seconds']:,.0f} chunks/s, {b['tokens'] / bare['seconds']:,.0f} tokens/s; "
-                f"from token IDs: {b['token_ids_seconds']:.2f} s = "
-                f"{b['chunks'] / b['token_ids_seconds']:,.0f} chunks/s",
-                flush=True,
-            )
+            bare = results["bare"] = bare_row(me, tp.MODEL, args.device, docs_file, "256,1024,4096")
+            print(bare_line("this model", bare), flush=True)
+        if "bare" in wanted and args.reference and args.reference != tp.MODEL:
+            few = tmp / "reference.jsonl"
+            tp.write_docs(args.reference_docs, few, args.scifact)
+            batches = "16,32,64" if args.device == "cpu" else "256,1024,4096"
+            ref = results["reference_bare"] = bare_row(me, args.reference, args.device, few, batches)
+            print(bare_line(f"{args.reference} ({args.reference_docs} documents)", ref), flush=True)
+            speedup = (bare["tokens"] / bare["seconds"]) / (ref["tokens"] / ref["seconds"])
+            print(f"  this model reads {speedup:,.0f}x the tokens per second of {args.reference} (bare encode)")
         if "distributed" in wanted:
             results["distributed"] = []
             for n in args.embedders:
@@ -218,6 +266,17 @@ def main() -> None:
                     print("  " + line, flush=True)
                 if r["chunks"] != bare["chunks"]:
                     print(f"  WARNING: {r['chunks']} chunks stored, bare encode had {bare['chunks']}")
+    if args.quality:
+        results["quality"] = {}
+        for model, whole in ((tp.MODEL, "1"), (args.reference, "0")):
+            q, _, _ = tp.run_measured([*me, "quality", model, args.device, str(args.scifact), whole], tp.clean_env())
+            results["quality"][model] = q
+            for name, r in q.items():
+                print(
+                    f"SciFact {name} ({r['queries']} queries), {Path(model).name}: recall@10 {r['recall@10']:.3f}, "
+                    f"nDCG@10 {r['ndcg@10']:.3f} ({r['chunks']} chunks)",
+                    flush=True,
+                )
     if args.recovery:
         from recovery import measure_recovery, summary
 

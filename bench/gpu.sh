@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU throughput (issue 7): bare encode (fp16) and the pipeline (embedded; distributed with 1 and with 4
-# embedders on one GPU) on a device machine, printed as bench/throughput.py's table (tokens/s, ratios to
-# bare encode). About 3-5 minutes on an H200.
+# GPU throughput: bare encode (fp16) and the pipeline (embedded; distributed with 1 and with 4 embedders
+# on one GPU) on a device machine, printed as bench/throughput.py's table (tokens/s, ratios to bare
+# encode), about 3-5 minutes on an H200 (`run`); then bench/fast.py's rows (`fast`): the default model
+# and a static model (distilled here by `prepare`) through the distributed pools with 1 and 4 embedders,
+# tokens/s per GPU and the support CPU ms per chunk by process, about 4 minutes.
 #
 # The device machine reaches no registry and its image lacks rq, redis, lancedb, the model and
 # redis-server; what it lacks travels with the call, and a call carries at most 64 MiB, but the model
@@ -14,6 +16,7 @@
 #             run(carry=[".gpu/1"], command="bench/gpu.sh stage")
 #             run(carry=[".gpu/2"], command="bench/gpu.sh stage")
 #             run(carry=[".gpu/3"], command="bench/gpu.sh stage && bench/gpu.sh run", timeout_s=420)
+#             run(command="bench/gpu.sh fast", timeout_s=420)      # while the machine is still warm
 #           (`bench/gpu.sh prepare` prints the exact calls.) GPU_DOCS (default 15000) sizes the corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +54,9 @@ EOF
     --platform any -d "$stage/wheels" "${pins[@]}"
   # 3. redis-server as unpacked Debian packages (with the libraries an Ubuntu image may lack).
   (cd "$stage/debs" && apt-get download redis-tools liblzf1 libjemalloc2 >/dev/null)
-  # 4. The corpus (../shared does not travel).
+  # 4. A static model distilled from the default one (~15 MB): the fast embedder of bench/fast.py.
+  .venv/bin/embedpipe distill --out "$stage/static" >/dev/null
+  # 5. The corpus (../shared does not travel).
   cp ../shared/data/scifact/corpus.jsonl ../shared/data/scifact/queries.jsonl "$stage/scifact/"
   cp -r ../shared/data/scifact/qrels "$stage/scifact/"
   # Cut into pieces that fit a call beside the working tree.
@@ -72,6 +77,7 @@ EOF
       echo "  run(carry=[\".gpu/$p\"], command=\"bench/gpu.sh stage && bench/gpu.sh run\", timeout_s=420)"
     fi
   done
+  echo "  run(command=\"bench/gpu.sh fast\", timeout_s=420)"
 }
 
 stage() {  # on the device machine: keep the pieces this call carried
@@ -80,12 +86,12 @@ stage() {  # on the device machine: keep the pieces this call carried
   ls -la "$WORK/pieces"
 }
 
-run() {  # on the device machine, after every piece is staged
+setup() {  # on the device machine: unpack the payload once, put redis-server and embedpipe on the PATH
+  P=$WORK/payload
   if [[ ! -d "$WORK/payload" ]]; then
     mkdir -p "$WORK/payload"
     cat "$WORK"/pieces/piece.* | tar -x -C "$WORK/payload"
   fi
-  local P=$WORK/payload
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
     "$P"/wheels/*.whl
   for d in "$P"/debs/*.deb; do dpkg -x "$d" "$WORK/root"; done
@@ -102,19 +108,34 @@ EOF
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   redis-server --version
   python3 -c 'import torch, sentence_transformers as s, rq, lancedb; print("torch", torch.__version__, torch.cuda.is_available(), "sentence-transformers", s.__version__)'
-  # GPU-sized work units: bigger load batches and parts, so a part is at least one full micro-batch
-  # (65,536 padded tokens); the 16 CPU cores run several loaders, chunkers and writers.
+}
+
+run() {  # on the device machine, after every piece is staged
+  setup
+  # The default work units (256-document batches, parts of up to 131,072 padded tokens) hold at least
+  # one full GPU micro-batch (65,536); the 16 CPU cores run several loaders, chunkers and writers.
   local out=${OUT:-/tmp}
   set -o pipefail
   timeout 300 python3 bench/throughput.py --device cuda --model "$P/model" --scifact "$P/scifact" \
     --docs "${GPU_DOCS:-15000}" --only bare embedded distributed distributed-4 --pools load=2,chunk=6,write=4 \
-    --set EMBEDPIPE_BATCH_DOCS=256 --set EMBEDPIPE_PART_MAX_TOKENS=131072 --set EMBEDPIPE_PART_MAX_CHUNKS=1024 \
     --out "$out/gpu-throughput.json" 2>&1 | tee "$out/gpu-throughput.txt"
+}
+
+fast() {  # on the device machine, after `run`: bench/fast.py's rows, static model and default model
+  setup
+  local out=${OUT:-/tmp} docs=${GPU_DOCS:-15000}
+  set -o pipefail
+  local common=(--device cuda --scifact "$P/scifact" --docs "$docs" --embedders 1 4 --pools load=2,chunk=6,write=4)
+  timeout 180 python3 bench/fast.py "${common[@]}" --model "$P/static" --out "$out/gpu-fast-static.json" 2>&1 \
+    | tee "$out/gpu-fast-static.txt"
+  timeout 200 python3 bench/fast.py "${common[@]}" --model "$P/model" --only bare distributed \
+    --out "$out/gpu-fast-minilm.json" 2>&1 | tee "$out/gpu-fast-minilm.txt"
 }
 
 case "${1:-}" in
   prepare) prepare ;;
   stage) stage ;;
   run) run ;;
-  *) echo "usage: bench/gpu.sh prepare | stage | run   (see the comment at the top)" >&2; exit 2 ;;
+  fast) fast ;;
+  *) echo "usage: bench/gpu.sh prepare | stage | run | fast   (see the comment at the top)" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     proc.wait(10)
 
 
-_next_db = iter(range(16))
+_next_db = itertools.count()  # Redis has 16 databases: tests take them in turn
 
 
 @pytest.fixture
