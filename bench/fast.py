@@ -11,6 +11,8 @@ in processes of its own, one after the other:
 
   chunker      the chunk stage's batch function (chunk_batch) against the model's raw tokenizer
                (encode_batch) on the same texts, CPU seconds, in one process: the chunker's overhead.
+               With --baseline REV, also REV's chunker (workers/chunk.py and shared/models.py read
+               from git) beside this one, with --reference's tokenizer (older code reads no static model).
   bare         the limit: the pipeline's own chunks through SentenceTransformer.encode(texts) in one
                call (batch 256, 1024, 4096; the best kept), and through the embedder with the chunks'
                token IDs (what the embed stage does: no tokenising). Only the encoding is timed. Then
@@ -112,6 +114,47 @@ def child_chunker(docs_file: str) -> dict:
     }
 
 
+def child_chunker_baseline(docs_file: str, rev: str) -> dict:
+    """This chunker and REV's on the same texts with the reference model's tokenizer, CPU seconds."""
+    import types
+
+    from shared.messages import SourceDoc
+    from shared.models import ModelTokenizer
+    from shared.settings import Settings
+    from workers.chunk import chunk_batch, chunk_policy
+    from workers.load import load_batch
+
+    def old_module(path: str) -> types.ModuleType:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        module = types.ModuleType(f"baseline_{path.replace('/', '_')[:-3]}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+        return module
+
+    old_models, old_chunk = old_module("shared/models.py"), old_module("workers/chunk.py")
+    raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
+    docs, _ = load_batch(raw, Settings().max_doc_bytes)
+    new_tok, old_tok = ModelTokenizer(tp.MODEL), old_models.ModelTokenizer(tp.MODEL)
+    policy = chunk_policy(new_tok, 0, 0.1)
+    old_policy = old_chunk.ChunkPolicy(policy.max_tokens, policy.overlap_tokens)
+    texts = [d.text for d in docs]
+
+    def cpu(f) -> float:
+        started = time.process_time()
+        f()
+        return time.process_time() - started
+
+    return {
+        "rev": rev,
+        "chunks": len(chunk_batch(docs, new_tok, policy)),
+        "raw_tokenizer_cpu_s": min(
+            cpu(lambda: new_tok._tok.encode_batch(texts, add_special_tokens=False)) for _ in "ab"
+        ),
+        "chunker_cpu_s": min(cpu(lambda: chunk_batch(docs, new_tok, policy)) for _ in "ab"),
+        "baseline_chunker_cpu_s": min(cpu(lambda: old_chunk.chunk_batch(docs, old_tok, old_policy)) for _ in "ab"),
+    }
+
+
 def child_bare(docs_file: str, batches: str) -> dict:
     """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
     from workers.embed import Embedder
@@ -203,6 +246,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for all rows")
     parser.add_argument("--reference", default="all-MiniLM-L6-v2", help="the model to compare speed with")
     parser.add_argument("--reference-docs", type=int, default=500, help="documents for the reference's bare row")
+    parser.add_argument("--baseline", metavar="REV", help="also this git revision's chunker (see the chunker row)")
     parser.add_argument(
         "--quality", action="store_true", help="also SciFact recall@10: the static model and --reference"
     )
@@ -213,7 +257,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         tp.MODEL, tp.DEVICE = args.child[1], args.child[2]
-        fn = {"chunker": child_chunker, "bare": child_bare, "quality": child_quality}[args.child[0]]
+        fn = {
+            "chunker": child_chunker,
+            "chunker_baseline": child_chunker_baseline,
+            "bare": child_bare,
+            "quality": child_quality,
+        }[args.child[0]]
         print(json.dumps(fn(*args.child[3:])))
         return
     tp.MODEL, tp.DEVICE = str(static_model(args.model)), args.device
@@ -237,6 +286,18 @@ def main() -> None:
                 f"{c['raw_tokenizer_cpu_s']:.2f} s on the same texts: {ratio:.2f}x",
                 flush=True,
             )
+            if args.baseline:
+                cmd = [*me, "chunker_baseline", args.reference, args.device, str(docs_file), args.baseline]
+                c, _, _ = tp.run_measured(cmd, tp.clean_env())
+                results["chunker_baseline"] = c
+                raw_s = c["raw_tokenizer_cpu_s"]
+                print(
+                    f"chunker with {args.reference}'s tokenizer, {c['chunks']} chunks: this one "
+                    f"{c['chunker_cpu_s']:.2f} CPU s ({c['chunker_cpu_s'] / raw_s:.2f}x the raw tokenizer's "
+                    f"{raw_s:.2f} s), {args.baseline}'s {c['baseline_chunker_cpu_s']:.2f} s "
+                    f"({c['baseline_chunker_cpu_s'] / raw_s:.2f}x)",
+                    flush=True,
+                )
         bare = None
         if "bare" in wanted or "distributed" in wanted:
             bare = results["bare"] = bare_row(me, tp.MODEL, args.device, docs_file, "256,1024,4096")
@@ -282,7 +343,7 @@ def main() -> None:
 
         r = measure_recovery(scifact=args.scifact)
         results["recovery"] = r
-        print("recovery: " + summary(r), flush=True)
+        print(summary(r), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"results: {args.out}")
