@@ -26,8 +26,9 @@ in processes of its own, one after the other:
                loader, chunker, writer and Redis, each and summed), the embedders' CPU, each process's
                peak RSS.
   quality      (--quality) SciFact recall@10 and nDCG@10 (documents ranked by their best chunk), the
-               static model on the whole corpus, and both models on the test suite's subset
-               (tests/test_quality.py: 100 queries, 401 documents), in the embedded mode.
+               static model on the whole corpus (--quality-chunk-tokens 64 128 256: one run per chunk
+               size), and both models on the test suite's subset (tests/test_quality.py: 100
+               queries, 401 documents), in the embedded mode.
   recovery     (--recovery) bench/recovery.py: the job of an embed worker SIGKILLed mid-job, with an
                hour's job timeout, redone by the other embedder (the default model: its jobs last
                seconds, a static model's milliseconds).
@@ -181,8 +182,9 @@ def child_bare(docs_file: str, batches: str) -> dict:
     }
 
 
-def child_quality(scifact: str, whole: str) -> dict:
-    """SciFact recall@10 / nDCG@10 with tp.MODEL in the embedded mode: the subset, and the whole corpus."""
+def child_quality(scifact: str, sizes: str) -> dict:
+    """SciFact recall@10 / nDCG@10 with tp.MODEL in the embedded mode: the subset, and the whole corpus
+    with each chunk size in `sizes` (0: the model's default; none: no whole-corpus run)."""
     from shared.quality import corpus_documents, evaluate, load_beir
     from shared.settings import Settings
     from shared.spec import spec_for
@@ -192,10 +194,12 @@ def child_quality(scifact: str, whole: str) -> dict:
     from workers.embedded import EmbeddedRun
 
     full = load_beir(Path(scifact))
+    runs = {"subset": (*subset(full), 0)}
+    runs |= {f"corpus{f', chunks of {n}' if n else ''}": (full, None, n) for n in map(int, sizes.split(",")) if sizes}
     out = {}
-    for name, (eval_set, ids) in {"subset": subset(full), **({"corpus": (full, None)} if whole == "1" else {})}.items():
+    for name, (eval_set, ids, chunk_tokens) in runs.items():
         with tempfile.TemporaryDirectory() as store:
-            settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE)
+            settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE, chunk_tokens=chunk_tokens)
             embedder = make_embedder(settings).warm_up()
             summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
             out[name] = {
@@ -249,6 +253,14 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="also this git revision's chunker (see the chunker row)")
     parser.add_argument(
         "--quality", action="store_true", help="also SciFact recall@10: the static model and --reference"
+    )
+    parser.add_argument(
+        "--quality-chunk-tokens",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="--quality's whole-corpus runs of the static model, one per chunk size (0: its default)",
     )
     parser.add_argument("--recovery", action="store_true", help="also the recovery of a SIGKILLed embed job")
     parser.add_argument("--only", nargs="+", choices=("chunker", "bare", "distributed"), help="only these rows")
@@ -329,8 +341,9 @@ def main() -> None:
                     print(f"  WARNING: {r['chunks']} chunks stored, bare encode had {bare['chunks']}")
     if args.quality:
         results["quality"] = {}
-        for model, whole in ((tp.MODEL, "1"), (args.reference, "0")):
-            q, _, _ = tp.run_measured([*me, "quality", model, args.device, str(args.scifact), whole], tp.clean_env())
+        sweep = ",".join(map(str, args.quality_chunk_tokens))
+        for model, sizes in ((tp.MODEL, sweep), (args.reference, "")):
+            q, _, _ = tp.run_measured([*me, "quality", model, args.device, str(args.scifact), sizes], tp.clean_env())
             results["quality"][model] = q
             for name, r in q.items():
                 print(
