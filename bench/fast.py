@@ -115,6 +115,30 @@ def child_chunker(docs_file: str) -> dict:
     }
 
 
+def vector_transport(vectors) -> dict:
+    """One part's vectors through Redis: bytes per chunk and CPU microseconds per chunk (encode + decode),
+    as msgpack lists of floats, as raw float32 bytes (what travels) and as float16 bytes."""
+    import msgpack
+
+    from shared.messages import pack_vectors, unpack_vectors
+
+    rows = len(vectors)
+    ways = {
+        "msgpack lists": (lambda: msgpack.packb(vectors.tolist()), lambda raw: msgpack.unpackb(raw)),
+        "float32 bytes": (lambda: pack_vectors(vectors), lambda raw: unpack_vectors(raw, rows)),
+        "float16 bytes": (lambda: pack_vectors(vectors, "float16"), lambda raw: unpack_vectors(raw, rows, "float16")),
+    }
+    out = {}
+    for name, (encode, decode) in ways.items():
+        started = time.process_time()
+        for _ in range(5):
+            raw = encode()
+            decode(raw)
+        cpu_us = (time.process_time() - started) / 5 / rows * 1e6
+        out[name] = {"bytes_per_chunk": len(raw) / rows, "cpu_us_per_chunk": round(cpu_us, 2)}
+    return out
+
+
 def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     """This chunker and REV's on the same texts with the reference model's tokenizer, CPU seconds."""
     import types
@@ -171,9 +195,10 @@ def child_bare(docs_file: str, batches: str) -> dict:
         model.encode(texts, batch_size=b, normalize_embeddings=True, show_progress_bar=False)
         seconds[b] = time.perf_counter() - started
     started, cpu0 = time.perf_counter(), time.process_time()
-    embedder.embed_chunks(chunks)
+    vectors = embedder.embed_chunks(chunks)
     ids_s, ids_cpu = time.perf_counter() - started, time.process_time() - cpu0
     return {
+        "vector_transport": vector_transport(vectors[:1024]),
         "chunks": len(chunks),
         "tokens": sum(c.tokens for c in chunks),
         "seconds_by_batch": seconds,
@@ -314,6 +339,14 @@ def main() -> None:
         if "bare" in wanted or "distributed" in wanted:
             bare = results["bare"] = bare_row(me, tp.MODEL, args.device, docs_file, "256,1024,4096")
             print(bare_line("this model", bare), flush=True)
+            print(
+                f"vectors of a {min(1024, bare['chunks'])}-chunk part, per chunk: "
+                + "; ".join(
+                    f"{name} {v['bytes_per_chunk']:,.0f} B, {v['cpu_us_per_chunk']:.1f} us to encode and decode"
+                    for name, v in bare["vector_transport"].items()
+                ),
+                flush=True,
+            )
         if "bare" in wanted and args.reference and args.reference != tp.MODEL:
             few = tmp / "reference.jsonl"
             tp.write_docs(args.reference_docs, few, args.scifact)

@@ -39,6 +39,7 @@ MODEL = [
     "batch_size",
     "micro_batch_tokens",
     "backend",
+    "vector_dtype",
     "dimensions",
     "doc_prefix",
     "query_prefix",

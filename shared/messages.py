@@ -120,6 +120,33 @@ def pack_token_ids(ids: Any) -> bytes:
     return np.asarray(ids, dtype="<u4").tobytes()
 
 
+# How vectors travel (embed -> write) and are kept: raw little-endian bytes, float32 or, where the
+# spec says so, float16 (half the bytes; the rounding is part of the spec, so both runtimes apply it).
+VECTOR_DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
+def pack_vectors(vectors: Any, dtype: str = "float32") -> bytes:
+    """A part's vectors (rows) as raw little-endian bytes of `dtype`."""
+    import numpy as np
+
+    return np.ascontiguousarray(vectors, dtype=VECTOR_DTYPES[dtype]).tobytes()
+
+
+def unpack_vectors(raw: bytes | None, rows: int, dtype: str = "float32") -> Any:
+    """float32 rows from pack_vectors' bytes, checked: the size must fit `rows`, every number finite."""
+    import numpy as np
+
+    if raw is None:
+        raise DecodeError("vectors payload is missing (expired or never written)")
+    width = np.dtype(VECTOR_DTYPES[dtype]).itemsize
+    if rows == 0 or len(raw) % (width * rows):
+        raise DecodeError(f"vectors payload of {len(raw)} bytes does not hold {rows} {dtype} rows")
+    vectors = np.frombuffer(raw, dtype=VECTOR_DTYPES[dtype]).reshape(rows, -1).astype(np.float32)
+    if not np.isfinite(vectors).all():
+        raise DecodeError("vectors payload holds non-finite numbers")
+    return vectors
+
+
 def unpack_token_ids(chunk: Chunk) -> Any:
     """A chunk's token IDs as a numpy uint32 array, checked against its token count."""
     import numpy as np

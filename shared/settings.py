@@ -70,6 +70,9 @@ class Settings:
         "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."
     )
     micro_batch_tokens: int = setting(0, "Padded tokens per forward pass; 0 = 4096 on CPU, 65536 on GPU.")
+    vector_dtype: str = setting(
+        "float32", "Vectors between embedder and writer: float32, or float16 (half the bytes; part of the spec)."
+    )
     support_nice: int = setting(
         10, "Niceness the load, chunk and write workers and the janitor take, so embedders get the CPU first."
     )
@@ -125,6 +128,8 @@ class Settings:
             raise ConfigError(f"{env_name('support_nice')} must be 0 (off) to 19, got {self.support_nice}")
         if not 3 <= self.job_lease_s <= 300:  # rq scores in whole seconds: a beat needs room in the lease
             raise ConfigError(f"{env_name('job_lease_s')} must be 3 to 300 s, got {self.job_lease_s}")
+        if self.vector_dtype not in ("float32", "float16"):
+            raise ConfigError(f"{env_name('vector_dtype')} must be float32 or float16, got {self.vector_dtype!r}")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if self.chunk_tokens < 0:

@@ -57,6 +57,7 @@ class EmbeddingSpec:
     chunk_overlap_tokens: int
     chunker_version: int = CHUNKER_VERSION
     backend: str = "torch"  # bf16 and int8 ONNX compute other vectors than float32 torch
+    vector_dtype: str = "float32"  # float16: vectors rounded to half precision as they travel and are kept
     query_prefix: str = ""  # put before queries: changes no stored vector, so not in the fingerprint
 
     @property
@@ -108,6 +109,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
         chunk_tokens=policy.max_tokens,
         chunk_overlap_tokens=policy.overlap_tokens,
         backend="api" if is_api_model(settings.model) else settings.backend,
+        vector_dtype=settings.vector_dtype,
         query_prefix=settings.query_prefix,
     )
 

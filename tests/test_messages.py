@@ -1,6 +1,7 @@
 import json
 
 import msgpack
+import numpy as np
 import pytest
 
 from shared.errors import DecodeError
@@ -95,3 +96,17 @@ def test_chunk_payloads_are_type_checked_and_token_ids_match_their_count():
             decode_chunks(raw)
     with pytest.raises(DecodeError, match="token IDs"):
         unpack_token_ids(Chunk("c", "d", 0, "two words", 3, 0, 9, {}, pack_token_ids([7, 8])))
+
+
+def test_vectors_travel_as_little_endian_bytes_of_their_dtype():
+    from shared.messages import pack_vectors, unpack_vectors
+
+    v = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    assert len(pack_vectors(v)) == 3 * 8 * 4 and len(pack_vectors(v, "float16")) == 3 * 8 * 2
+    np.testing.assert_array_equal(unpack_vectors(pack_vectors(v), 3), v)
+    half = unpack_vectors(pack_vectors(v, "float16"), 3, "float16")
+    assert half.dtype == np.float32 and np.abs(half - v).max() < 2e-3
+    assert np.frombuffer(pack_vectors(v)[:4], "<f4")[0] == v[0, 0]  # little-endian on any host
+    for raw, rows in ((None, 3), (pack_vectors(v)[:-1], 3), (pack_vectors(np.full((1, 2), np.nan)), 1)):
+        with pytest.raises(DecodeError):
+            unpack_vectors(raw, rows)

@@ -30,6 +30,10 @@ from .pool import Pool
 pytestmark = pytest.mark.slow
 
 
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def example_chunks(model: str, n: int = 40):
     """Real chunks of the sample corpus, cut for `model`."""
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES)]), 10**7) if isinstance(s, SourceDoc)]
@@ -105,17 +109,19 @@ def test_token_ids_of_another_vocabulary_fail_instead_of_embedding_garbage(stati
         static.embed_chunks([replace(chunk, token_ids=pack_token_ids([1, 2]))])
 
 
-def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(static_model, redis_url, tmp_path):
-    env = cli_env(EMBEDPIPE_MODEL=str(static_model), EMBEDPIPE_STORE=str(tmp_path / "embedded"))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype, static_model, redis_url, tmp_path):
+    settings = {"EMBEDPIPE_MODEL": str(static_model), "EMBEDPIPE_VECTOR_DTYPE": dtype}
+    env = cli_env(**settings, EMBEDPIPE_STORE=str(tmp_path / "embedded"))
     summary = json.loads(embedpipe("run", str(EXAMPLES), "--json", "--no-progress", env=env).stdout)
     assert summary["failed"] == 0 and summary["chunks"] == summary["chunks_embedded"] > 50
-    spec = spec_for(Settings.from_env({}, model=str(static_model)))
+    spec = spec_for(Settings.from_env(settings))
     assert summary["collection"] == spec.collection
     hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)
     assert hits[0]["doc_id"] == "docs/bicycle-flat-tyre.md"
 
     denv = cli_env(
-        EMBEDPIPE_MODEL=str(static_model),
+        **settings,
         EMBEDPIPE_STORE=str(tmp_path / "distributed"),
         EMBEDPIPE_REDIS_URL=redis_url,
         EMBEDPIPE_INBOX_WAIT_S="0.2",
@@ -131,5 +137,15 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(stati
     embedded = open_store(str(tmp_path / "embedded"), spec).vectors()
     distributed = open_store(str(tmp_path / "distributed"), spec).vectors()
     assert embedded.keys() == distributed.keys() and len(embedded) == summary["chunks"]
-    cosine = np.array([float(embedded[k] @ distributed[k]) for k in embedded])
-    assert cosine.min() >= 0.9999  # the same chunks, the same IDs, the same vectors
+    cosine = np.array([cos(embedded[k], distributed[k]) for k in embedded])
+    assert cosine.min() >= (0.9999 if dtype == "float32" else 0.999)  # the same chunks, the same vectors
+    if dtype == "float16":  # its own collection, its vectors half precision in both runtimes, near float32's
+        full = spec_for(Settings.from_env({}, model=str(static_model)))
+        assert full.collection != spec.collection
+        for vectors in (embedded, distributed):
+            v = np.stack(list(vectors.values()))
+            np.testing.assert_array_equal(v, v.astype(np.float16).astype(np.float32))
+        e = Embedder(str(static_model), "cpu").warm_up()
+        chunks = example_chunks(str(static_model), 200)
+        reference = dict(zip([c.chunk_id for c in chunks], e.embed_chunks(chunks), strict=True))
+        assert min(cos(embedded[k], reference[k]) for k in embedded if k in reference) >= 0.999

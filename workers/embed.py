@@ -18,7 +18,7 @@ import numpy as np
 
 from shared.cache import VectorCache, text_key
 from shared.errors import ConfigError, DecodeError, EmbedFailures
-from shared.messages import Chunk, DeadLetter, unpack_token_ids
+from shared.messages import Chunk, DeadLetter, pack_vectors, unpack_token_ids
 from shared.metrics import (
     EMBED_CACHE,
     EMBED_JOB_SECONDS,
@@ -422,6 +422,8 @@ def embed_part(
         new = embed_batch(batch, embedder, spec.prefix) if batch else empty
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
+    if spec.vector_dtype == "float16":  # what the writer will receive, here too: both runtimes, the cache
+        new = new.astype(np.float16).astype(np.float32)
     # an API model of unknown size learns its dimension from its first response
     vectors = np.zeros((len(chunks), new.shape[1] if rows else embedder.dimension), dtype=np.float32)
     by_key = dict(found)
@@ -471,7 +473,9 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
             ctx.ledger.add_dead(letters, pipe=pipe)
             pipe.sadd(keys.docs_failed(batch_id), *[d.doc_id for d in letters])
             pipe.expire(keys.docs_failed(batch_id), ctx.settings.payload_ttl_s)
-        pipe.set(keys.vectors(batch_id, part), vectors.tobytes(), ex=ctx.settings.payload_ttl_s)
+        pipe.set(
+            keys.vectors(batch_id, part), pack_vectors(vectors, ctx.spec.vector_dtype), ex=ctx.settings.payload_ttl_s
+        )
         enqueue_next(ctx, "write", [(batch_id, part)], pipe)
         pipe.execute()
     log.info("embed %s/%d: %d chunks in %.2f s, %d refused", batch_id, part, len(chunks), seconds, len(failed))

@@ -15,7 +15,7 @@ import numpy as np
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError
-from shared.messages import BatchPlan, Chunk, Document
+from shared.messages import BatchPlan, Chunk, Document, unpack_vectors
 from shared.metrics import COLLECTION_CHUNKS, DOCUMENTS, count_retry
 from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, Store, prune
 
@@ -69,17 +69,6 @@ def doc_records(docs: list[Document], expected: dict[str, list[str]]) -> list[Do
     return [DocRecord(d.id, d.content_hash, len(expected[d.id]), d.text, d.metadata) for d in docs if d.id in expected]
 
 
-def decode_vectors(raw: bytes | None, rows: int) -> np.ndarray:
-    if raw is None:
-        raise DecodeError("vectors payload is missing (expired or never written)")
-    if rows == 0 or len(raw) % (4 * rows):
-        raise DecodeError(f"vectors payload of {len(raw)} bytes does not hold {rows} float32 rows")
-    vectors = np.frombuffer(raw, dtype=np.float32).reshape(rows, -1)
-    if not np.isfinite(vectors).all():
-        raise DecodeError("vectors payload holds non-finite numbers")
-    return vectors
-
-
 def write_job(batch_id: str, part: int) -> dict[str, int]:
     """rq job: store one part; the writer that completes a batch finalises it."""
     from shared import keys
@@ -91,7 +80,7 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
     check_spec(ctx, batch_id)
     chunks = decode_chunks(ctx.redis.get(keys.chunks(batch_id, part)))
-    vectors = decode_vectors(ctx.redis.get(keys.vectors(batch_id, part)), len(chunks))
+    vectors = unpack_vectors(ctx.redis.get(keys.vectors(batch_id, part)), len(chunks), ctx.spec.vector_dtype)
     refused = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}  # dead letters already
     keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
     kept = [chunks[i] for i in keep]
