@@ -31,7 +31,7 @@ class VectorCache(Protocol):
 def _decode(raw: bytes | None, dim: int) -> np.ndarray | None:
     if raw is None or len(raw) != 4 * dim:
         return None
-    vector = np.frombuffer(raw, dtype=np.float32)
+    vector = np.frombuffer(raw, dtype="<f4")
     return vector if np.isfinite(vector).all() else None
 
 
@@ -55,7 +55,7 @@ class RedisVectorCache:
             return
         with self.redis.pipeline(transaction=False) as pipe:
             for key, vector in vectors.items():
-                pipe.set(f"{PREFIX}:vcache:{key}", np.asarray(vector, dtype=np.float32).tobytes(), ex=self.ttl_s)
+                pipe.set(f"{PREFIX}:vcache:{key}", np.asarray(vector, dtype="<f4").tobytes(), ex=self.ttl_s)
             pipe.execute()
 
 
@@ -91,7 +91,7 @@ class LocalVectorCache:
         now = time.time()
         self._db.executemany(
             "INSERT OR REPLACE INTO vcache VALUES (?, ?, ?)",
-            [(k, np.asarray(v, dtype=np.float32).tobytes(), now) for k, v in vectors.items()],
+            [(k, np.asarray(v, dtype="<f4").tobytes(), now) for k, v in vectors.items()],
         )
         self._puts += len(vectors)
         if self._puts >= self.EVICT_EVERY:
