@@ -42,16 +42,16 @@ def long_documents(n: int) -> list[dict[str, str]]:
 
 def lease_env(redis_url: str, tmp_path, docs: int, **extra: str) -> dict[str, str]:
     """One batch, one embed part of `docs` chunks, an embed timeout far beyond any wait here."""
-    return cli_env(
-        EMBEDPIPE_REDIS_URL=redis_url,
-        EMBEDPIPE_STORE=str(tmp_path / "store"),
-        EMBEDPIPE_EMBED_TIMEOUT_S="3600",
-        EMBEDPIPE_BATCH_DOCS=str(docs),
-        EMBEDPIPE_PART_MAX_CHUNKS="512",
-        EMBEDPIPE_INBOX_WAIT_S="0.2",
-        EMBEDPIPE_LOG_LEVEL="INFO",
-        **extra,
-    )
+    settings = {
+        "EMBEDPIPE_REDIS_URL": redis_url,
+        "EMBEDPIPE_STORE": str(tmp_path / "store"),
+        "EMBEDPIPE_EMBED_TIMEOUT_S": "3600",
+        "EMBEDPIPE_BATCH_DOCS": str(docs),
+        "EMBEDPIPE_PART_MAX_CHUNKS": "512",
+        "EMBEDPIPE_INBOX_WAIT_S": "0.2",
+        "EMBEDPIPE_LOG_LEVEL": "INFO",
+    }
+    return cli_env(**(settings | extra))
 
 
 def enqueue(env: dict[str, str], tmp_path, docs: list[dict[str, str]]) -> None:
@@ -89,10 +89,15 @@ def test_a_killed_workers_long_job_is_redone_within_its_lease(redis_url, tmp_pat
 
 
 def test_a_live_workers_job_of_many_leases_is_never_taken_from_it(redis_url, tmp_path, tokenizer):
-    lease_s = 4
-    docs = long_documents(400)  # one embed job of 20-40 s on 2 cores: 5-10 leases
+    lease_s = 3  # the shortest allowed
+    docs = long_documents(800)  # one embed job of ~25-80 s on 2 cores (12 s for 400 on a quiet EPYC): 8+ leases
     env = lease_env(
-        redis_url, tmp_path, len(docs), EMBEDPIPE_JOB_LEASE_S=str(lease_s), EMBEDPIPE_PART_MAX_TOKENS="200000"
+        redis_url,
+        tmp_path,
+        len(docs),
+        EMBEDPIPE_JOB_LEASE_S=str(lease_s),
+        EMBEDPIPE_PART_MAX_CHUNKS="1024",
+        EMBEDPIPE_PART_MAX_TOKENS="400000",
     )
     redis = Redis.from_url(redis_url)
     pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 1, "write": 1})
