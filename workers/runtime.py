@@ -41,6 +41,17 @@ JOB_FUNCTIONS = {
     "probe": "workers.probe.probe_job",  # runs on the embed queue: it needs the model
 }
 QUEUE_OF = {"finalize": "write", "prune": "write", "probe": "embed"}
+# What each stage function takes: a job whose arguments do not match is refused, like a foreign function.
+ARGUMENTS: dict[str, tuple[type, ...]] = {
+    "load": (str,),
+    "chunk": (str,),
+    "embed": (str, int),
+    "write": (str, int),
+    "finalize": (str,),
+    "prune": (str,),
+    "probe": (str, int),
+}
+MAX_ARGUMENT_CHARS = 4096
 ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
 RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
@@ -251,12 +262,12 @@ class StageWorker(SimpleWorker):
             self._lease = None
 
     def execute_job(self, job: Any, queue: Queue) -> Any:
-        allowed = ALLOWED.get(queue.name, set())
-        if job.func_name not in allowed:
-            named = str(job.func_name)[:200]
-            log.error("refused job %s: it names %r, this pool runs only %s", job.id, named, sorted(allowed))
+        refusal = refusal_of(job, queue.name)
+        if refusal is not None:
+            log.error("refused job %s: %s", job.id, refusal)
+            disarm(job)
             job.func_name = "workers.runtime.refused_job"
-            job.args, job.kwargs = (job.id, named), {}
+            job.args, job.kwargs = (job.id, refusal), {}
             job.retries_left = 0
         elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
@@ -274,8 +285,39 @@ class StageWorker(SimpleWorker):
         super().handle_job_failure(job, queue, *args, **kwargs)
 
 
-def refused_job(job_id: str, func_name: str = "") -> None:
-    raise PermissionError(f"job {job_id} names {func_name!r}, which is not an embedpipe stage: refused")
+def refusal_of(job: Any, queue_name: str) -> str | None:
+    """Why a job must not run on this queue's pool, or None. rq acts on more of a job than its function:
+    it imports and calls callbacks, posts to webhooks, holds jobs for dependencies. A stage job has none
+    of them, no keyword arguments, and exactly its function's positional arguments."""
+    allowed = ALLOWED.get(queue_name, set())
+    func = str(job.func_name)[:200]
+    if job.func_name not in allowed:
+        return f"it names {func!r}, which is not an embedpipe stage (this pool runs only {sorted(allowed)})"
+    callbacks = [job._success_callback_name, job._failure_callback_name, job._stopped_callback_name]
+    if any(callbacks) or job.webhooks or job._dependency_ids:
+        return f"{func} carries callbacks, webhooks or dependencies, which embedpipe never enqueues"
+    stage = next(s for s, f in JOB_FUNCTIONS.items() if f == job.func_name)
+    kinds, args = ARGUMENTS[stage], list(job.args or ())
+    fits = len(args) == len(kinds) and all(
+        type(a) is k and (k is not str or len(a) <= MAX_ARGUMENT_CHARS) for a, k in zip(args, kinds, strict=False)
+    )
+    if job.kwargs or not fits:
+        return f"{func} takes ({', '.join(k.__name__ for k in kinds)}), not these arguments"
+    return None
+
+
+def disarm(job: Any) -> None:
+    """Clear what rq would act on for a refused job, in memory and in its Redis hash."""
+    job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
+    job._success_callback = job._failure_callback = job._stopped_callback = None
+    job.webhooks, job._dependency_ids = [], []
+    job.connection.hdel(
+        job.key, "success_callback_name", "failure_callback_name", "stopped_callback_name", "webhooks", "dependency_ids"
+    )
+
+
+def refused_job(job_id: str, refusal: str = "") -> None:
+    raise PermissionError(f"job {job_id} refused: {refusal}")
 
 
 def yield_cpu(settings: Settings) -> None:
