@@ -59,6 +59,13 @@ JOBS = [
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "probe_eval", "support_nice"]
 
 
+# Where a password goes instead of a flag (the command line shows in `ps` and in shell history).
+WHERE_SECRETS_GO = {
+    "redis_url": "EMBEDPIPE_REDIS_PASSWORD, EMBEDPIPE_REDIS_PASSWORD_FILE, or the URL in EMBEDPIPE_REDIS_URL",
+    "store": "PGPASSWORD, a ~/.pgpass file, or the URL in EMBEDPIPE_STORE",
+}
+
+
 def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add one flag per named setting, defaulting to its environment variable, and pass the
     command a ready `settings` object instead of the raw values."""
@@ -68,12 +75,10 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             given = {n: kwargs.pop(n) for n in names}
             ctx = click.get_current_context()
-            if "redis_url" in given and ctx.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE:
-                if urlsplit(given["redis_url"]).password:
-                    raise click.UsageError(
-                        "a password on the command line shows in `ps`: put it in EMBEDPIPE_REDIS_PASSWORD, "
-                        "EMBEDPIPE_REDIS_PASSWORD_FILE, or the URL in EMBEDPIPE_REDIS_URL"
-                    )
+            for name, where in WHERE_SECRETS_GO.items():
+                from_flag = ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                if name in given and from_flag and "://" in given[name] and urlsplit(given[name]).password:
+                    raise click.UsageError(f"a password on the command line shows in `ps`: put it in {where}")
             try:
                 settings = Settings.from_env(**given, log_level=ctx.find_root().params["log_level"])
             except EmbedpipeError as e:
@@ -363,13 +368,26 @@ def wait(timeout_s: float, settings: Settings) -> None:
 @settings_options(*REDIS, "store", "model")
 @fail_clearly
 def health(stage: str, settings: Settings) -> None:
-    """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason."""
+    """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason.
+    The janitor is also unhealthy when its last round with every housekeeping step done is stale."""
     from shared.models import resolve_model_path
 
     if stage != "embedded":
         from workers.runtime import connect
 
-        connect(settings, retries=0).ping()  # a probe answers now, it does not wait out an outage
+        redis = connect(settings, retries=0)
+        redis.ping()  # a probe answers now, it does not wait out an outage
+        if stage == "janitor":
+            from shared import keys
+            from workers.janitor import STALE_TICK_S
+
+            last = redis.get(keys.JANITOR_TICK)
+            age = time.time() - float(last) if last is not None else None
+            if age is None or age > STALE_TICK_S:
+                when = "never" if age is None else f"{age:.0f} s ago"
+                raise click.ClickException(
+                    f"the janitor's last round with every step done was {when} (see its log: a step fails)"
+                )
     if stage in ("chunk", "embed", "embedded"):
         resolve_model_path(settings.model)
     if stage in ("chunk", "write", "embedded"):  # chunkers look up unchanged documents in the store

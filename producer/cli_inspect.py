@@ -157,7 +157,14 @@ def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | N
         click.echo("no failed documents")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
-        click.echo(f"{r['doc_id']}  [{r['stage']}/{r['reason']}]  {r['message']}  ({r['attempts']}x, last {when})")
+        doc_id, message = printable(r["doc_id"]), printable(r["message"])
+        click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (an ESC sequence in a document's error message could
+    rewrite the screen or the title) shown as escapes, never sent."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @main.command()

@@ -31,13 +31,22 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
     counters = ledger.counters()
     return {
         "mode": "distributed",
-        "inbox": int(redis.llen(keys.INBOX)),
+        "inbox": int(redis.llen(keys.INBOX)) + inbox_held(redis),
         "stages": stages,
         "documents_done": counters.get("documents_done", 0),
         "documents_failed": ledger.dead_count(),
         "chunks_written": counters.get("chunks_written", 0),
         "probe": ledger.last_probe(),
     }
+
+
+def inbox_held(redis: Redis) -> int:
+    """Messages a janitor took from the inbox and has not enqueued yet (workers/inbox.py)."""
+    takers = [m.decode() for m in redis.smembers(keys.INBOX_TAKERS)]
+    with redis.pipeline(transaction=False) as pipe:
+        for taker in takers:
+            pipe.llen(keys.inbox_taken(taker))
+        return sum(pipe.execute()) if takers else 0
 
 
 def is_idle(status: dict[str, Any]) -> bool:

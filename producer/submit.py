@@ -27,6 +27,21 @@ def batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
         yield group
 
 
+def batched_by_size(items: Iterable[Any], n: int, max_bytes: int) -> Iterable[list[Any]]:
+    """Groups of at most n items and about max_bytes of document bodies (at least one item each)."""
+    group: list[Any] = []
+    size = 0
+    for item in items:
+        body = getattr(item, "text", None) or getattr(item, "content", None) or b""
+        if group and (len(group) == n or size + len(body) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(body)
+    if group:
+        yield group
+
+
 def new_batch_id() -> str:
     """Time-ordered and unique; downstream job IDs derive from it deterministically."""
     return f"{time.time_ns() // 1_000_000:x}-{os.urandom(4).hex()}"
@@ -80,7 +95,7 @@ def submit(
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
     result = SubmitResult()
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
-    for group in batched(items, settings.batch_docs):
+    for group in batched_by_size(items, settings.batch_docs, settings.batch_bytes):
         wait_for_room(redis, settings, on_wait)
         sources = [i for i in group if isinstance(i, SourceDoc)]
         rejected = [i for i in group if isinstance(i, DeadLetter)]

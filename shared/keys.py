@@ -3,12 +3,24 @@
 PREFIX = "embedpipe"
 
 INBOX = f"{PREFIX}:inbox"  # list: JSON or msgpack documents pushed by any client
+INBOX_TAKERS = f"{PREFIX}:inbox:takers"  # set: IDs of janitors that may hold a batch taken from the inbox
+JANITOR_TICK = f"{PREFIX}:janitor:tick"  # when a janitor last finished a round with every step done (s)
 DEAD = f"{PREFIX}:dead"  # hash: doc_id -> msgpack DeadLetter
 DEAD_RECENT = f"{PREFIX}:dead:recent"  # sorted set: doc_id by time, the newest few (for the dashboard)
 PROBE = f"{PREFIX}:probe"  # hash: the last quality probe's results
 PROBE_REQUESTED = f"{PREFIX}:probe:requested"  # chunks_written of the last state a probe was requested for
 DEAD_ATTEMPTS = f"{PREFIX}:dead:attempts"  # hash: doc_id -> how many times it failed for good
 COUNTERS = f"{PREFIX}:counters"  # hash: documents_done, chunks_written, ...
+
+
+def inbox_taken(janitor_id: str) -> str:
+    """list: the inbox messages a janitor took and has not enqueued yet (workers/inbox.py)."""
+    return f"{PREFIX}:inbox:taken:{janitor_id}"
+
+
+def janitor_alive(janitor_id: str) -> str:
+    """set with a short TTL while that janitor runs: when it is gone, its taken batch goes back."""
+    return f"{PREFIX}:janitor:alive:{janitor_id}"
 
 
 def dead_source(doc_id: str) -> str:

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +21,74 @@ from shared.errors import DecodeError
 
 SCHEMA_VERSION = 1
 MAX_ID_CHARS = 512
+# Metadata rides on every chunk of its document, into the store's JSON columns: it must be JSON (no
+# bytes, no NaN), hold no NUL (PostgreSQL refuses it in text) and stay small and shallow.
+MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 8
+_CONTROL_IN_ID = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def content_hash(text: str) -> str:
-    """A stable fingerprint of a document's clean text."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
+    """A stable fingerprint of a document as stored: its clean text and its metadata (which every chunk
+    carries), so a metadata-only change is a change too."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16)
+    if metadata:
+        digest.update(b"\0" + json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def safe_id(value: Any, message: Any = None) -> str:
+    """`value` if it is a usable document ID, else a stable stand-in (for the dead letter of a message
+    whose ID is the problem: a dead letter's ID must itself be storable and printable). With no ID at
+    all, the stand-in comes from the whole `message`, so two such messages keep two dead letters."""
+    try:
+        _check_id(value)
+        return value
+    except DecodeError:
+        prefix, seed = ("<no id>:", message) if value is None else ("invalid-id:", value)
+        return prefix + hashlib.blake2b(repr(seed).encode("utf-8", "replace"), digest_size=8).hexdigest()
+
+
+def _check_id(doc_id: Any) -> None:
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise DecodeError("a document needs a non-empty string 'id'")
+    if len(doc_id) > MAX_ID_CHARS:
+        raise DecodeError(f"document id longer than {MAX_ID_CHARS} characters")
+    _check_unicode(doc_id, "the document id")
+    if _CONTROL_IN_ID.search(doc_id):
+        raise DecodeError("the document id holds control characters")
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text that cannot be written as UTF-8 (a lone surrogate: what JavaScript sends for a string cut
+    inside an emoji) fails here, with its document, not later in whatever encodes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DecodeError(f"{what} is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
+def _check_metadata(value: Any, doc_id: str, depth: int = 0) -> None:
+    if depth > MAX_METADATA_DEPTH:
+        raise DecodeError(f"document {doc_id!r}: metadata nested deeper than {MAX_METADATA_DEPTH}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise DecodeError(f"document {doc_id!r}: metadata keys must be strings")
+            _check_metadata(key, doc_id, depth + 1)
+            _check_metadata(item, doc_id, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_metadata(item, doc_id, depth + 1)
+    elif isinstance(value, str):
+        _check_unicode(value, f"document {doc_id!r}: a metadata string")
+        if "\0" in value:
+            raise DecodeError(f"document {doc_id!r}: a metadata string holds NUL")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise DecodeError(f"document {doc_id!r}: metadata holds {value} (JSON has no such number)")
+    elif not (value is None or isinstance(value, (bool, int))):
+        raise DecodeError(f"document {doc_id!r}: metadata holds a {type(value).__name__} (only JSON values)")
 
 
 def chunk_id(doc_id: str, text: str, occurrence: int) -> str:
@@ -62,10 +127,7 @@ class SourceDoc:
         if version != SCHEMA_VERSION:
             raise DecodeError(f"unsupported schema version {version!r} (this build reads v{SCHEMA_VERSION})")
         doc_id = d.get("id")
-        if not isinstance(doc_id, str) or not doc_id.strip():
-            raise DecodeError("a document needs a non-empty string 'id'")
-        if len(doc_id) > MAX_ID_CHARS:
-            raise DecodeError(f"document id longer than {MAX_ID_CHARS} characters")
+        _check_id(doc_id)
         bodies = [k for k in ("text", "content", "uri") if d.get(k) is not None]
         if len(bodies) != 1:
             raise DecodeError(f"document {doc_id!r} needs exactly one of 'text', 'content', 'uri'")
@@ -75,14 +137,21 @@ class SourceDoc:
                 raise DecodeError(f"document {doc_id!r}: {key!r} must be {kind.__name__}")
         unknown = set(d) - set(expected) - {"v", "id"}
         if unknown:
-            raise DecodeError(f"document {doc_id!r}: unknown fields {sorted(unknown)}")
+            raise DecodeError(f"document {doc_id!r}: unknown fields {sorted(map(str, unknown))[:10]}")
+        for key in ("text", "uri", "name"):
+            if d.get(key) is not None:
+                _check_unicode(d[key], f"document {doc_id!r}: {key!r}")
+        metadata = d.get("metadata") or {}
+        _check_metadata(metadata, doc_id)
+        if len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+            raise DecodeError(f"document {doc_id!r}: metadata over {MAX_METADATA_BYTES} bytes as JSON")
         return cls(
             id=doc_id,
             text=d.get("text"),
             content=d.get("content"),
             uri=d.get("uri"),
             name=d.get("name"),
-            metadata=d.get("metadata") or {},
+            metadata=metadata,
         )
 
 
@@ -269,13 +338,13 @@ def decode_inbox_message(raw: bytes) -> SourceDoc:
     if raw[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):  # msgpack maps never start so
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DecodeError(f"inbox message is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+            raise DecodeError(f"inbox message is not valid JSON: {str(e)[:200]}") from None
     else:
         try:
             data = msgpack.unpackb(raw, raw=False)
         except Exception as e:
-            raise DecodeError(f"inbox message is neither JSON nor msgpack: {e}") from e
+            raise DecodeError(f"inbox message is neither JSON nor msgpack: {str(e)[:200]}") from None
     return SourceDoc.from_dict(data)
 
 

@@ -107,6 +107,12 @@ QUEUE_OLDEST_AGE = Gauge(
     "embedpipe_queue_oldest_job_age_seconds", "Age of the oldest queued job per stage (0 when empty).", ["stage"]
 )
 INBOX = Gauge("embedpipe_inbox_messages", "Messages waiting in the inbox list.")
+JANITOR_LAST_TICK = Gauge(
+    "embedpipe_janitor_last_tick_timestamp_seconds", "When the janitor last finished a round with every step done."
+)
+JANITOR_STEP_ERRORS = Counter(
+    "embedpipe_janitor_step_errors", "Janitor housekeeping steps that failed (the others go on), by step.", ["step"]
+)
 WORKERS = Gauge("embedpipe_workers", "Live rq workers per pool.", ["stage"])
 DEAD_LETTERS_NOW = Gauge("embedpipe_dead_letters_now", "Dead letters currently held (documents).")
 RECENT_FAILURES = Gauge(

@@ -40,6 +40,9 @@ class Settings:
     # two LanceDB commits per part), so they are sized for a fast embedder: at 64 documents and 65,536
     # tokens a part the writer alone spent 0.32 CPU ms per chunk, at 256 and 131,072 0.12 (bench/fast.py).
     batch_docs: int = setting(256, "Documents per load batch (the unit of work of load and chunk).")
+    batch_bytes: int = setting(
+        16 * 2**20, "Most bytes of submitted documents per load batch (a batch is cut at batch_docs or this)."
+    )
     part_max_chunks: int = setting(1024, "Max chunks per embed part (the unit of work of embed and write).")
     part_max_tokens: int = setting(131072, "Max padded tokens (longest chunk x chunks) per embed part.")
     max_doc_bytes: int = setting(20_000_000, "Documents larger than this become dead letters (too_large).")
@@ -117,7 +120,7 @@ class Settings:
         return int(getattr(self, f"{stage}_timeout_s"))
 
     def validated(self) -> Settings:
-        for name in ("batch_size", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"):
+        for name in ("batch_size", "batch_docs", "batch_bytes", "part_max_chunks", "part_max_tokens", "max_doc_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:

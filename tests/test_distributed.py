@@ -166,3 +166,7 @@ def test_burst_workers_and_janitor_exit_when_there_is_nothing_to_do(redis_url, t
 def test_password_on_the_command_line_is_refused(redis_url):
     result = embedpipe("status", "--redis-url", "redis://:hunter2@127.0.0.1:1/0", env=cli_env(), check=False)
     assert result.returncode == 2 and "EMBEDPIPE_REDIS_PASSWORD" in result.stderr and "hunter2" not in result.stderr
+    store = "postgresql://embedpipe:hunter2@127.0.0.1:1/embedpipe"
+    for args in (["search", "tea", "--store", store], ["worker", "write", "--store", store, "--burst"]):
+        result = embedpipe(*args, env=cli_env(), check=False)
+        assert result.returncode == 2 and "PGPASSWORD" in result.stderr and "hunter2" not in result.stderr, args

@@ -1,6 +1,9 @@
 """The load stage's batch function, with plain lists."""
 
+import re
 from pathlib import Path
+
+import pytest
 
 from shared.messages import SourceDoc
 from workers.load import clean_text, load_batch
@@ -54,8 +57,8 @@ def test_bad_documents_become_dead_letters_and_the_batch_goes_on():
         ("image", "load", "unsupported_type"),
         ("pdf", "load", "decode_error"),
         ("big", "load", "too_large"),
-        ("<no id>", "load", "decode_error"),
-    }
+    } | {(d.doc_id, "load", "decode_error") for d in dead if d.doc_id.startswith("<no id>:")}
+    assert sum(d.doc_id.startswith("<no id>:") for d in dead) == 1  # a stand-in ID of its own
     assert all(d.message for d in dead)
 
 
@@ -65,8 +68,41 @@ def test_legacy_encodings_are_decoded():
     assert dead == [] and "café" in doc.text and "prêt" in doc.text
 
 
-def test_content_hash_follows_the_clean_text():
-    [a], _ = load(SourceDoc(id="a", text="Same  text"))
-    [b], _ = load(SourceDoc(id="b", text="Same text "))
-    [c], _ = load(SourceDoc(id="c", text="Other text"))
+def test_content_hash_follows_the_clean_text_and_the_metadata():
+    [a], _ = load(SourceDoc(id="a", text="Same  text", name="note.txt"))
+    [b], _ = load(SourceDoc(id="b", text="Same text ", name="note.txt"))
+    [c], _ = load(SourceDoc(id="c", text="Other text", name="note.txt"))
+    [d], _ = load(SourceDoc(id="d", text="Same text", name="note.txt", metadata={"acl": "team-b"}))
     assert a.content_hash == b.content_hash != c.content_hash
+    assert d.content_hash != a.content_hash  # a metadata-only change is a change: every chunk carries it
+
+
+def test_the_newest_copy_of_a_document_in_a_batch_wins():
+    docs, dead = load_batch(
+        [{"id": "a", "text": "first version"}, {"id": "b", "text": "other"}, {"id": "a", "text": "second version"}],
+        LIMIT,
+    )
+    assert [(d.id, d.text) for d in docs] == [("b", "other"), ("a", "second version")] and not dead
+
+
+@pytest.mark.parametrize(
+    "message, complaint",
+    [
+        ({"id": "a\x00b", "text": "x"}, "control characters"),
+        ({"id": "lone \ud800", "text": "x"}, "not valid Unicode"),
+        ({"id": "t", "text": "hi \ud800 there"}, "not valid Unicode"),
+        ({"id": "m", "text": "x", "metadata": {"k": b"bytes"}}, "only JSON values"),
+        ({"id": "n", "text": "x", "metadata": {"k": float("nan")}}, "no such number"),
+        ({"id": "z", "text": "x", "metadata": {"k": "a\x00b"}}, "NUL"),
+        ({"id": "d", "text": "x", "metadata": {"k": [[[[[[[[[[1]]]]]]]]]]}}, "deeper"),
+        ({"id": "s", "text": "x", "metadata": {"k": "x" * 20000}}, "bytes as JSON"),
+        ({"id": "i", "text": "x", "metadata": {1: "int key"}}, "keys must be strings"),
+    ],
+)
+def test_bad_ids_text_and_metadata_are_dead_letters_of_their_own(message, complaint):
+    docs, dead = load_batch([message, {"id": "good", "text": "fine"}], LIMIT)
+    assert [d.id for d in docs] == ["good"]
+    [letter] = dead
+    assert letter.reason == "decode_error" and complaint in letter.message
+    letter.doc_id.encode("utf-8")  # the dead letter's own ID is storable
+    assert not re.search(r"[\x00-\x1f]", letter.doc_id)

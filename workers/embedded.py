@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from producer.submit import batched
+from producer.submit import batched_by_size
 from shared.cache import LocalVectorCache
 from shared.errors import ConfigError
 from shared.ledger import LocalLedger, local_ledger_path
@@ -130,7 +130,7 @@ class EmbeddedRun:
 
     def _prepare(self, items: Iterable[SourceDoc | DeadLetter], parts: queue.Queue[Any]) -> None:
         s = self.settings
-        for group in batched(items, s.batch_docs):
+        for group in batched_by_size(items, s.batch_docs, s.batch_bytes):
             rejected = [i for i in group if isinstance(i, DeadLetter)]
             loaded, dead = load_batch([i.to_dict() for i in group if isinstance(i, SourceDoc)], s.max_doc_bytes)
             self.ledger.add_dead(rejected + dead)

@@ -1,33 +1,36 @@
-"""The janitor: one per deployment. It turns the inbox into load batches, runs rq's scheduler (retries
-with a delay need it) and runs rq's registry clean-up for every queue every few seconds, so a job
-of a killed worker is retried within CLEAN_INTERVAL_S of its lease running out (job_lease_s after its
-worker's last heartbeat: workers/lease.py), not when some idle worker next gets around to it (rq does
-that only every 10 minutes).
+"""The janitor: one per deployment (several are safe). It turns the inbox into load batches
+(workers/inbox.py), runs rq's scheduler (retries with a delay need it) and runs rq's registry clean-up
+for every queue every few seconds, so a job of a killed worker is retried within CLEAN_INTERVAL_S of
+its lease running out (job_lease_s after its worker's last heartbeat: workers/lease.py), not when some
+idle worker next gets around to it (rq does that only every 10 minutes). Each housekeeping step is
+guarded on its own; the last round with every step done is exported and kept in Redis for the health
+check.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import signal
 import time
+import uuid
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from producer.status import distributed_status, is_idle
-from producer.submit import enqueue_batch
 from shared import keys, metrics
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
-from shared.messages import DeadLetter, decode_inbox_message
+from shared.messages import DeadLetter
 from shared.metrics import RETRIES, serve
 from shared.settings import STAGES, Settings
+from workers.inbox import Inbox
 from workers.runtime import JOB_FUNCTIONS, connect, queue, yield_cpu
 from workers.write import batch_accounted
 
@@ -39,37 +42,10 @@ IDLE_SLEEP_S = 0.25
 PROBE_TIMEOUT_S = 1800
 
 
-def drain_inbox(redis: Redis, settings: Settings, ledger: RedisLedger, flush: bool) -> int:
-    """Move up to one batch of inbox messages into a load job; return how many were taken.
-    Without `flush`, a partial batch waits for more messages."""
-    raw = redis.lrange(keys.INBOX, 0, settings.batch_docs - 1)
-    if not raw or (len(raw) < settings.batch_docs and not flush):
-        return 0
-    sources, dead = [], []
-    for message in raw:
-        try:
-            sources.append(decode_inbox_message(message))
-        except DecodeError as e:
-            dead.append(DeadLetter(_inbox_id(message), "inbox", "decode_error", str(e), source={"raw": message[:4096]}))
-    with redis.pipeline() as pipe:
-        if sources:
-            enqueue_batch(redis, settings, sources, pipe)
-        ledger.add_dead(dead, pipe=pipe)
-        pipe.ltrim(keys.INBOX, len(raw), -1)  # only the janitor takes from the head; clients push to the tail
-        pipe.execute()
-    log.info("inbox: %d documents batched, %d undecodable", len(sources), len(dead))
-    return len(raw)
-
-
-def _inbox_id(message: bytes) -> str:
-    """The id of an undecodable message if one can be read out of it, else a hash of its bytes."""
-    try:
-        doc_id = json.loads(message).get("id")
-        if isinstance(doc_id, str) and doc_id:
-            return doc_id
-    except Exception:  # the message is undecodable: that is why we are here
-        pass
-    return "inbox:" + hashlib.sha1(message).hexdigest()[:16]
+# Housekeeping steps, each guarded on its own: one that fails (a corrupt key, a bug) is logged and
+# counted, and the others still run; the round then is not a good one (JANITOR_TICK does not advance).
+STEPS = ("inbox", "recovery", "scheduler", "failed_jobs", "export")
+STALE_TICK_S = 60  # a janitor whose last good round is older than this is unhealthy (health, alert)
 
 
 class Janitor:
@@ -77,6 +53,7 @@ class Janitor:
         self.settings = settings
         self.redis = redis or connect(settings)
         self.ledger = RedisLedger(self.redis, settings.dead_source_ttl_s)
+        self.inbox = Inbox(self.redis, settings, self.ledger, uuid.uuid4().hex)
         queues = [queue(self.redis, s) for s in STAGES]
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
@@ -90,32 +67,62 @@ class Janitor:
         self._stop = True
 
     def tick(self, flush: bool = False) -> int:
-        """One round of housekeeping; returns how many inbox messages it took."""
+        """One round of housekeeping; returns how many inbox messages it took. Each step is guarded
+        on its own; a round with every step done is recorded as the last good one."""
         now = time.monotonic()
+        self.inbox.keep_alive()
+        taken = 0
+        ok = True
+
+        def step(name: str, run: Any) -> Any:
+            nonlocal ok
+            try:
+                return run()
+            except (RedisConnectionError, RedisTimeoutError):
+                raise  # Redis itself is gone: the runner backs off
+            except Exception:  # a corrupt key or a bug in one step must not stop the others
+                ok = False
+                metrics.JANITOR_STEP_ERRORS.labels(name).inc()
+                log.exception("janitor step %s failed; the other steps go on", name)
+                return None
+
+        taken = step("inbox", lambda: self._drain(now, flush)) or 0
+        if now - self._last_clean >= CLEAN_INTERVAL_S:
+            step("recovery", self._clean)
+            self._last_clean = now
+        step("scheduler", self.scheduler.enqueue_scheduled_jobs)
+        step("failed_jobs", lambda: expand_failed_jobs(self.redis, self.settings, self.ledger))
+        if now - self._last_export >= EXPORT_INTERVAL_S:
+            step("export", self._export)
+            self._last_export = now
+        if ok:
+            at = time.time()
+            metrics.JANITOR_LAST_TICK.set(at)
+            self.redis.set(keys.JANITOR_TICK, at, ex=24 * 3600)
+        return taken
+
+    def _drain(self, now: float, flush: bool) -> int:
         waiting = self.redis.llen(keys.INBOX) > 0
         if waiting and self._inbox_waiting_since is None:
             self._inbox_waiting_since = now
         due = self._inbox_waiting_since is not None and now - self._inbox_waiting_since >= self.settings.inbox_wait_s
-        taken = drain_inbox(self.redis, self.settings, self.ledger, flush=flush or due)
+        taken = self.inbox.drain(flush=flush or due)
         if taken or not waiting:
             self._inbox_waiting_since = None
-        if now - self._last_clean >= CLEAN_INTERVAL_S:
-            self.scheduler.acquire_locks()  # take or refresh the scheduler locks (they live 61 s)
-            self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
-            self._last_clean = now
-        self.scheduler.enqueue_scheduled_jobs()
-        expand_failed_jobs(self.redis, self.settings, self.ledger)
-        if now - self._last_export >= EXPORT_INTERVAL_S:
-            status = distributed_status(self.redis)
-            export_state(self.redis, self.ledger, status)
-            if self.settings.probe_eval and is_idle(status):
-                request_probe(self.redis, self.settings, self.ledger, status["chunks_written"])
-            self._last_export = now
         return taken
 
-    def run(self, burst: bool = False) -> None:
-        from redis.exceptions import ConnectionError, TimeoutError
+    def _clean(self) -> None:
+        self.scheduler.acquire_locks()  # take or refresh the scheduler locks (they live 61 s)
+        self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
+        self.inbox.recover()  # batches of janitors that died holding them: back into the inbox
 
+    def _export(self) -> None:
+        status = distributed_status(self.redis)
+        export_state(self.redis, self.ledger, status)
+        if self.settings.probe_eval and is_idle(status):
+            request_probe(self.redis, self.settings, self.ledger, status["chunks_written"])
+
+    def run(self, burst: bool = False) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         yield_cpu(self.settings)
@@ -130,7 +137,7 @@ class Janitor:
                     break
                 if not taken:
                     time.sleep(IDLE_SLEEP_S)
-            except (ConnectionError, TimeoutError) as e:
+            except (RedisConnectionError, RedisTimeoutError) as e:
                 RETRIES.labels("janitor", "redis").inc()
                 log.warning("lost Redis at %s (%s); retrying in %.0f s", self.settings.redis_url_redacted, e, delay)
                 time.sleep(delay)
@@ -139,7 +146,7 @@ class Janitor:
                 log.exception("janitor round failed; next round in %.0f s", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        with contextlib.suppress(ConnectionError, TimeoutError):
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             self.scheduler.release_locks()
         log.info("janitor stopped")
 

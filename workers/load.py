@@ -17,7 +17,7 @@ import httpx
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError, DocumentError
-from shared.messages import DeadLetter, Document, SourceDoc, content_hash
+from shared.messages import DeadLetter, Document, SourceDoc, content_hash, safe_id
 from shared.metrics import DOCUMENTS, count_retry
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,13 @@ def load_batch(sources: list[Any], max_doc_bytes: int) -> tuple[list[Document], 
     """Turn raw source dicts into clean documents; bad ones into dead letters."""
     docs: list[Document] = []
     dead: list[DeadLetter] = []
-    seen: set[str] = set()
-    for raw in sources:
-        doc_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else "<no id>"
+    newest = {r.get("id"): i for i, r in enumerate(sources) if isinstance(r, dict) and isinstance(r.get("id"), str)}
+    for i, raw in enumerate(sources):
+        doc_id = safe_id(raw.get("id") if isinstance(raw, dict) else None, raw)
+        if isinstance(raw, dict) and newest.get(raw.get("id"), i) != i:
+            continue  # the same ID later in the batch: that newer copy wins
         try:
             source = SourceDoc.from_dict(raw)
-            if source.id in seen:  # the first copy in a batch wins; later ones are redundant
-                continue
-            seen.add(source.id)
             docs.append(load_document(source, max_doc_bytes))
         except DecodeError as e:
             dead.append(DeadLetter(doc_id, STAGE, "decode_error", str(e), source=_keepable(raw)))
@@ -77,7 +76,7 @@ def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
         raise DocumentError("empty", "no text left after cleaning")
     if run := _LONG_RUN.search(text):
         raise DocumentError("decode_error", f"{MAX_RUN_CHARS}+ characters without a space at {run.start()}: not prose")
-    return Document(id=source.id, text=text, content_hash=content_hash(text), metadata=metadata)
+    return Document(id=source.id, text=text, content_hash=content_hash(text, metadata), metadata=metadata)
 
 
 def to_text(data: bytes, name: str, content_type: str = "") -> str:
