@@ -45,7 +45,16 @@ MODEL = [
     "query_prefix",
     *API,
 ]
-CHUNKING = ["chunk_tokens", "chunk_overlap", "batch_docs", "part_max_chunks", "part_max_tokens", "max_doc_bytes"]
+CHUNKING = [
+    "chunk_tokens",
+    "chunk_overlap",
+    "batch_docs",
+    "batch_bytes",
+    "part_max_chunks",
+    "part_max_tokens",
+    "max_doc_bytes",
+    "fetch_allow",
+]
 CACHE = ["cache_ttl_s", "cache_max_entries"]
 JOBS = [
     "payload_ttl_s",
@@ -267,7 +276,7 @@ def search(query: str, k: int, as_json: bool, collection: str | None, settings: 
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @prune_option
-@settings_options(*REDIS, "batch_docs", "max_doc_bytes", "max_backlog_jobs", *JOBS)
+@settings_options(*REDIS, "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
 @fail_clearly
 def enqueue(
     paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, prune: bool, settings: Settings
@@ -318,7 +327,7 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
-@settings_options(*REDIS, "batch_docs", "inbox_wait_s", *JOBS, *RUNTIME)
+@settings_options(*REDIS, "batch_docs", "batch_bytes", "inbox_wait_s", *JOBS, *RUNTIME)
 @fail_clearly
 def janitor(burst: bool, settings: Settings) -> None:
     """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's

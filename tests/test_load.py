@@ -106,3 +106,38 @@ def test_bad_ids_text_and_metadata_are_dead_letters_of_their_own(message, compla
     assert letter.reason == "decode_error" and complaint in letter.message
     letter.doc_id.encode("utf-8")  # the dead letter's own ID is storable
     assert not re.search(r"[\x00-\x1f]", letter.doc_id)
+
+
+def test_one_hostile_document_is_bounded_and_dead_alone(tmp_path):
+    """Each is a dead letter of its own (too_large or decode_error), cheaply, and the batch goes on."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    # one page listed 3,000 times: a small file, megabytes of text
+    page = PdfReader(EXAMPLES / "pdf" / "houseplant-repotting.pdf").pages[0]
+    writer = PdfWriter()
+    for _ in range(3000):
+        writer.add_page(page)
+    repeated = io.BytesIO()
+    writer.write(repeated)
+    # 2.6 MB of 65,535-character "words": the unanchored check took 16 s for a tenth of this, and grows
+    # with the square (the suite's per-test timeout would end it); anchored it is one pass
+    runs = ("x" * 65_535 + " ") * 40
+    docs, dead = load_batch(
+        [
+            SourceDoc(id="pdf", content=repeated.getvalue(), name="repeated.pdf").to_dict(),
+            SourceDoc(id="tags", content=b"<html><body>" + b"<b>" * 200_000, name="tags.html").to_dict(),
+            SourceDoc(id="runs", text=runs).to_dict(),
+            SourceDoc(id="long-word", text="x" * 70_000).to_dict(),
+            SourceDoc(id="good", text="Plenty of words here.").to_dict(),
+        ],
+        3_000_000,
+    )
+    assert len(repeated.getvalue()) < 3_000_000 < 3000 * len(page.extract_text())
+    assert [d.id for d in docs] == ["runs", "good"]
+    assert {(d.doc_id, d.reason) for d in dead} == {
+        ("pdf", "too_large"),
+        ("tags", "too_large"),
+        ("long-word", "decode_error"),
+    }

@@ -205,7 +205,12 @@ def bad_corpus(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp_path, tokenizer):
-    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), **FAST_RECOVERY)
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_FETCH_ALLOW="127.0.0.1",  # the test's own page server is on loopback
+        **FAST_RECOVERY,
+    )
     redis = Redis.from_url(redis_url)
     bad = bad_corpus(tmp_path / "bad")
     good = tmp_path / "good"

@@ -26,6 +26,7 @@ from shared.spec import spec_for
 from shared.store import open_store
 from workers.chunk import chunk_batch, chunk_policy, pack_parts, skip_unchanged
 from workers.embed import Embedder, embed_part, make_embedder, model_error_letters
+from workers.fetch import FetchPolicy
 from workers.load import load_batch
 from workers.write import commit_documents, complete_in, doc_records, write_batch
 
@@ -79,6 +80,7 @@ class EmbeddedRun:
         self.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         self.policy = chunk_policy(self.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         self.embedder = embedder or make_embedder(settings)
+        self.fetch_policy = FetchPolicy.parse(settings.fetch_allow)
         self.progress = progress  # a tqdm-like bar, or None
         self.summary = RunSummary(store=str(settings.store_path.resolve()), collection=self.spec.collection)
         self._errors: list[BaseException] = []
@@ -132,7 +134,8 @@ class EmbeddedRun:
         s = self.settings
         for group in batched_by_size(items, s.batch_docs, s.batch_bytes):
             rejected = [i for i in group if isinstance(i, DeadLetter)]
-            loaded, dead = load_batch([i.to_dict() for i in group if isinstance(i, SourceDoc)], s.max_doc_bytes)
+            sources = [i.to_dict() for i in group if isinstance(i, SourceDoc)]
+            loaded, dead = load_batch(sources, s.max_doc_bytes, self.fetch_policy)
             self.ledger.add_dead(rejected + dead)
             docs, unchanged = skip_unchanged(loaded, self.store)
             self.ledger.clear_dead([d.id for d in unchanged])

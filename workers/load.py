@@ -13,12 +13,10 @@ import unicodedata
 from pathlib import PurePosixPath
 from typing import Any
 
-import httpx
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
-
 from shared.errors import DecodeError, DocumentError
 from shared.messages import DeadLetter, Document, SourceDoc, content_hash, safe_id
-from shared.metrics import DOCUMENTS, count_retry
+from shared.metrics import DOCUMENTS
+from workers.fetch import FetchPolicy, fetch
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,6 @@ STAGE = "load"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".csv", ".tsv", ".log", ".json", ""}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
-FETCH_TIMEOUT_S = 30.0
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
@@ -34,8 +31,11 @@ _ODD_SPACES = re.compile(r"[\t\f\v\u00a0\u2000-\u200a\u3000]")  # spaces other t
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def load_batch(sources: list[Any], max_doc_bytes: int) -> tuple[list[Document], list[DeadLetter]]:
-    """Turn raw source dicts into clean documents; bad ones into dead letters."""
+def load_batch(
+    sources: list[Any], max_doc_bytes: int, fetch_policy: FetchPolicy | None = None
+) -> tuple[list[Document], list[DeadLetter]]:
+    """Turn raw source dicts into clean documents; bad ones into dead letters. URLs are fetched under
+    `fetch_policy` (default: public addresses only)."""
     docs: list[Document] = []
     dead: list[DeadLetter] = []
     newest = {r.get("id"): i for i, r in enumerate(sources) if isinstance(r, dict) and isinstance(r.get("id"), str)}
@@ -45,7 +45,7 @@ def load_batch(sources: list[Any], max_doc_bytes: int) -> tuple[list[Document], 
             continue  # the same ID later in the batch: that newer copy wins
         try:
             source = SourceDoc.from_dict(raw)
-            docs.append(load_document(source, max_doc_bytes))
+            docs.append(load_document(source, max_doc_bytes, fetch_policy))
         except DecodeError as e:
             dead.append(DeadLetter(doc_id, STAGE, "decode_error", str(e), source=_keepable(raw)))
         except DocumentError as e:
@@ -53,7 +53,7 @@ def load_batch(sources: list[Any], max_doc_bytes: int) -> tuple[list[Document], 
     return docs, dead
 
 
-def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
+def load_document(source: SourceDoc, max_doc_bytes: int, fetch_policy: FetchPolicy | None = None) -> Document:
     name = source.name or source.uri or source.id
     metadata = dict(source.metadata)
     metadata.setdefault("source", name)
@@ -65,12 +65,14 @@ def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
         text = source.text
     else:
         data, content_type = (
-            (source.content, "") if source.content is not None else fetch(source.uri or "", max_doc_bytes)
+            (source.content, "") if source.content is not None else fetch(source.uri or "", max_doc_bytes, fetch_policy)
         )
         assert data is not None
         if len(data) > max_doc_bytes:
             raise DocumentError("too_large", f"{len(data)} bytes is over the limit of {max_doc_bytes}")
-        text = to_text(data, name, content_type)
+        text = to_text(data, name, content_type, max_doc_bytes)
+        if len(text) > max_doc_bytes:  # a small file can hold a lot of text (a PDF repeating a page)
+            raise DocumentError("too_large", f"{len(text)} characters of text is over the limit of {max_doc_bytes}")
     text = clean_text(text)
     if not text:
         raise DocumentError("empty", "no text left after cleaning")
@@ -79,13 +81,16 @@ def load_document(source: SourceDoc, max_doc_bytes: int) -> Document:
     return Document(id=source.id, text=text, content_hash=content_hash(text, metadata), metadata=metadata)
 
 
-def to_text(data: bytes, name: str, content_type: str = "") -> str:
-    """Bytes of a file or HTTP response -> text, by file suffix, content type, or content sniffing."""
+def to_text(data: bytes, name: str, content_type: str = "", max_chars: int = 20_000_000) -> str:
+    """Bytes of a file or HTTP response -> text, by file suffix, content type, or content sniffing;
+    extraction stops once it passes max_chars (the caller refuses the document then)."""
     suffix = PurePosixPath(name.split("?")[0]).suffix.lower()
     head = data[:1024].lstrip().lower()
     if suffix in PDF_SUFFIXES or "pdf" in content_type or data.startswith(b"%PDF"):
-        return pdf_to_text(data)
+        return pdf_to_text(data, max_chars)
     if suffix in HTML_SUFFIXES or "html" in content_type or head.startswith((b"<!doctype html", b"<html")):
+        if (tags := data.count(b"<")) > MAX_HTML_TAGS:
+            raise DocumentError("too_large", f"HTML of {tags} tags is over the limit of {MAX_HTML_TAGS}")
         return html_to_text(decode_bytes(data))
     if suffix in TEXT_SUFFIXES or content_type.startswith("text/") or suffix not in _BINARY_SUFFIXES:
         return decode_bytes(data)
@@ -132,7 +137,12 @@ _BINARY_SUFFIXES = {
 
 _UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
 MAX_RUN_CHARS = 65_536  # a "word" this long is not text the model can read (base64, minified data)
-_LONG_RUN = re.compile(r"\S{" + str(MAX_RUN_CHARS) + "}")
+# Only from the start of a run: \S{N} alone retries at every character of a shorter run, quadratic in
+# the run (a 262 KB text took 24.6 s); anchored, one pass (19.7 MB in 0.34 s).
+_LONG_RUN = re.compile(r"(?<!\S)\S{" + str(MAX_RUN_CHARS) + "}")
+# The HTML parser keeps every tag as an object (~500 bytes each): 2 MB of tiny tags took it to 326 MB.
+MAX_HTML_TAGS = 100_000
+MAX_PDF_PAGES = 10_000
 
 
 def decode_bytes(data: bytes) -> str:
@@ -167,7 +177,8 @@ def html_to_text(html: str) -> str:
     return f"{title}\n\n{body}" if title and not body.startswith(title) else body
 
 
-def pdf_to_text(data: bytes) -> str:
+def pdf_to_text(data: bytes, max_chars: int = 20_000_000) -> str:
+    """The text of every page, until it passes max_chars (a 30 KB PDF may list one page 3,000 times)."""
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
@@ -175,7 +186,15 @@ def pdf_to_text(data: bytes) -> str:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise DocumentError("decode_error", "encrypted PDF")
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise DocumentError("too_large", f"a PDF of {len(reader.pages)} pages is over the limit of {MAX_PDF_PAGES}")
+        pages, size = [], 0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            size += len(pages[-1]) + 2
+            if size > max_chars:
+                break
+        return "\n\n".join(pages)
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
         raise DocumentError("decode_error", f"unreadable PDF: {type(e).__name__}: {e}") from e
 
@@ -189,43 +208,6 @@ def clean_text(text: str) -> str:
         text = _SPACES.sub(" ", text)
     text = "\n".join(line.strip() for line in text.split("\n"))
     return (_BLANK_LINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
-
-
-class _Transient(Exception):
-    pass
-
-
-@retry(
-    retry=retry_if_exception_type(_Transient),
-    wait=wait_random_exponential(multiplier=0.5, max=10),
-    stop=stop_after_attempt(4) | stop_after_delay(60),
-    before_sleep=count_retry(STAGE, "io"),
-    reraise=True,
-)
-def _get(uri: str, max_doc_bytes: int) -> tuple[bytes, str]:
-    try:
-        with httpx.stream("GET", uri, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as response:
-            if response.status_code >= 500 or response.status_code == 429:
-                raise _Transient(f"HTTP {response.status_code}")
-            if response.status_code >= 400:
-                raise DocumentError("source_error", f"HTTP {response.status_code} from {uri}")
-            body = bytearray()
-            for piece in response.iter_bytes():
-                body += piece
-                if len(body) > max_doc_bytes:
-                    raise DocumentError("too_large", f"response from {uri} is over {max_doc_bytes} bytes")
-            return bytes(body), response.headers.get("content-type", "")
-    except httpx.TransportError as e:
-        raise _Transient(f"{type(e).__name__}: {e}") from e
-
-
-def fetch(uri: str, max_doc_bytes: int) -> tuple[bytes, str]:
-    if not uri.startswith(("http://", "https://")):
-        raise DocumentError("unsupported_type", f"cannot fetch {uri!r}: only http(s) URLs travel as references")
-    try:
-        return _get(uri, max_doc_bytes)
-    except _Transient as e:
-        raise DocumentError("source_error", f"cannot fetch {uri}: {e}") from e
 
 
 def _keepable(raw: Any) -> dict[str, Any] | None:
@@ -242,7 +224,7 @@ def load_job(batch_id: str) -> dict[str, int]:
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
     sources = decode_sources(ctx.redis.get(keys.sources(batch_id)))
-    docs, dead = load_batch(sources, ctx.settings.max_doc_bytes)
+    docs, dead = load_batch(sources, ctx.settings.max_doc_bytes, FetchPolicy.parse(ctx.settings.fetch_allow))
     with ctx.redis.pipeline() as pipe:
         ctx.ledger.add_dead(dead, pipe=pipe)
         if docs:

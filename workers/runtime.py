@@ -152,7 +152,11 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if stage != "load":
+    if stage == "load":
+        from workers.fetch import FetchPolicy
+
+        FetchPolicy.parse(settings.fetch_allow)  # a malformed allow list is a ConfigError at start
+    else:
         from shared.spec import spec_for
 
         ctx.resources["spec"] = spec_for(settings)
