@@ -31,6 +31,18 @@ class RetryableError(EmbedpipeError):
     """A transient failure: the job may succeed if it runs again."""
 
 
+class RateLimited(RetryableError):
+    """The API's rate limit (or its quota) holds longer than a job should wait: the job is rescheduled
+    `retry_in_s` later without spending one of its retries (a rate limit delays work, never fails it).
+    `vectors` and `done` carry what was embedded before it (those rows are kept, not paid twice)."""
+
+    def __init__(
+        self, message: str, retry_in_s: float, quota: bool = False, vectors: object = None, done: object = ()
+    ) -> None:
+        super().__init__(message)
+        self.retry_in_s, self.quota, self.vectors, self.done = retry_in_s, quota, vectors, set(done)
+
+
 class PermanentError(EmbedpipeError):
     """A failure that retrying cannot fix."""
 

@@ -100,6 +100,12 @@ API_COST = Counter("embedpipe_api_cost_usd", "Money spent on the embedding API, 
 API_RATE_WAIT = Counter(
     "embedpipe_api_rate_limit_wait_seconds", "Time spent waiting for the shared rate budget or Retry-After.", ["model"]
 )
+API_QUOTA_EXHAUSTED = Gauge(
+    "embedpipe_api_quota_exhausted", "1 while the API account has no quota left (429 insufficient_quota).", ["model"]
+)
+RATE_LIMIT_RESCHEDULES = Counter(
+    "embedpipe_rate_limit_reschedules", "Embed jobs put back for later by a rate limit, retries unspent.", ["model"]
+)
 
 # --- the pipeline's state, exported by the janitor ---------------------------------------------
 QUEUE_JOBS = Gauge("embedpipe_queue_jobs", "rq jobs per stage and state.", ["stage", "state"])

@@ -12,7 +12,8 @@
   get OpenAI's 400. `api_key`: other keys get a 401 whose message quotes the key (as badly as a
   server can behave), so tests can prove the client never repeats it.
 - Faults, queued and used one per request, in order: {"kind": "status", "status": 429|500|503|...,
-  "retry_after": s}, {"kind": "sleep", "seconds": s} (past the client's timeout), {"kind": "drop"}
+  "retry_after": s, "code": "insufficient_quota", "headers": {...}}, {"kind": "sleep", "seconds": s}
+  (past the client's timeout), {"kind": "drop"}
   (close the connection without answering), {"kind": "malformed"} (broken JSON), {"kind": "count"}
   (one embedding short), {"kind": "dimension"}, {"kind": "nan"}, {"kind": "shuffle"} (items in
   reverse order: valid, the client must use `index`), {"kind": "no_usage"}. A fault may carry
@@ -172,7 +173,8 @@ class FakeOpenAI:
                 headers["Retry-After"] = str(fault["retry_after"])
                 entry["retry_after_s"] = float(fault["retry_after"])
             headers.update(fault.get("headers", {}))
-            return "respond", _error(status, fault.get("message", f"injected {status}"), "server_error", None, headers)
+            message, code = fault.get("message", f"injected {status}"), fault.get("code")
+            return "respond", _error(status, message, code or "server_error", None, headers, code=code)
         if fault and fault["kind"] == "drop":
             return "drop", None
         limited = self._rate_limit(arrival, sum(tokens), model)

@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +20,12 @@ from prometheus_client import REGISTRY
 from redis import Redis
 
 from producer.sources import iter_sources, resolve
-from shared.errors import ConfigError, EmbedFailures, RetryableError
+from shared.errors import ConfigError, EmbedFailures, RateLimited, RetryableError
 from shared.messages import Chunk
 from shared.ratelimit import Limits, LocalBudget, RedisBudget
 from shared.settings import Settings
 from shared.tokenizer_api import ApiTokenizer
-from workers.api_protocol import duration_s, pack_requests, plan_requests, retry_after_s
+from workers.api_protocol import MAX_RETRY_AFTER_S, duration_s, pack_requests, plan_requests, retry_after_s
 from workers.chunk import ChunkPolicy, chunk_batch
 from workers.embed_api import ApiEmbedder
 
@@ -227,15 +229,57 @@ def test_a_server_that_keeps_failing_gives_up_at_the_deadline():
     assert 2 <= attempts < 200
 
 
-def test_a_429_longer_than_the_deadline_fails_fast_for_rq_to_retry_later():
+def test_a_429_longer_than_the_deadline_gives_the_job_back_for_later_not_failed():
     with serve() as server:
         server.add_faults({"kind": "status", "status": 429, "retry_after": 100})
         e = embedder(server.url, api_deadline_s=5)
-        with pytest.raises(RetryableError, match="429"):
+        with pytest.raises(RateLimited, match="429") as first:
             e.embed(texts(2))
-        with pytest.raises(RetryableError, match=r"no room for (99|10[0-9]) s"):  # the hold covers the next job too
+        assert 99 <= first.value.retry_in_s <= 111 and not first.value.quota  # when to come back
+        with pytest.raises(RateLimited, match=r"no room for (99|10[0-9]) s"):  # the hold covers the next job too
             e.embed(texts(2))
         assert len(server.requests()) == 1
+
+
+def test_an_exhausted_quota_pauses_every_embedder_instead_of_hammering():
+    with serve() as server:
+        server.add_faults(
+            {"kind": "status", "status": 429, "code": "insufficient_quota", "message": "You exceeded your quota."}
+        )
+        e = embedder(server.url)
+        with pytest.raises(RateLimited, match="no quota left") as caught:
+            e.embed(texts(3))
+        assert caught.value.quota and caught.value.retry_in_s >= 600
+        assert metric("embedpipe_api_quota_exhausted", model="text-embedding-3-small") == 1
+        with pytest.raises(RateLimited, match="no room"):  # the shared budget holds: not one more request
+            e.embed(texts(1))
+        assert len(server.requests()) == 1  # asked once: an exhausted account is not retried in a loop
+
+
+def test_a_part_rate_limited_midway_keeps_what_was_embedded():
+    from shared.cache import LocalVectorCache
+    from shared.messages import Chunk
+    from shared.spec import spec_for
+    from workers.embed import embed_part
+
+    items = texts(8)
+    with serve() as server, tempfile.TemporaryDirectory() as tmp:
+        e = embedder(server.url, api_max_inputs=2, api_concurrency=1, api_deadline_s=1)
+        settings = Settings.from_env({}, model=SMALL, openai_base_url=server.url)
+        spec = spec_for(settings)
+        cache = LocalVectorCache(Path(tmp) / "cache.sqlite", 1000, 3600)
+        chunks = [Chunk(f"c{i}", f"d{i}", 0, t, 10, 0, len(t)) for i, t in enumerate(items)]
+        server.add_faults(*([{"kind": "status", "status": 429, "retry_after": 30, "match": items[6]}] * 20))
+        with pytest.raises(RateLimited):
+            embed_part(chunks, e, spec, cache)
+        sent_before = sum(r["inputs"] for r in server.requests() if r["status"] == 200)
+        server.reset()
+        e2 = embedder(server.url, api_max_inputs=2)
+        vectors, failed, embedded_now = embed_part(chunks, e2, spec, cache)
+        again = server.requests()
+    assert not failed and sent_before == 6 and embedded_now == 2  # only the rate-limited pair is sent again
+    assert sum(r["inputs"] for r in again) == 2
+    np.testing.assert_array_equal(vectors, expected(server, items))
 
 
 def test_429s_of_the_server_window_are_waited_out_and_batches_kept():
@@ -256,6 +300,10 @@ def test_429s_of_the_server_window_are_waited_out_and_batches_kept():
 
 
 def test_retry_after_and_reset_headers_are_parsed():
+    # a server asking for forever is asking for an hour: then we ask again (inf raised, 1e12 stalled)
+    assert retry_after_s({"retry-after": "inf"}) == retry_after_s({"retry-after": "1e12"}) == MAX_RETRY_AFTER_S
+    assert retry_after_s({"retry-after-ms": "1e15"}) == MAX_RETRY_AFTER_S
+    assert retry_after_s({"retry-after": "nan"}) is None and retry_after_s({"retry-after": "-5"}) == 0.0
     assert retry_after_s({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
     assert retry_after_s({"retry-after": "2"}) == 2.0
     assert retry_after_s({"x-ratelimit-reset-requests": "6m0s", "x-ratelimit-reset-tokens": "120ms"}) == 360.0

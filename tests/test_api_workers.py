@@ -301,3 +301,49 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_distributed(tm
         proc.wait(30)
     assert codes == dict.fromkeys(codes, 0), codes
     _assert_refused_documents_are_dead_letters(store, letters, docs)
+
+
+@pytest.mark.slow
+def test_a_rate_limit_longer_than_the_deadline_delays_embed_jobs_and_spends_no_retry(redis_url, tmp_path, fake_process):
+    """The server rate-limits the first requests for longer than the API deadline. Before, each such
+    job failed, spent an rq retry and, with its retries gone, dead-lettered its documents; now it is
+    rescheduled for when the limit lifts, its retries untouched, and every document is stored."""
+    from rq import Queue
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    base = fake_process()
+    faults = [{"kind": "status", "status": 429, "retry_after": 3}] * 3
+    request = urllib.request.Request(base + "/faults", data=json.dumps(faults).encode(), method="POST")
+    urllib.request.urlopen(request).read()
+    write_corpus(tmp_path / "corpus", 8)
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_MODEL=SMALL,
+        EMBEDPIPE_OPENAI_BASE_URL=base + "/v1",
+        EMBEDPIPE_OPENAI_API_KEY="test-key",
+        EMBEDPIPE_API_DEADLINE_S="1",  # every 429 here (3 s) outlasts it
+        EMBEDPIPE_JOB_RETRIES="1",  # one rq retry: spending it on the limit would dead-letter everything
+        EMBEDPIPE_INBOX_WAIT_S="0.2",
+        EMBEDPIPE_LOG_LEVEL="INFO",
+    )
+    redis = Redis.from_url(redis_url)
+    pool = Pool(env, tmp_path / "logs", {"load": 1, "chunk": 1, "embed": 1, "write": 1})
+    try:
+        pool.start_all(redis)
+        embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
+        embedpipe("wait", "--timeout", "120", env=env, timeout=150)
+        status = json.loads(embedpipe("status", "--json", env=env).stdout)
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+    finally:
+        codes = pool.stop()
+    assert codes == dict.fromkeys(codes, 0), codes
+    assert failed == [] and status["documents_done"] == 8
+    [embed_job] = Queue("embed", connection=redis, serializer=JSONSerializer).finished_job_registry.get_job_ids()
+    job = Job.fetch(embed_job, connection=redis, serializer=JSONSerializer)
+    assert job.retries_left == 1  # not one rq retry spent on the rate limit
+    assert job.number_of_retries >= 2  # it was put back for later, more than once
+    log = json.loads(_get(base + "/log"))["requests"]
+    assert [r["status"] for r in log].count(429) == 3 and log[-1]["status"] == 200
+    assert "back in 3 s" in (tmp_path / "logs" / "embed-0.log").read_text()

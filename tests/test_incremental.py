@@ -86,7 +86,7 @@ def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, emb
     expected = {c.chunk_id for c in chunk_document(Document("guide", edited, content_hash(edited)), tokenizer, policy)}
     store = open_store(settings.store)
     assert store.chunk_ids(["guide"]) == {"guide": expected}, "stale chunks left behind, or new ones missing"
-    assert store.doc_hashes(["guide"]) == {"guide": content_hash(edited)}
+    assert store.doc_hashes(["guide"]) == {"guide": content_hash(edited, {"source": "guide"})}  # text and metadata
 
 
 def test_the_cache_serves_boilerplate_shared_by_documents(tmp_path, embedder):

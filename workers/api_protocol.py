@@ -66,19 +66,32 @@ def pack_requests(rows: Sequence[int], tokens: Sequence[int], max_inputs: int, m
     return requests
 
 
+MAX_RETRY_AFTER_S = 3600.0  # a server asking for longer (inf, 1e12) is asking for an hour: then we ask again
+
+
 def retry_after_s(headers: Any) -> float | None:
-    """How long a 429 asks us to wait: retry-after-ms, retry-after (seconds or an HTTP date), or the
-    later of x-ratelimit-reset-requests/-tokens ('1s', '6m0s', '250ms'). None when none is given."""
+    """How long a 429 asks us to wait, at most MAX_RETRY_AFTER_S: retry-after-ms, retry-after (seconds or
+    an HTTP date), or the later of x-ratelimit-reset-requests/-tokens ('1s', '6m0s', '250ms'). None when
+    none is given."""
+    asked = _asked_s(headers)
+    if asked is None:
+        return None
+    return min(asked, MAX_RETRY_AFTER_S) if math.isfinite(asked) else MAX_RETRY_AFTER_S
+
+
+def _asked_s(headers: Any) -> float | None:
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
-            return max(0.0, float(value) / 1000)
+            if not math.isnan(asked := float(value) / 1000):  # NaN says nothing
+                return max(0.0, asked)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if value is not None:
         try:
-            return max(0.0, float(value))
+            if not math.isnan(asked := float(value)):
+                return max(0.0, asked)
         except ValueError:
             try:
                 return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())

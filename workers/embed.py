@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -17,13 +18,14 @@ from typing import Any
 import numpy as np
 
 from shared.cache import VectorCache, text_key
-from shared.errors import ConfigError, DecodeError, EmbedFailures
+from shared.errors import ConfigError, DecodeError, EmbedFailures, RateLimited
 from shared.messages import Chunk, DeadLetter, pack_vectors, unpack_token_ids
 from shared.metrics import (
     EMBED_CACHE,
     EMBED_JOB_SECONDS,
     EMBED_MICRO_BATCH_LIMIT,
     EMBED_OOM_HALVINGS,
+    RATE_LIMIT_RESCHEDULES,
     observe_micro_batch,
 )
 from shared.models import ModelTokenizer, is_api_model, model_kind, resolve_model_path
@@ -422,6 +424,13 @@ def embed_part(
         new = embed_batch(batch, embedder, spec.prefix) if batch else empty
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
+    except RateLimited as e:  # keep what the API did embed: the part comes back later for the rest
+        if cache is not None and e.done:
+            done = np.asarray(e.vectors, dtype=np.float32)
+            if spec.vector_dtype == "float16":
+                done = done.astype(np.float16).astype(np.float32)
+            cache.put_many({keys[rows[i]]: done[i] for i in e.done})
+        raise
     if spec.vector_dtype == "float16":  # what the writer will receive, here too: both runtimes, the cache
         new = new.astype(np.float16).astype(np.float32)
     # an API model of unknown size learns its dimension from its first response
@@ -450,7 +459,10 @@ def model_error_letters(chunks: list[Chunk], failed: dict[int, str], docs: dict[
     ]
 
 
-def embed_job(batch_id: str, part: int) -> dict[str, int]:
+RATE_LIMIT_MAX_RESCHEDULES = 100_000  # rescheduled for a rate limit this often, a job fails (weeks of waiting)
+
+
+def embed_job(batch_id: str, part: int) -> Any:
     """rq job: embed one part and hand the vectors to the write stage."""
     from shared import keys
     from shared.messages import decode_chunks, decode_documents
@@ -462,7 +474,14 @@ def embed_job(batch_id: str, part: int) -> dict[str, int]:
     check_spec(ctx, batch_id)
     chunks = decode_chunks(ctx.redis.get(keys.chunks(batch_id, part)))
     started = time.perf_counter()
-    vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
+    try:
+        vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
+    except RateLimited as e:  # a rate limit delays the job, never fails it: rescheduled, retries unspent
+        from rq import Retry
+
+        RATE_LIMIT_RESCHEDULES.labels(ctx.spec.model).inc()
+        log.warning("embed %s/%d: %s; back in %.0f s", batch_id, part, e, e.retry_in_s)
+        return Retry(max=RATE_LIMIT_MAX_RESCHEDULES, interval=max(1, math.ceil(e.retry_in_s)))
     seconds = time.perf_counter() - started
     EMBED_JOB_SECONDS.observe(seconds)
     with ctx.redis.pipeline() as pipe:

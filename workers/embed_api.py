@@ -41,9 +41,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from shared.errors import ConfigError, EmbedFailures, PermanentError, RetryableError
+from shared.errors import ConfigError, EmbedFailures, PermanentError, RateLimited, RetryableError
 from shared.messages import Chunk
-from shared.metrics import API_COST, API_RATE_WAIT, API_REQUEST_SECONDS, API_REQUESTS, API_TOKENS, RETRIES
+from shared.metrics import (
+    API_COST,
+    API_QUOTA_EXHAUSTED,
+    API_RATE_WAIT,
+    API_REQUEST_SECONDS,
+    API_REQUESTS,
+    API_TOKENS,
+    RETRIES,
+)
 from shared.ratelimit import Limits, make_budget
 from shared.settings import Settings, env_name
 from shared.tokenizer_api import ApiTokenizer, api_model_name
@@ -62,6 +70,7 @@ DIMENSIONS_PARAM_PREFIXES = ("text-embedding-3",)
 RETRYABLE_STATUS = {408, 409, 425}  # and every 5xx
 INPUT_STATUS = {400, 413, 422}  # refused inputs: bisect down to the input(s) concerned
 MESSAGE_CHARS = 500
+QUOTA_PAUSE_S = 600.0  # an exhausted account: every embedder pauses this long, then tries again (and alerts)
 
 
 class ApiRetryable(RetryableError):
@@ -212,7 +221,16 @@ class ApiEmbedder:
         before = (self.usage.requests, self.usage.tokens, self.usage.cost_usd, self.usage.retries)
         found: dict[int, np.ndarray] = {}
         if requests:
-            found, refused = asyncio.run(self._embed_requests(texts, tokens, requests))
+            try:
+                found, refused = asyncio.run(self._embed_requests(texts, tokens, requests))
+            except RateLimited as e:  # the rows that did come back, as vectors in their places
+                if not self.dimension and e.vectors:
+                    self.dimension = len(next(iter(e.vectors.values())))  # type: ignore[attr-defined]
+                vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+                for row, vector in (e.vectors or {}).items():  # type: ignore[attr-defined]
+                    vectors[row] = vector
+                e.vectors = vectors
+                raise
             failed.update(refused)
         self.usage.failed_inputs += len(failed)
         if not self.dimension:  # nothing came back to learn it from: ask with one tiny input
@@ -256,17 +274,27 @@ class ApiEmbedder:
                 asyncio.ensure_future(self._embed_rows(client, semaphore, texts, tokens, rows)) for rows in requests
             ]
             try:
-                results = await asyncio.gather(*tasks)
-            except BaseException:
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:  # cancelled from outside
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
         found: dict[int, np.ndarray] = {}
         failed: dict[int, str] = {}
-        for ok, bad in results:
-            found.update(ok)
-            failed.update(bad)
+        for result in results:
+            if not isinstance(result, BaseException):
+                found.update(result[0])
+                failed.update(result[1])
+        errors = [r for r in results if isinstance(r, BaseException)]
+        fatal = [e for e in errors if not isinstance(e, RateLimited)]
+        if fatal:
+            raise fatal[0]
+        if errors:  # rate limited only: keep what came back, come back later for the rest
+            limited = max(errors, key=lambda e: e.retry_in_s)  # type: ignore[attr-defined]
+            raise RateLimited(str(limited), limited.retry_in_s, limited.quota, found, found)  # type: ignore[attr-defined]
+        if found:
+            API_QUOTA_EXHAUSTED.labels(self.api_model).set(0)
         return found, failed
 
     async def _embed_rows(
@@ -299,9 +327,17 @@ class ApiEmbedder:
             before_sleep=self._before_retry,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._attempt(client, semaphore, inputs, tokens)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(client, semaphore, inputs, tokens)
+        except ApiRetryable as e:
+            if e.outcome != "rate_limited":
+                raise
+            # still rate limited at the deadline: the job is rescheduled, its retries unspent
+            raise RateLimited(
+                f"{e}; still so after {self.settings.api_deadline_s:g} s", e.retry_after or 60.0
+            ) from None
         raise AssertionError("unreachable: tenacity returns or raises")
 
     def _wait(self, state: Any) -> float:
@@ -327,10 +363,11 @@ class ApiEmbedder:
         extra: dict[str, Any] = {"dimensions": self.dimensions} if self.send_dimensions else {}
         async with semaphore:
             wait = await asyncio.to_thread(self._budget.reserve, tokens)
-            if wait > self.settings.api_deadline_s:  # a long 429 hold, or a deep backlog: rq retries the job later
-                raise RetryableError(
+            if wait > self.settings.api_deadline_s:  # a long 429 hold, or a deep backlog: the job comes back later
+                raise RateLimited(
                     f"the rate budget of {self.api_model} at {self.host} has no room for {wait:.0f} s, more than "
-                    f"{env_name('api_deadline_s')}"
+                    f"{env_name('api_deadline_s')}",
+                    wait,
                 )
             if wait > 0:
                 API_RATE_WAIT.labels(self.api_model).inc(wait)
@@ -342,7 +379,9 @@ class ApiEmbedder:
                     input=inputs, model=self.api_model, encoding_format="base64", **extra
                 )
             except openai.APIStatusError as e:
-                problem = self._status_error(e.status_code, e.response.headers, e.message, e.param)
+                problem = self._status_error(
+                    e.status_code, e.response.headers, e.message, e.param, getattr(e, "code", None)
+                )
             except openai.APIConnectionError as e:  # timeouts included
                 problem = ApiRetryable(f"{type(e).__name__} talking to {self.host}: {self._redact(str(e))}")
             finally:
@@ -364,10 +403,21 @@ class ApiEmbedder:
         self._note_headers(raw.http_response.headers)
         return vectors
 
-    def _status_error(self, status: int, headers: Any, message: str, param: str | None) -> BaseException:
+    def _status_error(
+        self, status: int, headers: Any, message: str, param: str | None, code: str | None = None
+    ) -> BaseException:
         key = str(status)
         self.usage.statuses[key] = self.usage.statuses.get(key, 0) + 1
         text = self._redact(message)[:MESSAGE_CHARS]
+        if status == 429 and code == "insufficient_quota":  # not a rate limit: waiting seconds will not help
+            self._budget.hold(QUOTA_PAUSE_S)  # every embedder pauses: no hammering an exhausted account
+            API_QUOTA_EXHAUSTED.labels(self.api_model).set(1)
+            return RateLimited(
+                f"the account behind {self.host} has no quota left for {self.api_model} (429 insufficient_quota): "
+                f"{text}; paused {QUOTA_PAUSE_S:.0f} s, then tried again",
+                QUOTA_PAUSE_S,
+                quota=True,
+            )
         if status == 429:
             retry_after = retry_after_s(headers)
             if retry_after is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from producer.submit import batched_by_size
 from shared.cache import LocalVectorCache
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RateLimited
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, DeadLetter, Document, SourceDoc
 from shared.models import load_tokenizer
@@ -33,6 +33,7 @@ from workers.write import commit_documents, complete_in, doc_records, write_batc
 log = logging.getLogger(__name__)
 
 QUEUE_PARTS = 4  # parts waiting between stages: enough to keep the model busy, little memory
+EMBEDDED_RATE_WAIT_CAP_S = 60.0  # a rate limit is waited out in steps of at most this, then asked again
 _DONE = object()
 
 
@@ -101,7 +102,7 @@ class EmbeddedRun:
                     loading = time.perf_counter()
                     self.embedder.warm_up()
                     self.summary.model_load_seconds = round(time.perf_counter() - loading, 3)
-                vectors, refused, embedded_now = embed_part(part, self.embedder, self.spec, self.cache)
+                vectors, refused, embedded_now = self._embed(part)
                 self.summary.chunks_embedded += embedded_now
                 self.summary.chunks_cached += len(part) - embedded_now
                 if refused:
@@ -121,6 +122,16 @@ class EmbeddedRun:
         self.summary.seconds = round(time.perf_counter() - started, 3)
         self.summary.chunks_per_s = round(self.summary.chunks_embedded / max(self.summary.seconds, 1e-9), 2)
         return self.summary
+
+    def _embed(self, part: list[Chunk]) -> tuple[Any, dict[int, str], int]:
+        """embed_part, waiting out rate limits here (what the distributed mode does by rescheduling);
+        what the API did embed before a limit is kept in the cache, so it is not sent twice."""
+        while True:
+            try:
+                return embed_part(part, self.embedder, self.spec, self.cache)
+            except RateLimited as e:
+                log.warning("%s; waiting %.0f s", e, e.retry_in_s)
+                time.sleep(min(e.retry_in_s, EMBEDDED_RATE_WAIT_CAP_S))
 
     def _guard(self, target: Any, *args: Any) -> None:
         try:
