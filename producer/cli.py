@@ -65,7 +65,7 @@ JOBS = [
     "job_lease_s",
     "job_retries",
 ]
-RUNTIME = ["metrics_port", "dead_source_ttl_s", "probe_eval", "support_nice"]
+RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_letters", "probe_eval", "support_nice"]
 
 
 # Where a password goes instead of a flag (the command line shows in `ps` and in shell history).

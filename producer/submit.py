@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+import msgpack
 from redis import Redis
 
 from shared import keys
@@ -53,6 +54,8 @@ def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pi
 
     batch_id = new_batch_id()
     pipe.set(keys.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
+    ids = msgpack.packb([s.id for s in sources])
+    pipe.set(keys.batch_doc_ids(batch_id), ids, ex=max(settings.payload_ttl_s, settings.dead_source_ttl_s))
     enqueue_jobs(queue(redis, "load"), settings, "load", [(batch_id,)], pipe)
     return batch_id
 

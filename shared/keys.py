@@ -7,6 +7,7 @@ INBOX_TAKERS = f"{PREFIX}:inbox:takers"  # set: IDs of janitors that may hold a 
 JANITOR_TICK = f"{PREFIX}:janitor:tick"  # when a janitor last finished a round with every step done (s)
 DEAD = f"{PREFIX}:dead"  # hash: doc_id -> msgpack DeadLetter
 DEAD_RECENT = f"{PREFIX}:dead:recent"  # sorted set: doc_id by time, the newest few (for the dashboard)
+DEAD_BY_TIME = f"{PREFIX}:dead:at"  # sorted set: every dead letter's doc_id by time, to expire the oldest
 PROBE = f"{PREFIX}:probe"  # hash: the last quality probe's results
 PROBE_REQUESTED = f"{PREFIX}:probe:requested"  # chunks_written of the last state a probe was requested for
 DEAD_ATTEMPTS = f"{PREFIX}:dead:attempts"  # hash: doc_id -> how many times it failed for good
@@ -46,6 +47,12 @@ def docs_committed(batch_id: str) -> str:
 def kept_ids(token: str) -> str:
     """msgpack list of the document IDs a sync (`enqueue --prune`) keeps; claim check of a prune job."""
     return f"{PREFIX}:kept:{token}"
+
+
+def batch_doc_ids(batch_id: str) -> str:
+    """msgpack list of a batch's document IDs, kept as long as dead letters keep sources: if the batch's
+    payloads expire before it completes, its documents still become dead letters, one each."""
+    return f"{PREFIX}:batchids:{batch_id}"
 
 
 def sources(batch_id: str) -> str:
@@ -88,6 +95,7 @@ def batch_keys(batch_id: str, parts: int) -> list[str]:
     """All claim-check keys of a batch, deleted once the batch is finalized."""
     keys = [
         sources(batch_id),
+        batch_doc_ids(batch_id),
         documents(batch_id),
         batch_plan(batch_id),
         parts_written(batch_id),

@@ -23,7 +23,10 @@ from shared import keys
 from shared.messages import DeadLetter, decode_dead_letter, encode_dead_letter
 from shared.metrics import DEAD_LETTERS, RECENT_FAILURES_MAX
 
-MAX_KEPT_SOURCE_BYTES = 20_000_000  # larger sources (never submitted anyway) are not kept for redrive
+# A dead letter keeps its document for redrive up to this size (larger ones: submit them again from where
+# they came from); with the letters' count and age bounded below, a flood of bad input cannot fill Redis.
+MAX_KEPT_SOURCE_BYTES = 2_000_000
+EXPIRE_BATCH = 1000  # dead letters removed per janitor round at most
 
 
 class Ledger(Protocol):
@@ -57,6 +60,7 @@ class RedisLedger:
             target.hset(keys.DEAD, entry.doc_id, encode_dead_letter(entry))
             target.hincrby(keys.DEAD_ATTEMPTS, entry.doc_id, 1)
             target.zadd(keys.DEAD_RECENT, {entry.doc_id: entry.at})
+            target.zadd(keys.DEAD_BY_TIME, {entry.doc_id: entry.at})
             if source is not None:
                 target.set(keys.dead_source(entry.doc_id), source, ex=self.source_ttl_s)
         if letters:
@@ -83,9 +87,20 @@ class RedisLedger:
             target.hdel(keys.DEAD, *ids)
             target.hdel(keys.DEAD_ATTEMPTS, *ids)
             target.zrem(keys.DEAD_RECENT, *ids)
+            target.zrem(keys.DEAD_BY_TIME, *ids)
             target.delete(*[keys.dead_source(d) for d in ids])
             if pipe is None:
                 target.execute()
+
+    def expire_dead(self, older_than_s: float, keep_at_most: int) -> int:
+        """Forget dead letters older than `older_than_s` and the oldest beyond `keep_at_most` (a bounded
+        round of at most EXPIRE_BATCH); returns how many went."""
+        ids = self.redis.zrangebyscore(keys.DEAD_BY_TIME, "-inf", time.time() - older_than_s, 0, EXPIRE_BATCH)
+        excess = self.redis.zcard(keys.DEAD_BY_TIME) - len(ids) - keep_at_most
+        if excess > 0:
+            ids += self.redis.zrange(keys.DEAD_BY_TIME, len(ids), len(ids) + min(excess, EXPIRE_BATCH) - 1)
+        self.clear_dead(d.decode() for d in ids)
+        return len(ids)
 
     def dead(self) -> list[DeadLetter]:
         attempts = {k.decode(): int(v) for k, v in self.redis.hgetall(keys.DEAD_ATTEMPTS).items()}

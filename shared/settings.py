@@ -60,6 +60,8 @@ class Settings:
     job_retries: int = setting(3, "rq retries of a failed job before its documents become dead letters.")
     max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
+    dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
+    max_dead_letters: int = setting(100_000, "Most dead letters kept (distributed mode); the oldest go first.")
     metrics_port: int = setting(0, "Serve Prometheus /metrics on this port (0: off).")
     probe_eval: str = setting("", "BEIR-layout eval set for the quality probe after each run ('' : no probe).")
     inbox_wait_s: float = setting(1.0, "The janitor waits this long for a full batch from the inbox.")
@@ -123,7 +125,8 @@ class Settings:
         return int(getattr(self, f"{stage}_timeout_s"))
 
     def validated(self) -> Settings:
-        for name in ("batch_size", "batch_docs", "batch_bytes", "part_max_chunks", "part_max_tokens", "max_doc_bytes"):
+        positive = ("batch_size", "batch_docs", "batch_bytes", "part_max_chunks", "part_max_tokens", "max_doc_bytes")
+        for name in (*positive, "dead_letter_ttl_s", "max_dead_letters"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:

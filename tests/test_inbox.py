@@ -176,3 +176,48 @@ def test_batches_are_bounded_in_bytes_and_the_janitor_stays_small(redis_url, tmp
     assert sorted(i for b in batches for i in b) == sorted(f"big-{i}" for i in range(64))
     assert max(len(b) for b in batches) <= Settings().batch_bytes // 2_000_000  # 8 of 2 MB in 16 MiB
     assert peak < 256 * 2**20, f"the janitor's peak RSS was {peak / 2**20:.0f} MB"  # the k8s limit
+
+
+def test_dead_letters_are_bounded_in_age_and_number(redis_url):
+    """A flood of bad input must not fill Redis: the janitor forgets the oldest dead letters beyond a
+    count and any older than their retention, with their kept sources."""
+    from shared.messages import DeadLetter
+
+    redis = Redis.from_url(redis_url)
+    ledger = RedisLedger(redis)
+    now = time.time()
+    old = [
+        DeadLetter(f"old-{i}", "load", "empty", "x", at=now - 100 * 86400, source={"id": f"old-{i}"}) for i in range(3)
+    ]
+    flood = [DeadLetter(f"bad-{i:04d}", "inbox", "decode_error", "x", at=now + i) for i in range(1200)]
+    ledger.add_dead(old + flood)
+    settings = Settings.from_env({}, redis_url=redis_url, max_dead_letters=1000, dead_letter_ttl_s=90 * 86400)
+    janitor = Janitor(settings, redis)
+    janitor.tick()  # its first round cleans up
+    kept = {d.doc_id for d in ledger.dead()}
+    assert len(kept) == 1000 and kept == {f"bad-{i:04d}" for i in range(200, 1200)}  # the newest 1,000
+    assert not any(redis.exists(keys.dead_source(f"old-{i}")) for i in range(3))
+    assert redis.zcard(keys.DEAD_BY_TIME) == redis.hlen(keys.DEAD) == redis.hlen(keys.DEAD_ATTEMPTS) == 1000
+
+
+def test_documents_of_a_batch_whose_payloads_expired_each_become_dead_letters(redis_url):
+    """A pipeline stalled past EMBEDPIPE_PAYLOAD_TTL_S loses a batch's claim checks: its documents must
+    still each end as a dead letter, not as one letter for the batch (or nothing)."""
+    from rq.serializers import JSONSerializer
+
+    from producer.submit import submit
+    from shared.messages import SourceDoc
+    from workers.janitor import expand_failed_jobs
+    from workers.runtime import StageWorker, init_context
+
+    redis = Redis.from_url(redis_url)
+    settings = Settings.from_env({}, redis_url=redis_url, job_retries=0)
+    submit(redis, settings, [SourceDoc(f"doc-{i}", text="words") for i in range(3)])
+    [batch] = [k.decode().rsplit(":", 1)[1] for k in redis.keys(keys.sources("*"))]
+    redis.delete(keys.sources(batch))  # expired
+    ctx = init_context(settings, "load", redis)
+    StageWorker([ctx.queues["load"]], connection=redis, serializer=JSONSerializer).work(burst=True)
+    expand_failed_jobs(redis, settings, ctx.ledger)
+    letters = {d.doc_id: d for d in ctx.ledger.dead()}
+    assert set(letters) == {"doc-0", "doc-1", "doc-2"}
+    assert all(d.reason == "job_failed" and "missing" in d.message for d in letters.values())

@@ -115,6 +115,7 @@ class Janitor:
         self.scheduler.acquire_locks()  # take or refresh the scheduler locks (they live 61 s)
         self.maintenance.clean_registries()  # abandoned jobs of dead workers: retried or failed
         self.inbox.recover()  # batches of janitors that died holding them: back into the inbox
+        self.ledger.expire_dead(self.settings.dead_letter_ttl_s, self.settings.max_dead_letters)
 
     def _export(self) -> None:
         status = distributed_status(self.redis)
@@ -225,6 +226,17 @@ def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) ->
     return expanded
 
 
+def _batch_doc_ids(redis: Redis, batch_id: str) -> list[str]:
+    import msgpack
+
+    raw = redis.get(keys.batch_doc_ids(batch_id))
+    try:
+        ids = msgpack.unpackb(raw) if raw else []
+    except Exception:  # a corrupt index: no IDs to name
+        return []
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+
+
 def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLetter], tuple[str, int] | None]:
     """The documents a failed job carried, as dead letters with their sources (for redrive)."""
     from rq.job import Job
@@ -251,7 +263,10 @@ def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLet
             part, ids = None, {d.id for d in decode_documents(redis.get(keys.documents(batch_id)))}
         else:
             part, ids = None, set(sources)
-    except DecodeError as e:
-        return [DeadLetter(f"batch:{batch_id}", stage, "job_failed", f"{message} (and {e})")], None
+    except DecodeError as e:  # the payloads expired before the batch completed: its documents by ID
+        ids, part = set(_batch_doc_ids(redis, batch_id)), None
+        if not ids:
+            return [DeadLetter(f"batch:{batch_id}", stage, "job_failed", f"{message} (and {e})")], None
+        return [DeadLetter(i, stage, "job_failed", f"{message} (and {e})") for i in sorted(ids)], None
     letters = [DeadLetter(i, stage, "job_failed", message, source=sources.get(i)) for i in sorted(ids) if i]
     return letters, (batch_id, part) if part is not None else None

@@ -10,6 +10,8 @@ dead letter), has all its chunks and its record removed from the store.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
@@ -83,8 +85,9 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
     vectors = unpack_vectors(ctx.redis.get(keys.vectors(batch_id, part)), len(chunks), ctx.spec.vector_dtype)
     refused = {m.decode() for m in ctx.redis.smembers(keys.docs_failed(batch_id))}  # dead letters already
     keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
-    kept = [chunks[i] for i in keep]
     docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
+    metadata = {d.id: d.metadata for d in docs}  # chunks travel without it (workers/chunk.py)
+    kept = [replace(chunks[i], metadata=metadata.get(chunks[i].doc_id, {})) for i in keep]
     complete = complete_in(kept, BatchPlan.from_hash(ctx.redis.hgetall(keys.batch_plan(batch_id))).chunks, docs)
     write_batch(ctx.store, kept, vectors[keep], complete)
     with ctx.redis.pipeline() as pipe:
@@ -149,6 +152,31 @@ def _load_drained(ctx: object) -> bool:
     return queues["embed"].count == 0 and queues["write"].count == 0
 
 
+def _mark_finalized(ctx: Any, batch_id: str, done: dict[str, list[str]], parts: int) -> bool:
+    """Mark the batch finalized, clear its documents' old dead letters, count them done and drop its
+    payloads in one transaction, once: False if another writer did (a writer killed half-way through
+    used to leave the mark set and the counters and dead letters as they were)."""
+    from redis.exceptions import WatchError
+
+    from shared import keys
+
+    final = keys.batch_finalized(batch_id)
+    with ctx.redis.pipeline() as pipe:
+        try:
+            pipe.watch(final)
+            if pipe.exists(final):
+                return False
+            pipe.multi()
+            pipe.set(final, 1, ex=ctx.settings.payload_ttl_s)
+            ctx.ledger.clear_dead(done, pipe=pipe)
+            ctx.ledger.incr(pipe=pipe, documents_done=len(done))
+            pipe.delete(*keys.batch_keys(batch_id, parts))
+            pipe.execute()
+            return True
+        except WatchError:  # another writer finalized it at the same moment
+            return False
+
+
 def finalize(batch_id: str) -> None:
     from shared import keys
     from shared.messages import decode_chunks, decode_documents
@@ -165,12 +193,7 @@ def finalize(batch_id: str) -> None:
     docs = decode_documents(ctx.redis.get(keys.documents(batch_id)))
     rest = {doc: ids for doc, ids in done.items() if doc not in committed}  # spread over several parts
     stale = commit_documents(ctx.store, doc_records(docs, rest), rest, sorted(failed))
-    if ctx.redis.set(keys.batch_finalized(batch_id), 1, nx=True, ex=ctx.settings.payload_ttl_s):
-        with ctx.redis.pipeline() as pipe:
-            ctx.ledger.clear_dead(done, pipe=pipe)
-            ctx.ledger.incr(pipe=pipe, documents_done=len(done))
-            pipe.delete(*keys.batch_keys(batch_id, plan.parts))
-            pipe.execute()
+    if _mark_finalized(ctx, batch_id, done, plan.parts):
         DOCUMENTS.labels(STAGE, "ok").inc(len(done))
     if _load_drained(ctx):  # after a bulk load: build the pgvector index, compact LanceDB
         store_retry(ctx.store.optimize)(OPTIMIZE_AFTER_DRAIN_WRITES)
