@@ -16,6 +16,7 @@ import click
 
 from shared.errors import EmbedpipeError
 from shared.settings import STAGES, Settings, env_name, setting_fields
+from shared.text import printable
 
 log = logging.getLogger("embedpipe")
 
@@ -276,21 +277,36 @@ def search(query: str, k: int, as_json: bool, collection: str | None, settings: 
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @prune_option
+@click.option(
+    "--inbox",
+    "via_inbox",
+    is_flag=True,
+    help="Push the documents onto the inbox list for the janitor to batch, as any client may: all the "
+    "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
+)
 @settings_options(*REDIS, "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
 @fail_clearly
 def enqueue(
-    paths: tuple[str, ...], exclude: tuple[str, ...], progress: bool | None, prune: bool, settings: Settings
+    paths: tuple[str, ...],
+    exclude: tuple[str, ...],
+    progress: bool | None,
+    prune: bool,
+    via_inbox: bool,
+    settings: Settings,
 ) -> None:
     """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
     distributed pipeline. Local files are sent by content; URLs are fetched by the loaders.
-    Unchanged documents are skipped by the chunkers."""
+    Unchanged documents are skipped by the chunkers. By default batches and load jobs are written
+    directly (the `worker` or `admin` Redis user); --inbox goes through the inbox (`producer`)."""
     from tqdm import tqdm
 
     from producer.lifecycle import Listed
     from producer.sources import iter_sources, resolve
-    from producer.submit import submit, submit_prune
+    from producer.submit import push_to_inbox, submit, submit_prune
     from workers.runtime import connect
 
+    if prune and via_inbox:
+        raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
     inputs = resolve(list(paths), exclude)
     redis = connect(settings)
     redis.ping()
@@ -301,11 +317,17 @@ def enqueue(
             bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
 
         items = Listed(iter_sources(inputs, settings.max_doc_bytes))
-        result = submit(redis, settings, items, on_progress=bar.update, on_wait=waiting)
+        send = push_to_inbox if via_inbox else submit
+        result = send(redis, settings, items, on_progress=bar.update, on_wait=waiting)
+    where = "pushed to the inbox" if via_inbox else "enqueued"
     click.echo(
-        f"enqueued {result.documents} documents in {result.batches} batches"
-        + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected else "")
+        f"{where} {result.documents} documents in {result.batches} batches"
+        + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected and not via_inbox else "")
     )
+    if result.rejected and via_inbox:  # the inbox's user may record no dead letters: say them here
+        click.echo(f"{result.rejected} rejected here, not submitted:", err=True)
+        for letter in result.rejected_letters[:20]:
+            click.echo(f"  {printable(letter.doc_id)}: {letter.reason}: {printable(letter.message)}", err=True)
     if prune:
         submit_prune(redis, settings, items.ids)
         click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")

@@ -13,6 +13,7 @@ from producer.cli import API, CHUNKING, JOBS, MODEL, REDIS, fail_clearly, main, 
 from shared.errors import REASONS
 from shared.ledger import local_ledger_path
 from shared.settings import Settings
+from shared.text import printable
 
 
 def _use_local(local: bool | None) -> bool:
@@ -159,12 +160,6 @@ def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | N
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         doc_id, message = printable(r["doc_id"]), printable(r["message"])
         click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
-
-
-def printable(text: str) -> str:
-    """`text` for a terminal: control characters (an ESC sequence in a document's error message could
-    rewrite the screen or the title) shown as escapes, never sent."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @main.command()

@@ -21,10 +21,12 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
         stages[stage] = {
             "queued": q.count,
             "dequeuing": int(redis.llen(q.intermediate_queue_key)),  # popped, not yet started
-            "running": q.started_job_registry.count,
-            "scheduled": q.scheduled_job_registry.count,  # waiting for a retry
-            "deferred": q.deferred_job_registry.count,
-            "failed": q.failed_job_registry.count,
+            # counted as they are (cleanup=False): reading status writes nothing (a read-only producer
+            # may ask), and the janitor cleans the registries every few seconds anyway
+            "running": q.started_job_registry.get_job_count(cleanup=False),
+            "scheduled": q.scheduled_job_registry.get_job_count(cleanup=False),  # waiting for a retry
+            "deferred": q.deferred_job_registry.get_job_count(cleanup=False),
+            "failed": q.failed_job_registry.get_job_count(cleanup=False),
             "workers": Worker.count(queue=q),
         }
     ledger = RedisLedger(redis)  # read-only here

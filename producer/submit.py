@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -65,6 +65,7 @@ class SubmitResult:
     batches: int = 0
     documents: int = 0
     rejected: int = 0
+    rejected_letters: list[DeadLetter] = field(default_factory=list)  # when they could not be recorded
 
 
 def backlog(redis: Redis, settings: Settings) -> int:
@@ -110,6 +111,31 @@ def submit(
             pipe.execute()
         result.documents += len(sources)
         result.rejected += len(rejected)
+        if on_progress:
+            on_progress(len(group))
+    return result
+
+
+def push_to_inbox(
+    redis: Redis,
+    settings: Settings,
+    items: Iterable[SourceDoc | DeadLetter],
+    on_progress: Callable[[int], None] | None = None,
+    on_wait: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Push sources onto the inbox list (msgpack messages, one round trip per group), for the janitor to
+    batch: all a client with the `producer` Redis user may do. Items the client already rejected are
+    counted, not recorded (recording dead letters takes more than that user may)."""
+    result = SubmitResult()
+    for group in batched_by_size(items, settings.batch_docs, settings.batch_bytes):
+        wait_for_room(redis, settings, on_wait)
+        sources = [msgpack.packb(i.to_dict(), use_bin_type=True) for i in group if isinstance(i, SourceDoc)]
+        if sources:
+            redis.rpush(keys.INBOX, *sources)
+            result.batches += 1
+        result.documents += len(sources)
+        result.rejected += len(group) - len(sources)
+        result.rejected_letters += [i for i in group if isinstance(i, DeadLetter)]
         if on_progress:
             on_progress(len(group))
     return result

@@ -79,11 +79,12 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
     """Each embedpipe service's command, environment and health check, minus the containers."""
     services = {n: s for n, s in compose()["services"].items() if "build" in s and not s.get("profiles")}
     assert set(services) == {"janitor", *SCALED}
-    rewrite = {"redis://redis:6379/0": redis_url, "postgresql://embedpipe@postgres:5432/embedpipe": pg_url}
+    rewrite = {"redis://worker@redis:6379/0": redis_url, "postgresql://embedpipe@postgres:5432/embedpipe": pg_url}
+    passwords = ("PGPASSWORD", "EMBEDPIPE_REDIS_PASSWORD")  # the test's own servers take none (tests/test_acl.py does)
     procs, logs = {}, []
     try:
         for name, service in services.items():
-            env = {k: rewrite.get(str(v), str(v)) for k, v in service["environment"].items() if k != "PGPASSWORD"}
+            env = {k: rewrite.get(str(v), str(v)) for k, v in service["environment"].items() if k not in passwords}
             env["EMBEDPIPE_METRICS_PORT"] = str(free_port())
             logs.append(open(tmp_path / f"{name}.log", "w"))
             procs[name] = subprocess.Popen([EMBEDPIPE, *service["command"]], env=cli_env(**env), stderr=logs[-1])
@@ -171,8 +172,12 @@ def test_kubernetes_pools_scale_on_their_queues_and_stop_safely(rendered):
         container = pod["containers"][0]
         assert container["readinessProbe"]["exec"]["command"][:2] == ["embedpipe", "health"]
         assert {p["name"] for p in container["ports"]} == {"metrics"}
-        secrets = [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e]
-        assert len(secrets) == 1 and secrets[0].startswith("embedpipe-secrets")  # kustomize adds a hash
+        # no pod takes the whole secret: each names the keys it needs; the store's password only where
+        # the store is opened, Postgres's own superuser password nowhere but in Postgres
+        assert not [e for e in container["envFrom"] if "secretRef" in e], name
+        keys_taken = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
+        store = {"PGPASSWORD"} if name in ("chunker", "embedder", "writer") else set()
+        assert keys_taken == {"EMBEDPIPE_REDIS_WORKER_PASSWORD", *store}, (name, keys_taken)
         assert pod["containers"][0]["securityContext"]["runAsNonRoot"]
         if name != "janitor":
             assert pod["terminationGracePeriodSeconds"] > LONGEST_JOB_S
@@ -197,6 +202,12 @@ def test_kubernetes_pools_scale_on_their_queues_and_stop_safely(rendered):
             assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert by_kind(rendered, "StatefulSet")["redis"]["spec"]["volumeClaimTemplates"]
+    redis = by_kind(rendered, "StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert redis["command"][:2] == ["sh", "/usr/local/etc/redis/start.sh"]  # the ACL users
+    assert {e["name"] for e in redis["env"]} == {
+        f"EMBEDPIPE_REDIS_{u}_PASSWORD" for u in ("ADMIN", "WORKER", "PRODUCER")
+    }
+    assert set(by_kind(rendered, "NetworkPolicy")) == {"redis", "postgres"}
 
 
 def test_dockerfile_lints_clean():
