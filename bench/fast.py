@@ -182,7 +182,7 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
 
 def child_bare(docs_file: str, batches: str) -> dict:
     """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
-    from workers.embed import Embedder
+    from workers.embedder import Embedder
 
     chunks = tp.pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]

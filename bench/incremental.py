@@ -132,7 +132,7 @@ class Truncated:
 
 
 def matryoshka(eval_dir: Path, store_path: str) -> list[dict]:
-    from workers.embed import Embedder
+    from workers.embedder import Embedder
 
     eval_set = load_beir(eval_dir)
     embedder = Embedder("all-MiniLM-L6-v2").warm_up()

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.quality import corpus_documents, evaluate, load_beir
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embed import Embedder
 from workers.embedded import EmbeddedRun
+from workers.embedder import Embedder
 
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact"
 PUBLISHED = {"recall@10": 0.783, "ndcg@10": 0.645}

@@ -167,7 +167,7 @@ def pipeline_chunks(docs_file: Path) -> list:
 def child_bare(docs_file: str, backend: str) -> dict:
     import torch
 
-    from workers.embed import Embedder
+    from workers.embedder import Embedder
 
     chunks = pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
@@ -233,7 +233,7 @@ def child_textbook(docs_file: str, store: str) -> dict:
     from shared.models import ModelTokenizer
     from shared.settings import Settings
     from workers.chunk import ChunkPolicy, chunk_batch
-    from workers.embed import Embedder
+    from workers.embedder import Embedder
     from workers.load import load_batch
 
     model = Embedder(MODEL, DEVICE).warm_up()._model
@@ -578,7 +578,7 @@ def main() -> None:
     pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
     wanted = set(args.only or [r for r in ROWS if r != "distributed-4"]) | {"bare"}
     if args.backend is None:
-        from workers.embed import native_bf16
+        from workers.embedder import native_bf16
 
         args.backend = "torch-bf16" if native_bf16() else "onnx-int8"
     fast = args.backend

@@ -65,7 +65,7 @@ class SubmitResult:
     batches: int = 0
     documents: int = 0
     rejected: int = 0
-    rejected_letters: list[DeadLetter] = field(default_factory=list)  # when they could not be recorded
+    rejected_letters: list[DeadLetter] = field(default_factory=list)  # what the client rejected itself
 
 
 def backlog(redis: Redis, settings: Settings) -> int:
@@ -97,23 +97,16 @@ def submit(
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
-    result = SubmitResult()
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
-    for group in batched_by_size(items, settings.batch_docs, settings.batch_bytes):
-        wait_for_room(redis, settings, on_wait)
-        sources = [i for i in group if isinstance(i, SourceDoc)]
-        rejected = [i for i in group if isinstance(i, DeadLetter)]
+
+    def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         with redis.pipeline() as pipe:
             if sources:
                 enqueue_batch(redis, settings, sources, pipe)
-                result.batches += 1
             ledger.add_dead(rejected, pipe=pipe)
             pipe.execute()
-        result.documents += len(sources)
-        result.rejected += len(rejected)
-        if on_progress:
-            on_progress(len(group))
-    return result
+
+    return _in_groups(redis, settings, items, send, on_progress, on_wait)
 
 
 def push_to_inbox(
@@ -125,17 +118,34 @@ def push_to_inbox(
 ) -> SubmitResult:
     """Push sources onto the inbox list (msgpack messages, one round trip per group), for the janitor to
     batch: all a client with the `producer` Redis user may do. Items the client already rejected are
-    counted, not recorded (recording dead letters takes more than that user may)."""
+    returned, not recorded (recording dead letters takes more than that user may)."""
+
+    def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
+        if sources:
+            redis.rpush(keys.INBOX, *[msgpack.packb(s.to_dict(), use_bin_type=True) for s in sources])
+
+    return _in_groups(redis, settings, items, send, on_progress, on_wait)
+
+
+def _in_groups(
+    redis: Redis,
+    settings: Settings,
+    items: Iterable[SourceDoc | DeadLetter],
+    send: Callable[[list[SourceDoc], list[DeadLetter]], None],
+    on_progress: Callable[[int], None] | None,
+    on_wait: Callable[[int], None] | None,
+) -> SubmitResult:
+    """Hand `send` the items group by group (batch_docs and batch_bytes), under backpressure."""
     result = SubmitResult()
     for group in batched_by_size(items, settings.batch_docs, settings.batch_bytes):
         wait_for_room(redis, settings, on_wait)
-        sources = [msgpack.packb(i.to_dict(), use_bin_type=True) for i in group if isinstance(i, SourceDoc)]
-        if sources:
-            redis.rpush(keys.INBOX, *sources)
-            result.batches += 1
+        sources = [i for i in group if isinstance(i, SourceDoc)]
+        rejected = [i for i in group if isinstance(i, DeadLetter)]
+        send(sources, rejected)
+        result.batches += bool(sources)
         result.documents += len(sources)
-        result.rejected += len(group) - len(sources)
-        result.rejected_letters += [i for i in group if isinstance(i, DeadLetter)]
+        result.rejected += len(rejected)
+        result.rejected_letters += rejected
         if on_progress:
             on_progress(len(group))
     return result

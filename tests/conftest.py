@@ -54,7 +54,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def embedder():
-    from workers.embed import Embedder
+    from workers.embedder import Embedder
 
     return Embedder("all-MiniLM-L6-v2").warm_up()
 

@@ -21,7 +21,7 @@ from shared.settings import Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
 from workers.chunk import chunk_batch
-from workers.embed import Embedder
+from workers.embedder import Embedder
 from workers.load import load_batch
 
 from .conftest import EXAMPLES, cli_env, embedpipe

@@ -100,7 +100,7 @@ class Usage:
 
 
 class ApiEmbedder:
-    """The embedder of `openai:NAME` models, with the interface of workers.embed.Embedder."""
+    """The embedder of `openai:NAME` models, with the interface of workers.embedder.Embedder."""
 
     def __init__(
         self, settings: Settings, redis: Any = None, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0

@@ -25,7 +25,8 @@ from shared.settings import Settings
 from shared.spec import spec_for
 from shared.store import open_store
 from workers.chunk import chunk_batch, chunk_policy, pack_parts, skip_unchanged
-from workers.embed import Embedder, embed_part, make_embedder, model_error_letters
+from workers.embed import embed_part, make_embedder, model_error_letters
+from workers.embedder import Embedder
 from workers.fetch import FetchPolicy
 from workers.load import load_batch
 from workers.write import commit_documents, complete_in, doc_records, write_batch

@@ -15,7 +15,7 @@ from typing import Any
 from shared.errors import ConfigError
 from shared.quality import evaluate, load_beir
 from shared.store import Store
-from workers.embed import Embedder
+from workers.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
