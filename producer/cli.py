@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -341,9 +343,10 @@ def enqueue(
 def worker(stage: str, burst: bool, settings: Settings) -> None:
     """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
     stage needs once (tokenizer, model or store), then takes jobs from the rq queue STAGE.
-    SIGTERM finishes the current job, then exits."""
+    SIGTERM finishes the current job, then exits; SIGUSR1 prints every thread's stack to stderr."""
     from workers.runtime import run_worker
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     run_worker(settings, stage, burst=burst)
 
 
@@ -353,9 +356,11 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
 @fail_clearly
 def janitor(burst: bool, settings: Settings) -> None:
     """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's
-    scheduler (delayed retries) and recovers jobs of dead workers every few seconds."""
+    scheduler (delayed retries) and recovers jobs of dead workers every few seconds. SIGUSR1 prints
+    every thread's stack to stderr."""
     from workers.janitor import Janitor
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     Janitor(settings).run(burst=burst)
 
 

@@ -25,6 +25,14 @@ from shared.store import DocRecord, Hit, choose_collection, stale_chunks
 
 HNSW_EF_SEARCH = 100  # candidates per search: recall over speed, like a brute-force scan
 REGISTRY = "embedpipe_registry"
+SCHEMA_LOCK = 0x656D6270  # an advisory lock key ("embp"): one process at a time changes the schema
+
+
+def _lock_schema(conn: Any) -> None:
+    """Serialise schema changes for the rest of the transaction. Two processes running `CREATE ... IF NOT
+    EXISTS` at the same moment (a chunker and a writer starting on a new database) otherwise race, and
+    one fails with a unique violation on PostgreSQL's own catalog."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
 
 
 class PgStore:
@@ -32,19 +40,19 @@ class PgStore:
         from pgvector.psycopg import register_vector
         from psycopg_pool import ConnectionPool
 
-        def configure(conn: Any) -> None:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            register_vector(conn)
-
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=configure, open=True
+            url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=register_vector, open=False
         )
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection_class.connect(url, autocommit=True) as conn, conn.transaction():
+                _lock_schema(conn)
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {REGISTRY} (name text PRIMARY KEY, spec jsonb NOT NULL, dim int,"
                     " created double precision, active boolean NOT NULL DEFAULT false, probe jsonb)"
                 )
+            self._pool.open()
+            with self._pool.connection() as conn:
                 active = conn.execute(f"SELECT name FROM {REGISTRY} WHERE active").fetchone()
                 self.collection = choose_collection(spec, collection, active[0] if active else None)
                 row = conn.execute(f"SELECT spec, dim FROM {REGISTRY} WHERE name = %s", (self.collection,)).fetchone()
@@ -64,6 +72,7 @@ class PgStore:
         if self.spec is None:
             raise ConfigError("this store handle has no embedding spec: it cannot write")
         with self._pool.connection() as conn, conn.transaction():
+            _lock_schema(conn)
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.table} (chunk_id text PRIMARY KEY, doc_id text NOT NULL, idx int,"
                 f" text text, tokens int, char_start bigint, char_end bigint, metadata jsonb, embedding vector({dim}))"

@@ -79,6 +79,8 @@ class Pool:
             try:
                 codes[name] = p.wait(60)
             except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGUSR1)  # the process prints every thread's stack to its log
+                time.sleep(1)
                 p.kill()
                 p.wait()
                 codes[name] = "killed after 60 s"

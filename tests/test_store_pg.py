@@ -120,3 +120,30 @@ def test_concurrent_writers_neither_deadlock_nor_lose_rows(pg_url):
     assert store.count() == len(written) + 1
     assert set().union(*store.chunk_ids([f"d{i}" for i in range(6)]).values()) == written
     store.close()
+
+
+def test_processes_opening_new_databases_at_once_all_start(pg_server):
+    """A chunker and a writer starting together on a new database both create the schema (`CREATE
+    EXTENSION/TABLE IF NOT EXISTS`); unserialised, one of them could fail on a unique violation in
+    PostgreSQL's catalog and exit (seen in CI as a writer that never came up; here 1 process in 30 failed
+    before the fix). A race cannot fail every time: 4 new databases, 6 processes each, all at once."""
+    import psycopg
+
+    urls = []
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        for n in range(4):
+            conn.execute(f"DROP DATABASE IF EXISTS embedpipe_race_{n}")
+            conn.execute(f"CREATE DATABASE embedpipe_race_{n}")
+            urls.append(pg_server.replace("/postgres?", f"/embedpipe_race_{n}?", 1))
+    code = WRITER.replace("range(15)", "range(1)")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, url, str(i)], stderr=subprocess.PIPE)
+        for url in urls
+        for i in range(6)
+    ]
+    errors = [p.communicate(timeout=300)[1].decode()[-500:] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), [e for e in errors if e]
+    for url in urls:
+        store = open_store(url)
+        assert store.count() > 0
+        store.close()

@@ -280,6 +280,15 @@ class StageWorker(SimpleWorker):
         finally:
             self._end_lease()  # also when rq's bookkeeping raised (Redis gone)
 
+    def unsubscribe(self) -> None:
+        """rq's, without an unbounded wait. Since redis-py 8.2, PubSubWorkerThread.stop() joins the thread,
+        which can sit up to rq's sleep_time (60 s) in get_message: a SIGTERMed idle worker took a minute to
+        exit (seen in CI). Stop the daemon thread's loop and give it a second; it closes its connection
+        itself when its read returns."""
+        if self.pubsub_thread:
+            self.pubsub_thread._running.clear()  # what stop() does, before its join
+            self.pubsub_thread.join(timeout=1)
+
     def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
         JOBS.labels(queue.name, "ok").inc()
         super().handle_job_success(job, queue, started_job_registry)
