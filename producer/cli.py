@@ -190,7 +190,7 @@ def _prune(store: str, kept: set[str]) -> dict[str, int]:
 @exclude_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @prune_option
-@settings_options("store", *MODEL, *CHUNKING, *CACHE, "probe_eval")
+@settings_options("store", "id_prefix", *MODEL, *CHUNKING, *CACHE, "probe_eval")
 @fail_clearly
 def run(
     paths: tuple[str, ...],
@@ -209,7 +209,7 @@ def run(
     from producer.sources import iter_sources, resolve
     from workers.embedded import EmbeddedRun
 
-    inputs = resolve(list(paths), exclude)
+    inputs = resolve(list(paths), exclude, settings.id_prefix)
     show = sys.stderr.isatty() if progress is None else progress
     listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
     with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
@@ -286,7 +286,7 @@ def search(query: str, k: int, as_json: bool, collection: str | None, settings: 
     help="Push the documents onto the inbox list for the janitor to batch, as any client may: all the "
     "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
 )
-@settings_options(*REDIS, "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
+@settings_options(*REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
 @fail_clearly
 def enqueue(
     paths: tuple[str, ...],
@@ -309,7 +309,7 @@ def enqueue(
 
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
-    inputs = resolve(list(paths), exclude)
+    inputs = resolve(list(paths), exclude, settings.id_prefix)
     redis = connect(settings)
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress

@@ -14,7 +14,9 @@ from shared.settings import Settings
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @exclude_option
-@settings_options("model", "chunk_tokens", "chunk_overlap", "batch_docs", "max_doc_bytes", "doc_prefix", "api_prices")
+@settings_options(
+    "model", "id_prefix", "chunk_tokens", "chunk_overlap", "batch_docs", "max_doc_bytes", "doc_prefix", "api_prices"
+)
 @fail_clearly
 def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], settings: Settings) -> None:
     """Count the documents, chunks and tokens of PATHS as `run` would cut them, and for an API model
@@ -34,7 +36,9 @@ def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], se
     tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
     policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
     documents = unreadable = chunks = tokens = 0
-    for group in batched(iter_sources(resolve(list(paths), exclude), settings.max_doc_bytes), settings.batch_docs):
+    for group in batched(
+        iter_sources(resolve(list(paths), exclude, settings.id_prefix), settings.max_doc_bytes), settings.batch_docs
+    ):
         sources = [s.to_dict() for s in group if isinstance(s, SourceDoc)]
         documents += len(group)
         unreadable += len(group) - len(sources)

@@ -1,8 +1,15 @@
 """Source connectors on the client side: files, directories, globs, JSONL files and stdin, URLs.
 
 Local files travel by content (workers may not see the client's disk); URLs travel as references and
-the loader fetches them. Document IDs are stable: the path relative to the root given, or the
-record's own id. What cannot be submitted becomes a DeadLetter here, before anything is enqueued.
+the loader fetches them. What cannot be submitted becomes a DeadLetter here, before anything is enqueued.
+
+A file's document ID is its path relative to its root, however the path was typed (`docs/a.md`,
+`./docs/a.md` and `/abs/docs/a.md` are one document), with `id_prefix` before it. The root is the
+nearest directory at or above the path given that holds a `.embedpipeignore` (it marks a corpus,
+like a repository's `.git`); without one, the directory given (a file's: its directory; a glob's:
+the part before its first wildcard). The root's `.embedpipeignore` (gitignore syntax: `*.log`,
+`build/`, `!keep.log`, `/top-only`) applies to every directory walked and glob matched under it; a
+file named on its own is always taken. A JSONL record's ID is its own.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from shared.errors import ConfigError, DecodeError
 from shared.messages import DeadLetter, SourceDoc
 
 STAGE = "submit"
+IGNORE_FILE = ".embedpipeignore"
 _GLOB_CHARS = set("*?[")
 
 
@@ -30,11 +38,12 @@ class Input:
     kind: str  # "file", "url", "stdin"
     location: str
     doc_id: str
+    root: str = ""  # a file's root directory, absolute (recorded in its metadata)
 
 
-def resolve(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Input]:
+def resolve(paths: list[str], exclude: tuple[str, ...] = (), id_prefix: str = "") -> list[Input]:
     """Expand files, directories and globs; fail on a path that matches nothing, before any work.
-    `exclude` globs are matched against document IDs and file names."""
+    `exclude` globs are matched against paths relative to the root and against file names."""
     inputs: list[Input] = []
     for raw in paths:
         if raw == "-":
@@ -42,44 +51,74 @@ def resolve(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Input]:
         elif raw.startswith(("http://", "https://")):
             inputs.append(Input("url", raw, raw))
         elif Path(raw).is_dir():
-            root = Path(raw)
-            inputs += [Input("file", str(f), f.relative_to(root).as_posix()) for f in _walk(root)]
+            root = corpus_root(raw)
+            ignored = _ignore_spec(root)
+            inputs += [_file(f, root, id_prefix) for f in _walk(Path(os.path.abspath(raw)), root, ignored)]
         elif Path(raw).is_file():
-            inputs.append(Input("file", raw, Path(raw).name))
+            inputs.append(_file(raw, corpus_root(os.path.dirname(raw) or "."), id_prefix))
         elif _GLOB_CHARS & set(raw):
-            root = Path(_static_prefix(raw))
-            matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file()]
+            root = corpus_root(_static_prefix(raw))
+            ignored = _ignore_spec(root)
+            matches = [m for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file()]
             if not matches:
                 raise ConfigError(f"no file matches {raw!r}")
-            inputs += [Input("file", str(m), m.relative_to(root).as_posix()) for m in matches]
+            inputs += [_file(m, root, id_prefix) for m in matches if not ignored(_relative(m, root))]
         else:
             raise ConfigError(f"no such file or directory: {raw!r}")
-    return [i for i in inputs if not _excluded(i.doc_id, exclude)]
+    return [i for i in inputs if not _excluded(i, exclude, id_prefix)]
 
 
-def _excluded(doc_id: str, patterns: tuple[str, ...]) -> bool:
-    name = doc_id.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatch(doc_id, p) or fnmatch.fnmatch(name, p) for p in patterns)
+def corpus_root(directory: str) -> str:
+    """The absolute root of the files under `directory`: the nearest directory at or above it that
+    holds a .embedpipeignore, else `directory` itself."""
+    start = Path(os.path.abspath(directory))
+    return str(next((d for d in (start, *start.parents) if (d / IGNORE_FILE).is_file()), start))
 
 
-IGNORE_FILE = ".embedpipeignore"
+def _file(path: str | Path, root: str, id_prefix: str) -> Input:
+    return Input("file", str(path), id_prefix + _relative(path, root), root)
 
 
-def _walk(root: Path) -> list[Path]:
-    """Files under root, sorted, skipping hidden ones and those matching the globs listed in
-    root/.embedpipeignore (one per line, against the path relative to root or the file name)."""
-    ignore_file = root / IGNORE_FILE
-    ignored: tuple[str, ...] = ()
-    if ignore_file.is_file():
-        lines = (line.strip() for line in ignore_file.read_text().splitlines())
-        ignored = tuple(line for line in lines if line and not line.startswith("#"))
+def _relative(path: str | Path, root: str) -> str:
+    """The path relative to root, with "/" (lexically: "..", "." and "//" resolved, links not followed)."""
+    return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+
+
+def _excluded(item: Input, patterns: tuple[str, ...], id_prefix: str) -> bool:
+    if not patterns:
+        return False
+    path = item.doc_id.removeprefix(id_prefix) if item.kind == "file" else item.doc_id
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _ignore_spec(root: str):  # type: ignore[no-untyped-def]
+    """A test of paths relative to root against root/.embedpipeignore (gitignore semantics)."""
+    import pathspec
+
+    ignore_file = Path(root) / IGNORE_FILE
+    if not ignore_file.is_file():
+        return lambda path: False
+    try:
+        lines = ignore_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {ignore_file}: {e}") from e
+    return pathspec.GitIgnoreSpec.from_lines(lines).match_file
+
+
+def _walk(directory: Path, root: str, ignored) -> list[Path]:  # type: ignore[no-untyped-def]
+    """Files under directory, sorted, skipping hidden ones and those the root's .embedpipeignore
+    names (a directory it names is not entered)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not name.startswith(".") and not _excluded(path.relative_to(root).as_posix(), ignored):
-                found.append(path)
+    for dirpath, dirnames, filenames in os.walk(directory):
+        here = _relative(dirpath, root)
+        prefix = "" if here == "." else here + "/"
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not ignored(f"{prefix}{d}/"))
+        found += [
+            Path(dirpath) / name
+            for name in sorted(filenames)
+            if not name.startswith(".") and not ignored(prefix + name)
+        ]
     return found
 
 
@@ -132,7 +171,7 @@ def _read(item: Input, max_doc_bytes: int, stdin: IO[str] | None) -> Iterator[So
             id=item.doc_id,
             content=Path(item.location).read_bytes(),
             name=Path(item.location).name,
-            metadata={"path": item.doc_id},
+            metadata={"path": _relative(item.location, item.root), "root": item.root},
         )
 
 

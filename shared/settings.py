@@ -46,6 +46,9 @@ class Settings:
     part_max_chunks: int = setting(1024, "Max chunks per embed part (the unit of work of embed and write).")
     part_max_tokens: int = setting(131072, "Max padded tokens (longest chunk x chunks) per embed part.")
     max_doc_bytes: int = setting(20_000_000, "Documents larger than this become dead letters (too_large).")
+    id_prefix: str = setting(
+        "", "Put before the ID of every file (its path relative to its root), e.g. 'wiki/' to keep corpora apart."
+    )
     fetch_allow: str = setting(
         "", "Hosts, addresses and CIDR networks the loader may fetch URLs from though not public (comma-separated)."
     )

@@ -48,3 +48,55 @@ def test_too_large_files_are_not_read(tmp_path):
     f.write_text("x" * 2000)
     [out] = iter_sources([Input("file", str(f), "big.txt")], 1000)
     assert isinstance(out, DeadLetter) and out.reason == "too_large"
+
+
+def test_embedpipeignore_has_gitignore_semantics(tmp_path):
+    root = tmp_path / "corpus"
+    for path in (
+        "a.md",
+        "notes.log",
+        "keep.log",
+        "top.txt",
+        "sub/top.txt",
+        "build/out.md",
+        "sub/build/deep.md",
+        "sub/b.md",
+        "drafts/x.md",
+        "drafts/final.md",
+    ):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("text")
+    (root / ".embedpipeignore").write_text(
+        "# comments and blank lines are skipped\n\n"
+        "*.log\n!keep.log\n"  # negation
+        "/top.txt\n"  # anchored: only the root's
+        "build/\n"  # a directory, at any depth
+        "drafts/*\n!drafts/final.md\n"
+    )
+    expected = ["a.md", "keep.log", "drafts/final.md", "sub/b.md", "sub/top.txt"]
+    assert sorted(i.doc_id for i in resolve([str(root)])) == sorted(expected)
+    # the root's file applies to a subdirectory walked and to a glob, not to a file named on its own
+    assert [i.doc_id for i in resolve([str(root / "sub")])] == ["sub/b.md", "sub/top.txt"]
+    assert [i.doc_id for i in resolve([str(root / "**" / "*.log")])] == ["keep.log"]
+    assert [i.doc_id for i in resolve([str(root / "notes.log")])] == ["notes.log"]
+
+
+def test_ids_are_stable_however_the_path_is_typed(tmp_path, monkeypatch):
+    (tmp_path / "docs" / "guide").mkdir(parents=True)
+    (tmp_path / "docs" / "a.md").write_text("a")
+    (tmp_path / "docs" / "guide" / "b.md").write_text("b")
+    monkeypatch.chdir(tmp_path)
+    for typed in ("./docs/a.md", "docs/a.md", str(tmp_path / "docs" / "a.md"), "docs/guide/../a.md", "docs//a.md"):
+        [item] = resolve([typed])
+        assert (item.doc_id, item.root) == ("a.md", str(tmp_path / "docs")), typed
+    for typed in ("docs", "./docs/", str(tmp_path / "docs"), "docs/*.md"):
+        assert resolve([typed])[0].doc_id == "a.md", typed
+    # a .embedpipeignore marks the corpus root: one ID per file, whichever part of it is named
+    (tmp_path / "docs" / ".embedpipeignore").write_text("")
+    for typed in ("docs", "docs/guide", "docs/guide/b.md", "./docs/guide/*.md", str(tmp_path / "docs/**/b.md")):
+        assert [i.doc_id for i in resolve([typed]) if i.doc_id.endswith("b.md")] == ["guide/b.md"], typed
+    # --id-prefix, and the root and path in the metadata
+    [source] = iter_sources(resolve(["docs/guide/b.md"], id_prefix="wiki/"), 1000)
+    assert source.id == "wiki/guide/b.md"
+    assert source.metadata == {"path": "guide/b.md", "root": str(tmp_path / "docs")}
+    assert [i.doc_id for i in resolve(["docs"], exclude=("guide/*",), id_prefix="wiki/")] == ["wiki/a.md"]
