@@ -46,5 +46,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 fi
 echo "setup: installing embedpipe and its dependencies"
-"${pip[@]}" -e ".[dev,onnx]"  # onnx: ONNX Runtime for EMBEDPIPE_BACKEND=onnx-int8 (CPU)
+"${pip[@]}" -e ".[dev,onnx,office]"  # onnx: ONNX Runtime for EMBEDPIPE_BACKEND=onnx-int8 (CPU); office: DOCX/PPTX/XLSX
 touch "$VENV/.installed"
