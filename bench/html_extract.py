@@ -4,6 +4,9 @@ and at what cost in time and memory?
     .venv/bin/python bench/html_extract.py                 # quality, speed, peak memory
     .venv/bin/python bench/html_extract.py --repeat 5      # fewer timing rounds (a quick look)
 
+The comparison rows need libraries the project does not: `pip install beautifulsoup4 inscriptis`
+into the virtualenv (a row whose library is missing is skipped with a message).
+
 Pages: examples/web/*.html (an <article> in nav and footer) and bench/pages/*.html (written to look
 like real pages: a WordPress post with sidebar, comments, share and related-post blocks and a cookie
 bar; a Sphinx page with a code block, a table and a long navigation; a news story with ads and "most
@@ -242,7 +245,11 @@ def main() -> None:
     htmls = {p: p.read_text() for p in pages}
     results: dict[str, dict[str, object]] = {}
     for name, fn in EXTRACTORS.items():
-        fn(htmls[pages[0]])  # imports
+        try:
+            fn(htmls[pages[0]])  # imports
+        except ImportError as e:
+            print(f"{name}: skipped ({e.name} is not installed)", flush=True)
+            continue
         per_page = {p.name: score(fn(htmls[p]), *golds[p]) for p in pages}
         mean = {k: sum(s[k] for s in per_page.values()) / len(per_page) for k in next(iter(per_page.values()))}
         t = time.perf_counter()
