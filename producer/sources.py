@@ -18,7 +18,7 @@ import fnmatch
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -92,7 +92,7 @@ def _excluded(item: Input, patterns: tuple[str, ...], id_prefix: str) -> bool:
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def _ignore_spec(root: str):  # type: ignore[no-untyped-def]
+def _ignore_spec(root: str) -> Callable[[str], bool]:
     """A test of paths relative to root against root/.embedpipeignore (gitignore semantics)."""
     import pathspec
 
@@ -106,7 +106,7 @@ def _ignore_spec(root: str):  # type: ignore[no-untyped-def]
     return pathspec.GitIgnoreSpec.from_lines(lines).match_file
 
 
-def _walk(directory: Path, root: str, ignored) -> list[Path]:  # type: ignore[no-untyped-def]
+def _walk(directory: Path, root: str, ignored: Callable[[str], bool]) -> list[Path]:
     """Files under directory, sorted, skipping hidden ones and those the root's .embedpipeignore
     names (a directory it names is not entered)."""
     found = []
