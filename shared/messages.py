@@ -28,12 +28,18 @@ MAX_METADATA_DEPTH = 8
 _CONTROL_IN_ID = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+# Metadata that says where a document was read from, not what it is: a corpus moved to another directory
+# (or enqueued from another checkout) is not a changed corpus, so it is not hashed.
+PROVENANCE_KEYS = ("root",)
+
+
 def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
     """A stable fingerprint of a document as stored: its clean text and its metadata (which every chunk
-    carries), so a metadata-only change is a change too."""
+    carries), so a metadata-only change is a change too; provenance (PROVENANCE_KEYS) excepted."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16)
-    if metadata:
-        digest.update(b"\0" + json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode())
+    hashed = {k: v for k, v in (metadata or {}).items() if k not in PROVENANCE_KEYS}
+    if hashed:
+        digest.update(b"\0" + json.dumps(hashed, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()
 
 

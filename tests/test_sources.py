@@ -100,3 +100,22 @@ def test_ids_are_stable_however_the_path_is_typed(tmp_path, monkeypatch):
     assert source.id == "wiki/guide/b.md"
     assert source.metadata == {"path": "guide/b.md", "root": str(tmp_path / "docs")}
     assert [i.doc_id for i in resolve(["docs"], exclude=("guide/*",), id_prefix="wiki/")] == ["wiki/a.md"]
+
+
+def test_a_corpus_moved_to_another_directory_is_the_same_corpus(tmp_path):
+    """The root is recorded in each document's metadata, but it is provenance, not content: the same
+    files read from another directory keep their IDs and their content hashes, so a re-run after
+    moving (or enqueuing from another checkout) re-embeds nothing."""
+    from workers.load import load_batch
+
+    loaded = {}
+    for where in ("here", "moved"):
+        (tmp_path / where / "sub").mkdir(parents=True)
+        (tmp_path / where / "sub" / "a.md").write_text("# Title\n\nA paragraph about tea.\n")
+        sources = [s.to_dict() for s in iter_sources(resolve([str(tmp_path / where)]), 1 << 20)]
+        docs, dead = load_batch(sources, 1 << 20)
+        assert dead == []
+        loaded[where] = docs[0]
+    here, moved = loaded["here"], loaded["moved"]
+    assert here.metadata["root"] != moved.metadata["root"] and here.metadata["path"] == moved.metadata["path"]
+    assert (here.id, here.content_hash) == (moved.id, moved.content_hash) == ("sub/a.md", here.content_hash)
