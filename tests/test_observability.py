@@ -3,10 +3,13 @@ during a real run: every panel's query must return data, not just parse."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -14,8 +17,9 @@ import pytest
 import yaml
 from redis import Redis
 
-from .conftest import EXAMPLES, REPO, cli_env, embedpipe, free_port
+from .conftest import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe, free_port
 from .pool import Pool
+from .servers import start_redis
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "embedpipe.json"
 DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -154,3 +158,137 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
 def _query(port: int, expr: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     return json.loads(urllib.request.urlopen(url).read())["data"]["result"]
+
+
+# --- liveness: GET /livez on the metrics port reports the worker's own loop -----------------------
+
+
+class _HeldPage(http.server.BaseHTTPRequestHandler):
+    """A page whose response waits until the test releases it: a fetch that keeps a load job running."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        self.release.wait(60)
+        body = b"A page that took its time to arrive, as slow servers do."
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _livez(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def _start_loader(env: dict[str, str], log_path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [EMBEDPIPE, "worker", "load"], env=env | {"EMBEDPIPE_METRICS_PORT": str(port)}, stderr=log
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"the loader exited; see {log_path}"
+        assert time.monotonic() < deadline, f"the loader served no /livez; see {log_path}"
+        try:
+            if _livez(port)[0] == 200:
+                return proc, port
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_liveness_fails_while_a_job_blocks_the_loop_and_recovers(redis_url, tmp_path):
+    """A load job held by a slow page keeps the loader's loop from coming round for longer than the
+    stuck-job limit (2 s here): /livez turns 503 and names the job; once the page arrives and the job
+    ends, the loop comes round and /livez is 200 again."""
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeldPage)
+    _HeldPage.release.clear()
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_FETCH_ALLOW="127.0.0.1",
+        EMBEDPIPE_STUCK_JOB_S="2",
+    )
+    proc, port = _start_loader(env, tmp_path / "loader.log")
+    redis = Redis.from_url(redis_url)
+    try:
+        assert _livez(port)[1].startswith("ok: waiting for a job")
+        embedpipe("enqueue", f"http://127.0.0.1:{page.server_port}/slow.txt", env=env)
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 30
+        while not seen or seen[-1][0] != 503:
+            assert time.monotonic() < deadline, f"/livez never reported the blocked loop: {seen[-3:]}"
+            seen.append(_livez(port))
+            time.sleep(0.25)
+        assert seen[-1][1].startswith("stuck: job load_"), seen[-1]
+        assert proc.poll() is None  # the endpoint says so; the platform, not the worker, restarts it
+        _HeldPage.release.set()
+        deadline = time.monotonic() + 30
+        while redis.llen("rq:queue:chunk") == 0 or _livez(port)[0] != 200:
+            assert time.monotonic() < deadline, f"the loop did not come round after the job: {_livez(port)}"
+            time.sleep(0.25)
+    finally:
+        _HeldPage.release.set()
+        page.shutdown()
+        page.server_close()
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.slow
+def test_liveness_stays_ok_through_a_redis_outage(tmp_path):
+    """Redis stopped for ~15 s and started again: the dependency check (`embedpipe health`, the
+    readiness probe) fails meanwhile, /livez never does, and the loader goes on working afterwards."""
+    redis_port = free_port()
+    server, _ = start_redis(tmp_path, port=redis_port)
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"))
+    proc, port = _start_loader(env, tmp_path / "loader.log")
+    answers: list[tuple[int, str]] = []
+    try:
+        server.terminate()
+        server.wait(10)
+        outage_ends = time.monotonic() + 15
+        health = embedpipe("health", "--stage", "load", env=env, check=False)
+        assert health.returncode != 0, "the dependency check should fail while Redis is down"
+        while time.monotonic() < outage_ends:
+            answers.append(_livez(port))
+            time.sleep(0.5)
+        server, _ = start_redis(tmp_path, port=redis_port)
+        embedpipe("enqueue", str(EXAMPLES / "docs"), env=env)
+        redis = Redis.from_url(redis_url)
+        deadline = time.monotonic() + 90
+        while redis.llen("rq:queue:chunk") == 0:  # the loader took the load job and passed it on
+            assert time.monotonic() < deadline, f"the loader did not resume; see {tmp_path / 'loader.log'}"
+            answers.append(_livez(port))
+            time.sleep(0.5)
+        answers.append(_livez(port))
+        assert proc.poll() is None
+        assert len(answers) > 20 and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        server.terminate()
+        server.wait(10)
+
+
+def test_freshness_reads_the_submission_time_from_the_batch_id():
+    from producer.submit import new_batch_id
+    from shared.metrics import submitted_at_s
+
+    assert abs(submitted_at_s(new_batch_id()) - time.time()) < 5
+    for foreign in ("not-a-batch", "", "ffffffffffffff-00", "0-00"):  # IDs come from Redis: never trusted
+        assert submitted_at_s(foreign) is None
