@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -22,7 +23,6 @@ from .pool import Pool
 from .servers import start_redis
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "embedpipe.json"
-DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 # Grafana's variables, as it would substitute them for a 10-minute view scraped every second
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__range": "10m", "$__interval": "5s"}
@@ -35,24 +35,92 @@ def promtool() -> str:
     return path
 
 
+def panels(dashboard: dict) -> list[dict]:
+    """Every panel but the rows, those inside collapsed rows included."""
+    flat = [q for p in dashboard["panels"] for q in (p, *p.get("panels", []))]
+    return [p for p in flat if p["type"] != "row"]
+
+
 def panel_queries() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in panels(json.loads(DASHBOARD.read_text())) for t in p["targets"]]
 
 
-def test_dashboard_is_well_formed_and_uses_the_provisioned_data_source():
+def variables_in(text: str) -> set[str]:
+    return set(re.findall(r"\$\{?(\w+)", text))
+
+
+def test_dashboard_is_well_formed_with_collapsible_rows():
     dashboard = json.loads(DASHBOARD.read_text())
-    uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
-    ids = [p["id"] for p in dashboard["panels"]]
-    assert len(ids) == len(set(ids)) >= 15
-    for panel in dashboard["panels"]:
+    every = [q for p in dashboard["panels"] for q in (p, *p.get("panels", []))]
+    ids = [p["id"] for p in every]
+    assert len(ids) == len(set(ids)) and len(panels(dashboard)) >= 30
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    for wanted in ("Throughput", "Queues", "Embedding", "Quality", "Failures", "API", "Resources"):
+        assert any(wanted in r for r in rows), (wanted, rows)
+    assert all(p["type"] == "row" for p in dashboard["panels"] if p.get("collapsed"))
+    for panel in panels(dashboard):
         assert panel["title"] and panel["targets"], panel
-        assert panel["datasource"]["uid"] == uid
         assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
-        for target in panel["targets"]:
-            assert target["datasource"]["uid"] == uid and target["expr"].strip()
-    refs = {t["refId"] for p in dashboard["panels"] for t in p["targets"]}
+    refs = {t["refId"] for p in panels(dashboard) for t in p["targets"]}
     assert refs <= set("ABCDEFGH")
+    used = {p["type"] for p in every if p["type"] != "row"}
+    required = {r["id"] for r in dashboard["__requires"] if r["type"] == "panel"}
+    assert used <= required, used - required
+    for title in ("Pool utilisation", "Time queued", "Freshness", "Memory (RSS)", "CPU per pool"):
+        assert any(p["title"].startswith(title) for p in panels(dashboard)), title
+
+
+def test_dashboard_imports_under_a_data_source_of_any_uid():
+    """What Grafana's import does: each ${DS_...} of __inputs becomes the uid of the data source the user
+    picks. After that, every panel and query must follow the `datasource` variable (no uid of ours
+    left, such as the provisioning's `prometheus`), and every query must select on the job and namespace
+    variables, so that two installations on one Prometheus do not add up."""
+    text = DASHBOARD.read_text()
+    dashboard = json.loads(text)
+    [ds_input] = dashboard["__inputs"]
+    assert ds_input["type"] == "datasource" and ds_input["pluginId"] == "prometheus"
+    assert {"datasource", "prometheus"} <= {r["type"] for r in dashboard["__requires"]} | {
+        r["id"] for r in dashboard["__requires"]
+    }
+    placeholder = "${" + ds_input["name"] + "}"
+    assert variables_in(text) & {ds_input["name"]}, "the import input is never used"
+    imported = json.loads(text.replace(placeholder, "a-prometheus-of-another-uid"))
+    variables = {v["name"]: v for v in imported["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "a-prometheus-of-another-uid"
+    follows = {"type": "prometheus", "uid": "${datasource}"}
+    for name in ("job", "namespace"):
+        assert variables[name]["datasource"] == follows
+    assert variables["namespace"]["includeAll"] and variables["namespace"]["allValue"] == ".*"  # compose: no namespace
+    builtins = {"__rate_interval", "__range", "__interval", "__all"}
+    for panel in panels(imported):
+        assert panel["datasource"] == follows, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == follows, (panel["title"], target["refId"])
+            assert variables_in(target["expr"]) <= set(variables) | builtins, target["expr"]
+            selectors = re.findall(r"\b(?:embedpipe|process)_\w+(\{[^}]*\})?", target["expr"])
+            assert selectors, target["expr"]
+            for selector in selectors:
+                assert 'job=~"$job"' in selector and 'namespace=~"$namespace"' in selector, target["expr"]
+    assert '"uid": "prometheus"' not in text  # the provisioned uid: absent wherever Grafana imports it
+
+
+def test_failures_table_is_formatted():
+    [table] = [p for p in panels(json.loads(DASHBOARD.read_text())) if p["type"] == "table"]
+    [target] = table["targets"]
+    assert target["format"] == "table" and target["instant"]
+    # one row per document (several janitors report the same series), the Unix time in ms for Grafana
+    assert target["expr"].startswith("max by (doc_id, stage, reason) (") and target["expr"].endswith(") * 1000")
+    [organize] = [t["options"] for t in table["transformations"] if t["id"] == "organize"]
+    assert organize["excludeByName"] == {"Time": True}
+    assert organize["renameByName"]["Value"] == "Failed at"
+    units = {
+        o["matcher"]["options"]: p["value"]
+        for o in table["fieldConfig"]["overrides"]
+        for p in o["properties"]
+        if p["id"] == "unit"
+    }
+    assert units == {"Failed at": "dateTimeAsIso"}
 
 
 def test_prometheus_config_and_alert_rules(tmp_path):
@@ -133,10 +201,12 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
             assert check.returncode == 0, f"{name}: {check.stdout.decode()}{check.stderr.decode()}"
             assert b'doc_id="' not in exposition or name == "janitor"  # only the bounded view has IDs
 
+        values = _dashboard_variables(port)
+        assert values["$job"] == "embedpipe"  # the job variable found the scrape job
         empty = []
         for title, expr in panel_queries():
-            for var, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(var, value)
+            for var in sorted(values, key=len, reverse=True):
+                expr = expr.replace(var, values[var])
             url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
             answer = json.loads(urllib.request.urlopen(url).read())
             assert answer["status"] == "success", (title, expr, answer)
@@ -147,6 +217,22 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
         recent = _query(port, "embedpipe_recent_failure")
         assert {r["metric"]["doc_id"] for r in recent} == {"empty.txt"}
         assert float(_query(port, "embedpipe_quality_recall_at_10")[0]["value"][1]) >= 0.9
+        # the new series measure what they say: every job started was timed in its queue, every part
+        # stored was timed from its submission, and the embedders were busy at least their model time
+        for stage in ("load", "chunk", "embed", "write"):
+            started = _value(port, f'sum(embedpipe_queue_wait_seconds_count{{stage="{stage}"}})')
+            finished = _value(port, f'sum(embedpipe_jobs_total{{stage="{stage}"}})')
+            assert started == finished > 0, (stage, started, finished)
+        write_jobs = _value(port, 'sum(embedpipe_jobs_total{stage="write",outcome="ok"})')
+        assert _value(port, "sum(embedpipe_freshness_seconds_count)") >= write_jobs - 1  # finalize/prune: no part
+        assert _value(port, "sum(embedpipe_freshness_seconds_count)") > 0
+        busy = _value(port, 'sum(embedpipe_worker_busy_seconds_total{stage="embed"})')
+        assert busy >= _value(port, "sum(embedpipe_embed_job_seconds_sum)") > 0
+        stages = {r["metric"]["stage"] for r in _query(port, "embedpipe_process_info")}
+        assert stages == {"janitor", "load", "chunk", "embed", "write"}
+        for name, metrics_port in pool.metrics_ports.items():  # every process's loop is live
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/livez") as response:
+                assert response.status == 200 and response.read().startswith(b"ok: "), name
     finally:
         codes = pool.stop()
         server.terminate()
@@ -158,6 +244,32 @@ def test_every_panel_shows_real_data_from_a_real_prometheus(redis_url, tmp_path)
 def _query(port: int, expr: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     return json.loads(urllib.request.urlopen(url).read())["data"]["result"]
+
+
+def _value(port: int, expr: str) -> float:
+    [result] = _query(port, expr)
+    return float(result["value"][1])
+
+
+def _dashboard_variables(port: int) -> dict[str, str]:
+    """Grafana's built-ins, then each query variable as Grafana fills it in: label_values(...) asked
+    of the real Prometheus; the first value, or the `All` value where the variable defaults to All."""
+    values = dict(GRAFANA_VARIABLES)
+    for var in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        query = var["query"]
+        for name in sorted(values, key=len, reverse=True):
+            query = query.replace(name, values[name])
+        series, label = re.fullmatch(r"label_values\((.+), *(\w+)\)", query).groups()
+        url = f"http://127.0.0.1:{port}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": series})
+        found = sorted(json.loads(urllib.request.urlopen(url).read())["data"])
+        if var.get("includeAll") and (not found or var["current"].get("value") == ["$__all"]):
+            values["$" + var["name"]] = var["allValue"]
+        else:
+            assert found, f"the {var['name']} variable finds nothing: {var['query']}"
+            values["$" + var["name"]] = found[0]
+    return values
 
 
 # --- liveness: GET /livez on the metrics port reports the worker's own loop -----------------------
