@@ -3,9 +3,12 @@
 - docker-compose.yml: validated against the compose specification, then its topology is run without
   containers: every embedpipe service's command and health check, as processes, against a real Redis
   and a real PostgreSQL with pgvector (service host names rewritten), through one real run.
-- deploy/ (Kustomize): rendered by a real kustomize, core resources validated against the Kubernetes
-  schemas, KEDA ScaledObjects and the PodMonitor checked against the objects they point at.
-- Dockerfile: linted with hadolint.
+- deploy/k8s (Kustomize, a base and the overlays cpu and gpu): rendered by a real kustomize, core resources
+  validated against the Kubernetes schemas, every container checked against the "restricted" Pod Security
+  Standard as the admission controller would (tests/pod_security.py), KEDA, PodMonitor, PrometheusRule,
+  NetworkPolicies and PDBs checked against the objects they point at; the generated files current.
+- Dockerfiles: linted with hadolint; the images' split (torch only in the embedder's) and the pins
+  (constraints.txt) checked against the project's requirements, and the support stages' imports.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -115,11 +119,11 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
     assert set(services) == {"janitor", *SCALED}
     rewrite = {"redis://worker@redis:6379/0": redis_url, "postgresql://embedpipe@postgres:5432/embedpipe": pg_url}
     passwords = ("PGPASSWORD", "EMBEDPIPE_REDIS_PASSWORD")  # the test's own servers take none (tests/test_acl.py does)
-    procs, logs = {}, []
+    procs, logs, ports = {}, [], {}
     try:
         for name, service in services.items():
             env = {k: rewrite.get(str(v), str(v)) for k, v in service["environment"].items() if k not in passwords}
-            env["EMBEDPIPE_METRICS_PORT"] = str(free_port())
+            env["EMBEDPIPE_METRICS_PORT"] = ports[name] = str(free_port())
             logs.append(open(tmp_path / f"{name}.log", "w"))
             procs[name] = subprocess.Popen([EMBEDPIPE, *service["command"]], env=cli_env(**env), stderr=logs[-1])
         env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=pg_url)
@@ -128,6 +132,9 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
             check = service["healthcheck"]["test"]
             assert check[0] == "CMD" and check[1] == "embedpipe"
             embedpipe(*check[2:], env=env)
+        for name, port in ports.items():  # and the liveness Kubernetes probes, on the metrics port
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=10) as response:
+                assert response.status == 200, name
         embedpipe("enqueue", str(EXAMPLES / "docs"), env=env)
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         status = json.loads(embedpipe("status", "--json", env=env).stdout)
