@@ -67,6 +67,7 @@ JOBS = [
     "write_timeout_s",
     "job_lease_s",
     "job_retries",
+    "stuck_job_s",
 ]
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_letters", "probe_eval", "support_nice"]
 

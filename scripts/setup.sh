@@ -3,6 +3,8 @@
 #   - torch first, so pip never pulls a multi-GB CUDA build on a machine without a GPU:
 #     TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build where the default index
 #     would not (on our CI machines `pip install torch==2.13.0` takes a local CPU wheel).
+#   - every other package at the version constraints.txt pins (scripts/lock.py writes it), as in the
+#     images (Dockerfile): CI tests what ships.
 #   - with --system, also the system packages the tests start (redis-server), via apt-get as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,12 +41,12 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 [[ -x "$VENV/bin/python" ]] || { echo "setup: creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-if [[ "$VENV/.installed" -nt pyproject.toml ]]; then exit 0; fi  # up to date
+if [[ "$VENV/.installed" -nt pyproject.toml && "$VENV/.installed" -nt constraints.txt ]]; then exit 0; fi  # up to date
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch $TORCH_VERSION"
   "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 fi
 echo "setup: installing embedpipe and its dependencies"
-"${pip[@]}" -e ".[dev,onnx,office]"  # onnx: ONNX Runtime for EMBEDPIPE_BACKEND=onnx-int8 (CPU); office: DOCX/PPTX/XLSX
+"${pip[@]}" -c constraints.txt -e ".[dev,onnx,office]"  # onnx: ONNX Runtime for EMBEDPIPE_BACKEND=onnx-int8 (CPU); office: DOCX/PPTX/XLSX
 touch "$VENV/.installed"

@@ -3,17 +3,28 @@ layer, outcome, reason, state, collection): never a document ID or an exception'
 deliberate, bounded exception: RECENT_FAILURES, which the janitor keeps at most RECENT_FAILURES_MAX
 series of, so the dashboard can show which documents failed.
 
-Each worker and the janitor is one process: plain `start_http_server` serves them (no multiprocess
-mode). Workers export what they do (documents, chunks, embedding, retries); the janitor exports the
-pipeline's state (queues, workers, dead letters, the quality probe), read from Redis.
+Each worker and the janitor is one process with one HTTP server (no multiprocess mode): /metrics, and
+/livez, which reports whether the process's own loop still comes round (LOOP), never its dependencies.
+Workers export what they do (documents, chunks, embedding, retries, busy time, queue wait, freshness);
+the janitor exports the pipeline's state (queues, workers, dead letters, the quality probe), read from
+Redis. prometheus_client's default process_* metrics (RSS, CPU) come with every process; the dashboard
+joins them to a pool through embedpipe_process_info.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +73,7 @@ DEAD_LETTERS = Counter(
     "embedpipe_dead_letters", "Documents that failed for good, by stage and reason.", ["stage", "reason"]
 )
 
-# --- incremental processing and collections (issue 6) ------------------------------------------
+# --- incremental processing and collections ---------------------------------------------------
 EMBED_CACHE = Counter(
     "embedpipe_embed_cache", "Chunk vectors looked up in the embedding cache, by result (hit, miss).", ["result"]
 )
@@ -75,7 +86,7 @@ COLLECTION_CHUNKS = Gauge(
     ["collection", "active"],
 )
 
-# --- throughput (issue 7) -------------------------------------------------------------------------
+# --- throughput ------------------------------------------------------------------------------------
 EMBED_OOM_HALVINGS = Counter(
     "embedpipe_embed_oom_halvings", "Times the embedder halved its micro-batch after running out of GPU memory."
 )
@@ -83,7 +94,7 @@ EMBED_MICRO_BATCH_LIMIT = Gauge(
     "embedpipe_embed_micro_batch_token_limit", "The embedder's current padded-token budget per forward pass."
 )
 
-# --- API models (issue 8) -----------------------------------------------------------------------
+# --- API models ----------------------------------------------------------------------------------
 API_REQUESTS = Counter(
     "embedpipe_api_requests",
     "Embedding API requests by model and outcome (ok, rate_limited, retried, failed).",
@@ -105,6 +116,24 @@ API_QUOTA_EXHAUSTED = Gauge(
 )
 RATE_LIMIT_RESCHEDULES = Counter(
     "embedpipe_rate_limit_reschedules", "Embed jobs put back for later by a rate limit, retries unspent.", ["model"]
+)
+
+# --- pools: how busy, how long work waits, how fresh the store is --------------------------------
+PROCESS_INFO = Gauge(
+    "embedpipe_process_info",
+    "1 for each embedpipe process, naming its stage (joins process_* metrics to a pool).",
+    ["stage"],
+)
+QUEUE_WAIT = Histogram(
+    "embedpipe_queue_wait_seconds",
+    "Time a job spent queued, from its (re)enqueueing to a worker starting it.",
+    ["stage"],
+    buckets=(0.05, 0.25, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+FRESHNESS = Histogram(
+    "embedpipe_freshness_seconds",
+    "Time from a batch's submission to one of its parts being stored (submitted -> searchable).",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400),
 )
 
 # --- the pipeline's state, exported by the janitor ---------------------------------------------
@@ -134,11 +163,15 @@ QUALITY_AT = Gauge(
 
 
 def serve(port: int, stage: str, model: str = "") -> None:
-    """Serve /metrics from this process, with this stage's labelled series present from the start
-    (at zero), so rates, alerts and dashboards see them before the first event. An embedder also
+    """Serve /metrics and /livez from this process, with this stage's labelled series present from the
+    start (at zero), so rates, alerts and dashboards see them before the first event. An embedder also
     shows its model's API series: zero cost is a fact worth showing for a local model."""
     from shared.errors import REASONS
 
+    PROCESS_INFO.labels(stage).set(1)
+    if stage != "janitor":
+        BUSY.stage = stage
+        QUEUE_WAIT.labels(stage)
     for outcome in ("ok", "failed", "skipped"):
         DOCUMENTS.labels(stage, outcome)
     for outcome in ("ok", "failed"):
@@ -159,8 +192,9 @@ def serve(port: int, stage: str, model: str = "") -> None:
     for reason in REASONS:
         DEAD_LETTERS.labels(stage, reason)
     if port:
-        start_http_server(port)
-        log.info("metrics on :%d/metrics", port)
+        server = make_server("0.0.0.0", port, _app(make_wsgi_app()), ThreadingWSGIServer, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        log.info("metrics on :%d/metrics, liveness on :%d/livez", port, port)
 
 
 def count_retry(stage: str, layer: str) -> Any:
@@ -185,3 +219,120 @@ def set_recent_failures(letters: list[Any]) -> None:
     RECENT_FAILURES.clear()
     for d in sorted(letters, key=lambda d: d.at)[-RECENT_FAILURES_MAX:]:
         RECENT_FAILURES.labels(d.doc_id, d.stage, d.reason).set(d.at)
+
+
+def submitted_at_s(batch_id: str) -> float | None:
+    """When a batch was submitted: its ID starts with the time in hex milliseconds
+    (producer/submit.py, new_batch_id). None for an ID that does not (IDs come from Redis)."""
+    try:
+        at = int(batch_id.split("-", 1)[0], 16) / 1000
+    except ValueError:
+        return None
+    return at if 1.5e9 < at < time.time() + 86400 else None
+
+
+def observe_stored(batch_id: str) -> None:
+    """A part of this batch is now in the store: how long after its submission."""
+    at = submitted_at_s(batch_id)
+    if at is not None:
+        FRESHNESS.observe(max(0.0, time.time() - at))
+
+
+class BusyClock(Collector):
+    """embedpipe_worker_busy_seconds_total{stage}: time this worker spent running jobs, the running
+    job's time so far included, so that a 20-minute embed job shows as busy while it runs rather than
+    all at once when it ends. Its rate is the share of the worker that is busy; averaged over a pool,
+    the pool's utilisation."""
+
+    def __init__(self) -> None:
+        self.stage = ""  # set by serve(): only workers have one
+        self._lock = threading.Lock()
+        self._done_s = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            self._since = time.monotonic()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._done_s += time.monotonic() - self._since
+                self._since = None
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = self._family()
+        if self.stage:
+            with self._lock:
+                running = time.monotonic() - self._since if self._since is not None else 0.0
+                family.add_metric([self.stage], self._done_s + running)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "embedpipe_worker_busy_seconds",
+            "Time this worker spent running jobs (its rate: the share of the time it is busy).",
+            labels=["stage"],
+        )
+
+
+class LoopWatch:
+    """What this process's main loop is doing, and by when it must come round again: the liveness
+    /livez reports. Only the loop itself calls `begin` (a side thread beating for it would hide a
+    wedge), with a limit that its own waits and timeouts keep to; a dependency that is down makes
+    the loop wait and retry inside those limits, so a Redis outage leaves it live."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._what, self._since, self._limit_s = "starting", time.monotonic(), 300.0
+
+    def begin(self, what: str, limit_s: float) -> None:
+        with self._lock:
+            self._what, self._since, self._limit_s = what, time.monotonic(), limit_s
+
+    def status(self) -> tuple[bool, str]:
+        with self._lock:
+            what, age_s, limit_s = self._what, time.monotonic() - self._since, self._limit_s
+        if age_s > limit_s:
+            return False, f"stuck: {what} for {age_s:.0f} s, longer than {limit_s:.0f} s"
+        return True, f"ok: {what} for {age_s:.0f} s (limit {limit_s:.0f} s)"
+
+
+BUSY = BusyClock()
+REGISTRY.register(BUSY)
+LOOP = LoopWatch()
+
+
+@contextlib.contextmanager
+def running_job(stage: str, job_id: str, queued_s: float, limit_s: float) -> Iterator[None]:
+    """Around one job on the worker's loop: its queue wait, its busy time and its liveness limit."""
+    QUEUE_WAIT.labels(stage).observe(max(0.0, queued_s))
+    LOOP.begin(f"job {job_id[:200]}", limit_s)
+    BUSY.start()
+    try:
+        yield
+    finally:
+        BUSY.stop()
+
+
+def _app(metrics_app: Any) -> Any:
+    """/livez: 200 while the loop keeps to its limit, 503 with the reason once it does not (for a
+    Kubernetes livenessProbe); anything else: the metrics."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/livez":
+            return metrics_app(environ, start_response)
+        live, why = LOOP.status()
+        start_response("200 OK" if live else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [why.encode() + b"\n"]
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a probe every few seconds is not news
+        pass

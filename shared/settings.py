@@ -61,6 +61,9 @@ class Settings:
         20, "Lease of a running job, renewed every lease/4 s: a killed worker's job is redone once it runs out."
     )
     job_retries: int = setting(3, "rq retries of a failed job before its documents become dead letters.")
+    stuck_job_s: int = setting(
+        0, "A job running longer than this makes its worker's GET /livez answer 503; 0 = its rq timeout + 180 s."
+    )
     max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
@@ -142,6 +145,8 @@ class Settings:
             raise ConfigError(f"{env_name('job_lease_s')} must be 3 to 300 s, got {self.job_lease_s}")
         if self.vector_dtype not in ("float32", "float16"):
             raise ConfigError(f"{env_name('vector_dtype')} must be float32 or float16, got {self.vector_dtype!r}")
+        if self.stuck_job_s < 0:
+            raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if self.chunk_tokens < 0:

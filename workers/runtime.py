@@ -21,11 +21,12 @@ from typing import Any
 from redis import Redis
 from rq import Queue, Retry, SimpleWorker
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 
 from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
-from shared.metrics import JOBS, RETRIES, serve
+from shared.metrics import JOBS, LOOP, RETRIES, observe_stored, running_job, serve
 from shared.settings import STAGES, Settings
 from workers.lease import JobLease, beat_timeout_s
 
@@ -55,6 +56,9 @@ MAX_ARGUMENT_CHARS = 4096
 ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
 RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
+# Liveness (/livez): on top of rq's own waits and timeouts, room for Redis's client retries (~35 s),
+# rq's reconnect sleeps (up to 60 s) and a slow host, so that only a wedged loop goes past it.
+LOOP_SLACK_S = 180
 
 
 def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None) -> Redis:
@@ -265,6 +269,11 @@ class StageWorker(SimpleWorker):
             self._lease.stop()
             self._lease = None
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is None:  # the loop's own beat, each round of its wait (the lease thread's is pipelined)
+            LOOP.begin("waiting for a job", self.dequeue_timeout + LOOP_SLACK_S)
+        super().heartbeat(timeout, pipeline)
+
     def execute_job(self, job: Any, queue: Queue) -> Any:
         refusal = refusal_of(job, queue.name)
         if refusal is not None:
@@ -275,8 +284,11 @@ class StageWorker(SimpleWorker):
             job.retries_left = 0
         elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
+        queued_s = (rq_now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
+        stuck_s = context().settings.stuck_job_s or (job.timeout or Queue.DEFAULT_TIMEOUT) + LOOP_SLACK_S
         try:
-            return super().execute_job(job, queue)
+            with running_job(queue.name, job.id, queued_s, stuck_s):
+                return super().execute_job(job, queue)
         finally:
             self._end_lease()  # also when rq's bookkeeping raised (Redis gone)
 
@@ -291,6 +303,8 @@ class StageWorker(SimpleWorker):
 
     def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
         JOBS.labels(queue.name, "ok").inc()
+        if job.func_name == JOB_FUNCTIONS["write"]:
+            observe_stored(job.args[0])
         super().handle_job_success(job, queue, started_job_registry)
 
     def handle_job_failure(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> None:
@@ -354,6 +368,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     serve(settings.metrics_port, stage, settings.model)
     delay = 1.0
     while True:
+        LOOP.begin("starting an rq worker", delay + LOOP_SLACK_S)
         worker = None
         try:
             worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
