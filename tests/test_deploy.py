@@ -496,8 +496,14 @@ def test_the_torch_free_distribution_matches_the_full_one():
     full_tool = tomllib_load(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
     core_tool = tomllib_load(REPO / "packaging" / "core" / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
     assert core_tool["include"] == full_tool["include"]
+    # the extras both offer are the same; the rest of core (its base and [support]) is full's base
+    shared_extras = set(core["optional-dependencies"]) & set(full["optional-dependencies"])
+    assert shared_extras == {"office"}
+    for extra in shared_extras:
+        assert core["optional-dependencies"][extra] == full["optional-dependencies"][extra]
+    core_only = {k: v for k, v in core["optional-dependencies"].items() if k not in shared_extras}
     full_reqs = {str(r) for r in requirements(full, extras=False)}
-    core_reqs = {str(r) for r in requirements(core)}
+    core_reqs = {str(r) for r in requirements(core | {"optional-dependencies": core_only})}
     assert core_reqs <= full_reqs, core_reqs - full_reqs  # the same specifiers
     assert {canonical(r.split(">")[0].split("<")[0].split("[")[0]) for r in full_reqs - core_reqs} == TORCH_ONLY
     assert not {canonical(r.name) for r in requirements(core)} & TORCH_ONLY
