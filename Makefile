@@ -13,6 +13,7 @@ run: $(VENV)/.installed
 test:
 	scripts/setup.sh --system
 	$(BIN)/ruff check workers producer shared tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 setup $(VENV)/.installed: pyproject.toml
@@ -21,6 +22,7 @@ setup $(VENV)/.installed: pyproject.toml
 lint: $(VENV)/.installed
 	$(BIN)/ruff check workers producer shared tests bench
 	$(BIN)/ruff format --check workers producer shared tests bench
+	$(BIN)/lint-imports  # the layers, the light client, no import cycles (pyproject.toml)
 
 bench-throughput: $(VENV)/.installed
 	$(BIN)/python bench/throughput.py

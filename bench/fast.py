@@ -84,8 +84,8 @@ def static_model(path: Path | None) -> Path:
 def child_chunker(docs_file: str) -> dict:
     """chunk_batch against the raw tokenizer on the same loaded texts: CPU seconds, best of 3."""
     from shared.messages import SourceDoc
-    from shared.models import load_tokenizer
     from shared.settings import Settings
+    from shared.tokenizers import load_tokenizer
     from workers.chunk import chunk_batch, chunk_policy
     from workers.load import load_batch
 
@@ -120,7 +120,7 @@ def vector_transport(vectors) -> dict:
     as msgpack lists of floats, as raw float32 bytes (what travels) and as float16 bytes."""
     import msgpack
 
-    from shared.messages import pack_vectors, unpack_vectors
+    from shared.vectors import pack_vectors, unpack_vectors
 
     rows = len(vectors)
     ways = {

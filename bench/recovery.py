@@ -173,7 +173,7 @@ def _after(at: datetime | None, wall: float) -> float | None:
 
 
 def _tokenizer(settings: Settings) -> Any:
-    from shared.models import load_tokenizer
+    from shared.tokenizers import load_tokenizer
 
     return load_tokenizer(settings.model, settings.api_max_input_tokens)
 

@@ -578,7 +578,7 @@ def main() -> None:
     pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
     wanted = set(args.only or [r for r in ROWS if r != "distributed-4"]) | {"bare"}
     if args.backend is None:
-        from workers.embedder import native_bf16
+        from workers.model_load import native_bf16
 
         args.backend = "torch-bf16" if native_bf16() else "onnx-int8"
     fast = args.backend

@@ -305,7 +305,7 @@ def enqueue(
     from producer.lifecycle import Listed
     from producer.sources import iter_sources, resolve
     from producer.submit import push_to_inbox, submit, submit_prune
-    from workers.runtime import connect
+    from shared.queues import connect
 
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
@@ -379,7 +379,7 @@ def wait(timeout_s: float, settings: Settings) -> None:
     """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
     scheduled for retry."""
     from producer.status import distributed_status, is_idle
-    from workers.runtime import connect
+    from shared.queues import connect
 
     redis = connect(settings)
     deadline = time.monotonic() + timeout_s if timeout_s else None
@@ -409,7 +409,7 @@ def health(stage: str, settings: Settings) -> None:
     from shared.models import resolve_model_path
 
     if stage != "embedded":
-        from workers.runtime import connect
+        from shared.queues import connect
 
         redis = connect(settings, retries=0)
         redis.ping()  # a probe answers now, it does not wait out an outage

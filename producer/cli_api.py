@@ -24,8 +24,9 @@ def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], se
     from producer.sources import iter_sources, resolve
     from producer.submit import batched
     from shared.messages import SourceDoc
-    from shared.models import is_api_model, load_tokenizer
+    from shared.models import is_api_model
     from shared.tokenizer_api import api_model_name
+    from shared.tokenizers import load_tokenizer
     from workers.api_protocol import cost_usd, price_table
     from workers.chunk import chunk_batch, chunk_policy
     from workers.load import load_batch

@@ -74,7 +74,7 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
     show = sys.stderr.isatty() if progress is None else progress
     if distributed:
         from producer.submit import submit
-        from workers.runtime import connect
+        from shared.queues import connect
 
         result = submit(connect(settings), settings, stored_sources(store))
         click.echo(
@@ -96,7 +96,7 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
 def _plan(sources: object, settings: Settings) -> str:
     """Documents, chunks, tokens and (API models) cost of embedding `sources` with `settings`."""
     from producer.submit import batched
-    from shared.models import load_tokenizer
+    from shared.tokenizers import load_tokenizer
     from workers.chunk import chunk_batch, chunk_policy
     from workers.load import load_batch
 

@@ -115,7 +115,7 @@ def _ledger(local: bool, settings: Settings) -> Any:
             )
         return LocalLedger(path)
     from shared.ledger import RedisLedger
-    from workers.runtime import connect
+    from shared.queues import connect
 
     return RedisLedger(connect(settings), settings.dead_source_ttl_s)
 

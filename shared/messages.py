@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import msgpack
@@ -155,6 +157,29 @@ class SourceDoc:
         )
 
 
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """itertools.batched, which Python 3.11 lacks."""
+    it = iter(items)
+    while group := list(islice(it, n)):
+        yield group
+
+
+def batched_by_size(items: Iterable[Any], n: int, max_bytes: int) -> Iterator[list[Any]]:
+    """Submitted documents grouped into load batches: at most n items and about max_bytes of document
+    bodies (at least one item each). Both runtimes and every producer group the same way."""
+    group: list[Any] = []
+    size = 0
+    for item in items:
+        body = getattr(item, "text", None) or getattr(item, "content", None) or b""
+        if group and (len(group) == n or size + len(body) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(body)
+    if group:
+        yield group
+
+
 @dataclass(frozen=True)
 class Document:
     """A loaded, cleaned document."""
@@ -180,50 +205,6 @@ class Chunk:
     # The model's token IDs of the text, special tokens excluded, as little-endian uint32 bytes (local
     # models; empty for API models, which read the text): the embed stage feeds them to the model as is.
     token_ids: bytes = b""
-
-
-def pack_token_ids(ids: Any) -> bytes:
-    """Token IDs (a numpy array or a list) as the little-endian uint32 bytes a Chunk carries."""
-    import numpy as np
-
-    return np.asarray(ids, dtype="<u4").tobytes()
-
-
-# How vectors travel (embed -> write) and are kept: raw little-endian bytes, float32 or, where the
-# spec says so, float16 (half the bytes; the rounding is part of the spec, so both runtimes apply it).
-VECTOR_DTYPES = {"float32": "<f4", "float16": "<f2"}
-
-
-def pack_vectors(vectors: Any, dtype: str = "float32") -> bytes:
-    """A part's vectors (rows) as raw little-endian bytes of `dtype`."""
-    import numpy as np
-
-    return np.ascontiguousarray(vectors, dtype=VECTOR_DTYPES[dtype]).tobytes()
-
-
-def unpack_vectors(raw: bytes | None, rows: int, dtype: str = "float32") -> Any:
-    """float32 rows from pack_vectors' bytes, checked: the size must fit `rows`, every number finite."""
-    import numpy as np
-
-    if raw is None:
-        raise DecodeError("vectors payload is missing (expired or never written)")
-    width = np.dtype(VECTOR_DTYPES[dtype]).itemsize
-    if rows == 0 or len(raw) % (width * rows):
-        raise DecodeError(f"vectors payload of {len(raw)} bytes does not hold {rows} {dtype} rows")
-    vectors = np.frombuffer(raw, dtype=VECTOR_DTYPES[dtype]).reshape(rows, -1).astype(np.float32)
-    if not np.isfinite(vectors).all():
-        raise DecodeError("vectors payload holds non-finite numbers")
-    return vectors
-
-
-def unpack_token_ids(chunk: Chunk) -> Any:
-    """A chunk's token IDs as a numpy uint32 array, checked against its token count."""
-    import numpy as np
-
-    raw = chunk.token_ids
-    if len(raw) % 4 or len(raw) // 4 != chunk.tokens:
-        raise DecodeError(f"chunk {chunk.chunk_id}: {len(raw)} bytes of token IDs for {chunk.tokens} tokens")
-    return np.frombuffer(raw, dtype="<u4")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ DEAD_LETTERS = Counter(
     "embedpipe_dead_letters", "Documents that failed for good, by stage and reason.", ["stage", "reason"]
 )
 
-# --- incremental processing and collections (issue 6) ------------------------------------------
+# --- incremental processing and collections ------------------------------------------------------
 EMBED_CACHE = Counter(
     "embedpipe_embed_cache", "Chunk vectors looked up in the embedding cache, by result (hit, miss).", ["result"]
 )
@@ -75,7 +75,7 @@ COLLECTION_CHUNKS = Gauge(
     ["collection", "active"],
 )
 
-# --- throughput (issue 7) -------------------------------------------------------------------------
+# --- throughput ----------------------------------------------------------------------------------
 EMBED_OOM_HALVINGS = Counter(
     "embedpipe_embed_oom_halvings", "Times the embedder halved its micro-batch after running out of GPU memory."
 )
@@ -83,7 +83,7 @@ EMBED_MICRO_BATCH_LIMIT = Gauge(
     "embedpipe_embed_micro_batch_token_limit", "The embedder's current padded-token budget per forward pass."
 )
 
-# --- API models (issue 8) -----------------------------------------------------------------------
+# --- API models ----------------------------------------------------------------------------------
 API_REQUESTS = Counter(
     "embedpipe_api_requests",
     "Embedding API requests by model and outcome (ok, rate_limited, retried, failed).",

@@ -13,6 +13,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tokenizers import Tokenizer
+
 from shared.errors import ConfigError
 
 # Names under which the bundled default model is known.
@@ -25,16 +28,6 @@ API_PREFIX = "openai:"
 def is_api_model(name: str) -> bool:
     """`openai:NAME` is a model behind an OpenAI-compatible embeddings API (workers/embed_api.py)."""
     return name.startswith(API_PREFIX)
-
-
-def load_tokenizer(model: str, api_max_input_tokens: int = 8192) -> ModelTokenizer:
-    """The tokenizer that counts tokens as the model does: its own for local models, tiktoken for API
-    models (whose inputs may hold up to api_max_input_tokens)."""
-    if is_api_model(model):
-        from shared.tokenizer_api import ApiTokenizer
-
-        return ApiTokenizer(model, api_max_input_tokens)  # type: ignore[return-value]
-    return ModelTokenizer(model)
 
 
 @cache
@@ -104,8 +97,6 @@ class Tokens:
 
     def first_at(self, positions: list[int]) -> Any:
         """For each character position, the first token that starts there or later."""
-        import numpy as np
-
         if self._encoding is None:
             return np.searchsorted(self._starts, positions)
         e, out = self._encoding, []
@@ -126,8 +117,6 @@ class ModelTokenizer:
     ids_are_model_inputs = True
 
     def __init__(self, model: str) -> None:
-        from tokenizers import Tokenizer
-
         path = resolve_model_path(model)
         kind = model_kind(path)
         tokenizer_file = path / "tokenizer.json"
@@ -153,8 +142,6 @@ class ModelTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[Tokens]:
         """The tokens of each text: IDs, character offsets, word starts (one pass of the tokenizer)."""
-        import numpy as np
-
         out = []
         for e in self._tok.encode_batch(texts, add_special_tokens=False):
             words = np.array(e.word_ids, dtype=np.float64)  # None (no word) -> nan: a word of its own

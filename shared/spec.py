@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from shared.models import STATIC_CHUNK_TOKENS, is_api_model, load_tokenizer, model_kind, resolve_model_path
+from shared.models import STATIC_CHUNK_TOKENS, is_api_model, model_kind, resolve_model_path
 from shared.settings import Settings
+from shared.tokenizers import Tokenizer, load_tokenizer
 
 # Bump when a change to workers/chunk.py or workers/load.py changes the chunks of a document.
 CHUNKER_VERSION = 3
@@ -39,7 +40,7 @@ class ChunkPolicy:
         return cls(max_tokens=size, overlap_tokens=int(size * overlap))
 
 
-def chunk_policy(tokenizer: Any, chunk_tokens: int, overlap: float) -> ChunkPolicy:
+def chunk_policy(tokenizer: Tokenizer, chunk_tokens: int, overlap: float) -> ChunkPolicy:
     """The policy for this model's tokenizer and the chunk settings (EMBEDPIPE_CHUNK_TOKENS, _OVERLAP)."""
     return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, chunk_tokens, overlap)
 
@@ -81,8 +82,6 @@ class EmbeddingSpec:
 
     def settings_for(self, settings: Settings) -> Settings:
         """Settings that embed (queries, a probe) exactly as this spec did."""
-        from dataclasses import replace
-
         backend = settings.backend if self.backend == "api" else self.backend
         return replace(
             settings, model=self.model, dimensions=self.dimensions, query_prefix=self.query_prefix, backend=backend

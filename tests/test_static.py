@@ -15,11 +15,12 @@ from redis import Redis
 
 from producer.sources import iter_sources, resolve
 from shared.errors import ConfigError, DecodeError
-from shared.messages import SourceDoc, pack_token_ids, unpack_token_ids
+from shared.messages import SourceDoc
 from shared.models import STATIC_CHUNK_TOKENS, ModelTokenizer
 from shared.settings import Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
+from shared.vectors import pack_token_ids, unpack_token_ids
 from workers.chunk import chunk_batch
 from workers.embedder import Embedder
 from workers.load import load_batch

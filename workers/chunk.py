@@ -14,14 +14,18 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from shared.messages import Chunk, Document, chunk_id, pack_token_ids
+from shared import keys
+from shared.messages import BatchPlan, Chunk, Document, chunk_id, decode_documents, pack
 from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
-from shared.models import TokenizerInfo, Tokens
+from shared.models import Tokens
 from shared.spec import ChunkPolicy, chunk_policy  # noqa: F401 (re-exported: the stage's policy)
+from shared.tokenizers import Tokenizer
+from shared.vectors import pack_token_ids
+from workers.context import context, enqueue_next
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +35,6 @@ STAGE = "chunk"
 # (Only where each match ends counts; a leading character class scans faster than a lookbehind.)
 _BOUNDARIES = ((re.compile(r"\n\s*\n"), 3), (re.compile(r"\n"), 2), (re.compile(r"[.!?;:]\s+"), 1))
 _WORD = 0.5
-
-
-class Tokenizer(Protocol):
-    info: TokenizerInfo
-    ids_are_model_inputs: bool  # True: the model reads these IDs; False: it reads the text (an API)
-
-    def encode_batch(self, texts: list[str]) -> list[Tokens]: ...
-    def offsets(self, text: str) -> list[tuple[int, int]]: ...
-    def count(self, texts: list[str]) -> list[int]: ...
 
 
 def chunk_batch(docs: list[Document], tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
@@ -195,10 +190,6 @@ def without_metadata(chunks: list[Chunk]) -> list[Chunk]:
 
 def chunk_job(batch_id: str) -> dict[str, int]:
     """rq job: chunk a loaded batch and enqueue one embed job per part."""
-    from shared import keys
-    from shared.messages import BatchPlan, decode_documents, pack
-    from workers.runtime import context, enqueue_next
-
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete

@@ -11,10 +11,12 @@ import time
 from typing import Any
 
 import numpy as np
+from rq import Retry
 
+from shared import keys
 from shared.cache import VectorCache, text_key
 from shared.errors import EmbedFailures, RateLimited
-from shared.messages import Chunk, DeadLetter, pack_vectors
+from shared.messages import Chunk, DeadLetter, decode_chunks, decode_documents
 from shared.metrics import (
     EMBED_CACHE,
     EMBED_JOB_SECONDS,
@@ -23,6 +25,9 @@ from shared.metrics import (
 from shared.models import is_api_model
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
+from shared.vectors import pack_vectors
+from workers.context import check_spec, context, enqueue_next
+from workers.embed_api import ApiEmbedder
 from workers.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -34,8 +39,6 @@ def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
     """The embedder the settings name: a local sentence-transformers model, or `openai:NAME` behind an
     OpenAI-compatible API (whose rate budget is shared through `redis` when there is one)."""
     if is_api_model(settings.model):
-        from workers.embed_api import ApiEmbedder
-
         return ApiEmbedder(settings, redis)  # type: ignore[return-value]
     return Embedder(
         settings.model,
@@ -115,10 +118,6 @@ RATE_LIMIT_MAX_RESCHEDULES = 100_000  # rescheduled for a rate limit this often,
 
 def embed_job(batch_id: str, part: int) -> Any:
     """rq job: embed one part and hand the vectors to the write stage."""
-    from shared import keys
-    from shared.messages import decode_chunks, decode_documents
-    from workers.runtime import check_spec, context, enqueue_next
-
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
@@ -128,8 +127,6 @@ def embed_job(batch_id: str, part: int) -> Any:
     try:
         vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
     except RateLimited as e:  # a rate limit delays the job, never fails it: rescheduled, retries unspent
-        from rq import Retry
-
         RATE_LIMIT_RESCHEDULES.labels(ctx.spec.model).inc()
         log.warning("embed %s/%d: %s; back in %.0f s", batch_id, part, e, e.retry_in_s)
         return Retry(max=RATE_LIMIT_MAX_RESCHEDULES, interval=max(1, math.ceil(e.retry_in_s)))

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_before_delay
 
 from shared.errors import ConfigError, EmbedFailures, PermanentError, RateLimited, RetryableError
 from shared.messages import Chunk
@@ -318,8 +319,6 @@ class ApiEmbedder:
         self, client: Any, semaphore: asyncio.Semaphore, inputs: list[str], tokens: int
     ) -> list[np.ndarray]:
         """One request, retried until it succeeds, fails for good or runs past the deadline."""
-        from tenacity import AsyncRetrying, retry_if_exception_type, stop_before_delay
-
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(ApiRetryable),
             wait=self._wait,

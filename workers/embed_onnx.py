@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ConfigError
-from workers.embedder import CHECK_TEXTS, MIN_COSINE, load_sentence_transformer
+from workers.model_load import CHECK_TEXTS, MIN_COSINE, load_sentence_transformer
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from producer.submit import batched_by_size
 from shared.cache import LocalVectorCache
 from shared.errors import ConfigError, RateLimited
 from shared.ledger import LocalLedger, local_ledger_path
-from shared.messages import Chunk, DeadLetter, Document, SourceDoc
-from shared.models import load_tokenizer
+from shared.messages import Chunk, DeadLetter, Document, SourceDoc, batched_by_size
 from shared.settings import Settings
 from shared.spec import spec_for
 from shared.store import open_store
+from shared.tokenizers import load_tokenizer
 from workers.chunk import chunk_batch, chunk_policy, pack_parts, skip_unchanged
 from workers.embed import embed_part, make_embedder, model_error_letters
 from workers.embedder import Embedder

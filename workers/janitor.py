@@ -16,22 +16,26 @@ import time
 import uuid
 from typing import Any
 
+import msgpack
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.job import Job
+from rq.registry import FailedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
-from producer.status import distributed_status, is_idle
 from shared import keys, metrics
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
-from shared.messages import DeadLetter
+from shared.messages import DeadLetter, decode_chunks, decode_documents, decode_sources
 from shared.metrics import RETRIES, serve
+from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue
 from shared.settings import STAGES, Settings
 from workers.inbox import Inbox
-from workers.runtime import JOB_FUNCTIONS, connect, queue, yield_cpu
+from workers.runtime import yield_cpu
 from workers.write import batch_accounted
 
 log = logging.getLogger(__name__)
@@ -154,8 +158,6 @@ class Janitor:
 
 def export_state(redis: Redis, ledger: RedisLedger, status: dict[str, Any]) -> None:
     """The pipeline's state as Prometheus gauges: queues, workers, dead letters, the quality probe."""
-    from rq.utils import utcparse
-
     for stage, s in status["stages"].items():
         metrics.QUEUE_JOBS.labels(stage, "queued").set(s["queued"] + s["dequeuing"])
         metrics.QUEUE_JOBS.labels(stage, "running").set(s["running"])
@@ -183,8 +185,6 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
     previous = redis.set(keys.PROBE_REQUESTED, chunks_written, get=True)
     if previous == str(chunks_written).encode():
         return  # already requested for this state
-    from workers.runtime import enqueue_jobs
-
     with redis.pipeline() as pipe:
         enqueue_jobs(
             queue(redis, "embed"),
@@ -201,10 +201,6 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
 def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
     """Turn every job that failed for good (exception after its retries, timeout, abandoned by a
     killed worker, refused) into dead letters for each of its documents, then drop the job."""
-    from rq.registry import FailedJobRegistry
-
-    from workers.runtime import enqueue_jobs
-
     expanded = 0
     for stage in STAGES:
         registry = FailedJobRegistry(stage, connection=redis, serializer=JSONSerializer)
@@ -227,8 +223,6 @@ def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) ->
 
 
 def _batch_doc_ids(redis: Redis, batch_id: str) -> list[str]:
-    import msgpack
-
     raw = redis.get(keys.batch_doc_ids(batch_id))
     try:
         ids = msgpack.unpackb(raw) if raw else []
@@ -239,10 +233,6 @@ def _batch_doc_ids(redis: Redis, batch_id: str) -> list[str]:
 
 def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLetter], tuple[str, int] | None]:
     """The documents a failed job carried, as dead letters with their sources (for redrive)."""
-    from rq.job import Job
-
-    from shared.messages import decode_chunks, decode_documents, decode_sources
-
     try:
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
         result = job.latest_result()

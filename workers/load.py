@@ -13,9 +13,15 @@ import unicodedata
 from pathlib import PurePosixPath
 from typing import Any
 
+from bs4 import BeautifulSoup
+from pypdf import PdfReader
+from pypdf.errors import PdfReadError
+
+from shared import keys
 from shared.errors import DecodeError, DocumentError
-from shared.messages import DeadLetter, Document, SourceDoc, content_hash, safe_id
+from shared.messages import DeadLetter, Document, SourceDoc, content_hash, decode_sources, pack, safe_id
 from shared.metrics import DOCUMENTS
+from workers.context import context, enqueue_next
 from workers.fetch import FetchPolicy, fetch
 
 log = logging.getLogger(__name__)
@@ -166,8 +172,6 @@ def decode_bytes(data: bytes) -> str:
 
 
 def html_to_text(html: str) -> str:
-    from bs4 import BeautifulSoup
-
     soup = BeautifulSoup(html, "html.parser")
     for tag in soup(["script", "style", "noscript", "template", "svg", "nav", "footer", "header", "form"]):
         tag.decompose()
@@ -179,9 +183,6 @@ def html_to_text(html: str) -> str:
 
 def pdf_to_text(data: bytes, max_chars: int = 20_000_000) -> str:
     """The text of every page, until it passes max_chars (a 30 KB PDF may list one page 3,000 times)."""
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
-
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
@@ -216,10 +217,6 @@ def _keepable(raw: Any) -> dict[str, Any] | None:
 
 def load_job(batch_id: str) -> dict[str, int]:
     """rq job: load a submitted batch and hand its documents to the chunk stage."""
-    from shared import keys
-    from shared.messages import decode_sources, pack
-    from workers.runtime import context, enqueue_next
-
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete

@@ -14,7 +14,8 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.quality import evaluate, load_beir
-from shared.store import Store
+from shared.store import Store, open_store
+from workers.context import context
 from workers.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,6 @@ def run_probe(store: Store, embedder: Embedder, eval_dir: str) -> dict[str, Any]
 
 def probe_job(eval_dir: str, chunks_written: int) -> dict[str, Any]:
     """rq job (embed queue): probe the store and record the result for the janitor to export."""
-    from shared.store import open_store
-    from workers.runtime import context
-
     ctx = context()
     if "store" not in ctx.resources:
         ctx.resources["store"] = open_store(ctx.settings.store, ctx.spec)

@@ -12,225 +12,54 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
-from rq import Queue, Retry, SimpleWorker
+from redis.exceptions import ConnectionError, TimeoutError
+from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from shared import keys
+from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.metrics import JOBS, RETRIES, serve
+from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, queue
 from shared.settings import STAGES, Settings
+from shared.spec import chunk_policy, spec_for
+from shared.store import open_store
+from shared.tokenizers import load_tokenizer
+from workers.context import WorkerContext, context, set_context
+from workers.embed import make_embedder
+from workers.fetch import FetchPolicy
 from workers.lease import JobLease, beat_timeout_s
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTIONS = {
-    "load": "workers.load.load_job",
-    "chunk": "workers.chunk.chunk_job",
-    "embed": "workers.embed.embed_job",
-    "write": "workers.write.write_job",
-    "finalize": "workers.write.finalize_job",  # runs on the write queue: it needs the store
-    "prune": "workers.write.prune_job",  # write queue: the store
-    "probe": "workers.probe.probe_job",  # runs on the embed queue: it needs the model
-}
-QUEUE_OF = {"finalize": "write", "prune": "write", "probe": "embed"}
-# What each stage function takes: a job whose arguments do not match is refused, like a foreign function.
-ARGUMENTS: dict[str, tuple[type, ...]] = {
-    "load": (str,),
-    "chunk": (str,),
-    "embed": (str, int),
-    "write": (str, int),
-    "finalize": (str,),
-    "prune": (str,),
-    "probe": (str, int),
-}
-MAX_ARGUMENT_CHARS = 4096
-ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
-RETRY_INTERVALS_S = [5, 30, 120]
-RESULT_TTL_S = 3600
-
-
-def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None) -> Redis:
-    """A Redis client that retries transient connection errors with backoff (~25 s in all), saying so
-    in the log; the password comes from the environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL
-    in EMBEDPIPE_REDIS_URL, and is never logged. With `timeout_s`, every connect and read gives up
-    after that long (not for a client that dequeues: its reads block)."""
-    from redis.backoff import ExponentialBackoff, NoBackoff
-    from redis.exceptions import ConnectionError, TimeoutError
-    from redis.retry import Retry as RedisRetry
-
-    where = settings.redis_url_redacted
-
-    class LoggedRetry(RedisRetry):
-        def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-            def logged_fail(error: Exception, *rest: Any) -> Any:
-                log.warning("Redis at %s: %s; retrying with backoff", where, error)
-                RETRIES.labels("redis", "redis").inc()
-                return fail(error, *rest)
-
-            return super().call_with_retry(do, logged_fail, *args, **kwargs)
-
-    kwargs: dict[str, Any] = {
-        "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries) if retries else RedisRetry(NoBackoff(), 0),
-        "retry_on_error": [ConnectionError, TimeoutError],
-        "health_check_interval": 30,
-        "socket_connect_timeout": timeout_s or 10,
-    }
-    if timeout_s:
-        kwargs["socket_timeout"] = timeout_s
-    if settings.redis_password:
-        kwargs["password"] = settings.redis_password
-    return Redis.from_url(settings.redis_url, **kwargs)
-
-
-def queue(redis: Redis, stage: str) -> Queue:
-    return Queue(stage, connection=redis, serializer=JSONSerializer)
-
-
-@dataclass
-class WorkerContext:
-    settings: Settings
-    redis: Redis
-    ledger: RedisLedger
-    queues: dict[str, Queue]
-    resources: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._resource("tokenizer")
-
-    @property
-    def chunk_policy(self) -> Any:
-        return self._resource("chunk_policy")
-
-    @property
-    def embedder(self) -> Any:
-        return self._resource("embedder")
-
-    @property
-    def store(self) -> Any:
-        return self._resource("store")
-
-    @property
-    def spec(self) -> Any:
-        return self._resource("spec")
-
-    @property
-    def cache(self) -> Any:
-        return self._resource("cache")
-
-    def _resource(self, name: str) -> Any:
-        if name not in self.resources:
-            raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
-        return self.resources[name]
-
-    def batch_finalized(self, batch_id: str) -> bool:
-        return bool(self.redis.exists(keys.batch_finalized(batch_id)))
-
-
-_context: WorkerContext | None = None
-
-
-def context() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError("no worker context: stage jobs run inside `embedpipe worker STAGE`")
-    return _context
-
 
 def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> WorkerContext:
     """Load what the stage needs, once per process."""
-    global _context
     redis = redis or connect(settings)
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
     ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if stage == "load":
-        from workers.fetch import FetchPolicy
-
         FetchPolicy.parse(settings.fetch_allow)  # a malformed allow list is a ConfigError at start
     else:
-        from shared.spec import spec_for
-
         ctx.resources["spec"] = spec_for(settings)
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
-        from shared.store import open_store
-
         ctx.resources["store"] = open_store(settings.store, ctx.resources["spec"])
     if stage == "chunk":
-        from shared.models import load_tokenizer
-        from shared.spec import chunk_policy
-
         tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         ctx.resources["tokenizer"] = tokenizer
         ctx.resources["chunk_policy"] = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
     elif stage == "embed":
-        from shared.cache import RedisVectorCache
-        from workers.embed import make_embedder
-
         ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
         ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
-    _context = ctx
+    set_context(ctx)
     return ctx
-
-
-def check_spec(ctx: WorkerContext, batch_id: str) -> None:
-    """Every stage of a batch must use the same embedding spec: a pool configured with another model
-    (or dimensions, prefix, chunker) fails the job rather than mixing vectors."""
-    planned = ctx.redis.hget(keys.batch_plan(batch_id), "spec")
-    if planned is not None and planned.decode() != ctx.spec.fingerprint:
-        raise ConfigError(
-            f"batch {batch_id} was chunked for embedding spec {planned.decode()}, but this worker uses "
-            f"{ctx.spec.fingerprint} ({ctx.spec.collection}): all pools need the same model settings"
-        )
-
-
-def enqueue_next(
-    ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Any, tokens: list[int] | None = None
-) -> None:
-    """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
-    enqueue_jobs(ctx.queues[QUEUE_OF.get(stage, stage)], ctx.settings, stage, args_list, pipe, tokens)
-
-
-def job_id(stage: str, args: tuple[Any, ...]) -> str:
-    """Deterministic: a redelivered job enqueues the same next job, not a second one."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([stage, *map(str, args)]))  # what rq allows
-
-
-def enqueue_jobs(
-    q: Queue,
-    settings: Settings,
-    stage: str,
-    args_list: list[tuple[Any, ...]],
-    pipe: Any,
-    tokens: list[int] | None = None,
-    timeout_s: int | None = None,
-) -> None:
-    """One pipeline round trip for all jobs; `tokens` (per job) sizes embed timeouts."""
-    retry = Retry(max=settings.job_retries, interval=RETRY_INTERVALS_S) if settings.job_retries else None
-    timeout_stage = QUEUE_OF.get(stage, stage)
-    q.enqueue_many(
-        [
-            Queue.prepare_data(
-                JOB_FUNCTIONS[stage],
-                args=args,
-                job_id=job_id(stage, args),
-                timeout=timeout_s or settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
-                result_ttl=RESULT_TTL_S,
-                failure_ttl=settings.payload_ttl_s,
-                retry=retry,
-            )
-            for i, args in enumerate(args_list)
-        ],
-        pipeline=pipe,
-    )
 
 
 class StageWorker(SimpleWorker):
@@ -241,7 +70,7 @@ class StageWorker(SimpleWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        settings = context().settings
+        settings = self.settings = context().settings
         self.lease_s = settings.job_lease_s
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
@@ -273,7 +102,7 @@ class StageWorker(SimpleWorker):
             job.func_name = "workers.runtime.refused_job"
             job.args, job.kwargs = (job.id, refusal), {}
             job.retries_left = 0
-        elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
+        elif job.retries_left is not None and job.retries_left < self.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
         try:
             return super().execute_job(job, queue)
@@ -346,8 +175,6 @@ def yield_cpu(settings: Settings) -> None:
 def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     """Work until SIGTERM (or an empty queue with `burst`). If Redis goes away for longer than the
     client's own retries, rq's loop quits: start a new worker with backoff instead of dying."""
-    from redis.exceptions import ConnectionError, TimeoutError
-
     ctx = init_context(settings, stage)
     if stage != "embed":
         yield_cpu(settings)

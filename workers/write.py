@@ -13,13 +13,18 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import numpy as np
+from redis.exceptions import WatchError
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from shared import keys
 from shared.errors import DecodeError
-from shared.messages import BatchPlan, Chunk, Document, unpack_vectors
+from shared.messages import BatchPlan, Chunk, Document, decode_chunks, decode_documents
 from shared.metrics import COLLECTION_CHUNKS, DOCUMENTS, count_retry
 from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, Store, prune
+from shared.vectors import unpack_vectors
+from workers.context import check_spec, context
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +78,6 @@ def doc_records(docs: list[Document], expected: dict[str, list[str]]) -> list[Do
 
 def write_job(batch_id: str, part: int) -> dict[str, int]:
     """rq job: store one part; the writer that completes a batch finalises it."""
-    from shared import keys
-    from shared.messages import decode_chunks, decode_documents
-    from workers.runtime import check_spec, context
-
     ctx = context()
     if ctx.batch_finalized(batch_id):
         return {"skipped": 1}  # a redelivered job of a batch that is already complete
@@ -106,12 +107,6 @@ def write_job(batch_id: str, part: int) -> dict[str, int]:
 
 def prune_job(token: str) -> dict[str, int]:
     """rq job (write queue): a sync removes the documents its sources no longer list, everywhere."""
-    import msgpack
-
-    from shared import keys
-    from shared.errors import DecodeError
-    from workers.runtime import context
-
     ctx = context()
     raw = ctx.redis.get(keys.kept_ids(token))
     try:
@@ -128,8 +123,6 @@ def prune_job(token: str) -> dict[str, int]:
 
 def batch_accounted(redis: object, batch_id: str) -> bool:
     """Every part of the batch is either written or failed for good."""
-    from shared import keys
-
     pipe = redis.pipeline()  # type: ignore[attr-defined]
     pipe.scard(keys.parts_written(batch_id))
     pipe.scard(keys.parts_failed(batch_id))
@@ -140,8 +133,6 @@ def batch_accounted(redis: object, batch_id: str) -> bool:
 
 def finalize_job(batch_id: str) -> None:
     """rq job (write queue), enqueued by the janitor when a batch's last open part failed for good."""
-    from workers.runtime import context
-
     if not context().batch_finalized(batch_id):
         finalize(batch_id)
 
@@ -156,10 +147,6 @@ def _mark_finalized(ctx: Any, batch_id: str, done: dict[str, list[str]], parts: 
     """Mark the batch finalized, clear its documents' old dead letters, count them done and drop its
     payloads in one transaction, once: False if another writer did (a writer killed half-way through
     used to leave the mark set and the counters and dead letters as they were)."""
-    from redis.exceptions import WatchError
-
-    from shared import keys
-
     final = keys.batch_finalized(batch_id)
     with ctx.redis.pipeline() as pipe:
         try:
@@ -178,10 +165,6 @@ def _mark_finalized(ctx: Any, batch_id: str, done: dict[str, list[str]], parts: 
 
 
 def finalize(batch_id: str) -> None:
-    from shared import keys
-    from shared.messages import decode_chunks, decode_documents
-    from workers.runtime import context
-
     ctx = context()
     plan = BatchPlan.from_hash(ctx.redis.hgetall(keys.batch_plan(batch_id)))
     expected = plan.chunks
