@@ -85,14 +85,15 @@ def child_chunker(docs_file: str) -> dict:
     """chunk_batch against the raw tokenizer on the same loaded texts: CPU seconds, best of 3."""
     from shared.messages import SourceDoc
     from shared.settings import Settings
+    from shared.spec import chunk_policy
     from shared.tokenizers import load_tokenizer
-    from workers.chunk import chunk_batch, chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
     tokenizer = load_tokenizer(tp.MODEL)
-    policy = chunk_policy(tokenizer, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     texts = [d.text for d in docs]
 
     def best(f) -> float:
@@ -146,7 +147,8 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     from shared.messages import SourceDoc
     from shared.models import ModelTokenizer
     from shared.settings import Settings
-    from workers.chunk import chunk_batch, chunk_policy
+    from shared.spec import chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     def old_module(path: str) -> types.ModuleType:
@@ -160,7 +162,7 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
     new_tok, old_tok = ModelTokenizer(tp.MODEL), old_models.ModelTokenizer(tp.MODEL)
-    policy = chunk_policy(new_tok, 0, 0.1)
+    policy = chunk_policy(Settings(), new_tok)
     old_policy = old_chunk.ChunkPolicy(policy.max_tokens, policy.overlap_tokens)
     texts = [d.text for d in docs]
 

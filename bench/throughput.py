@@ -155,13 +155,14 @@ def pipeline_chunks(docs_file: Path) -> list:
     from shared.messages import SourceDoc
     from shared.models import ModelTokenizer
     from shared.settings import Settings
-    from workers.chunk import ChunkPolicy, chunk_batch
+    from shared.spec import chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in docs_file.open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
     tok = ModelTokenizer(MODEL)
-    return chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    return chunk_batch(docs, tok, chunk_policy(Settings(), tok))
 
 
 def child_bare(docs_file: str, backend: str) -> dict:
@@ -232,7 +233,8 @@ def child_textbook(docs_file: str, store: str) -> dict:
     from shared.messages import SourceDoc
     from shared.models import ModelTokenizer
     from shared.settings import Settings
-    from workers.chunk import ChunkPolicy, chunk_batch
+    from shared.spec import chunk_policy
+    from workers.chunk import chunk_batch
     from workers.embedder import Embedder
     from workers.load import load_batch
 
@@ -242,7 +244,7 @@ def child_textbook(docs_file: str, store: str) -> dict:
     started = time.perf_counter()
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     vectors = []
     for i in range(0, len(chunks), 100):
         batch = [c.text for c in chunks[i : i + 100]]

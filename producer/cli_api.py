@@ -25,15 +25,16 @@ def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], se
     from producer.submit import batched
     from shared.messages import SourceDoc
     from shared.models import is_api_model
+    from shared.spec import chunk_policy
     from shared.tokenizer_api import api_model_name
     from shared.tokenizers import load_tokenizer
     from workers.api_protocol import cost_usd, price_table
-    from workers.chunk import chunk_batch, chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     api = is_api_model(settings.model)
     tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    policy = chunk_policy(settings, tokenizer)
     documents = unreadable = chunks = tokens = 0
     for group in batched(iter_sources(resolve(list(paths), exclude), settings.max_doc_bytes), settings.batch_docs):
         sources = [s.to_dict() for s in group if isinstance(s, SourceDoc)]

@@ -96,12 +96,13 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
 def _plan(sources: object, settings: Settings) -> str:
     """Documents, chunks, tokens and (API models) cost of embedding `sources` with `settings`."""
     from producer.submit import batched
+    from shared.spec import chunk_policy
     from shared.tokenizers import load_tokenizer
-    from workers.chunk import chunk_batch, chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    policy = chunk_policy(settings, tokenizer)
     documents = chunks = tokens = 0
     for group in batched(sources, settings.batch_docs):  # type: ignore[arg-type]
         docs, _ = load_batch([s.to_dict() for s in group], settings.max_doc_bytes)

@@ -40,9 +40,10 @@ class ChunkPolicy:
         return cls(max_tokens=size, overlap_tokens=int(size * overlap))
 
 
-def chunk_policy(tokenizer: Tokenizer, chunk_tokens: int, overlap: float) -> ChunkPolicy:
-    """The policy for this model's tokenizer and the chunk settings (EMBEDPIPE_CHUNK_TOKENS, _OVERLAP)."""
-    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, chunk_tokens, overlap)
+def chunk_policy(settings: Settings, tokenizer: Tokenizer) -> ChunkPolicy:
+    """The one recipe: how the model of `tokenizer` is chunked under these settings (EMBEDPIPE_CHUNK_TOKENS,
+    EMBEDPIPE_CHUNK_OVERLAP). Every runtime, the spec and the cost planner cut with it."""
+    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
     """The spec these settings embed with; reads only small files (no torch, no model load)."""
     tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
     info = tokenizer.info
-    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    policy = chunk_policy(settings, tokenizer)
     if is_api_model(settings.model):
         revision, pooling, normalize = "api", "api", True
     else:

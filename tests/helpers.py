@@ -11,8 +11,10 @@ from rq import Worker
 from rq.executions import Execution
 
 from shared.messages import SourceDoc
+from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 from workers.load import load_batch
 from workers.runtime import queue
 
@@ -23,7 +25,7 @@ from .pool import Pool
 def expected_chunks(tokenizer, sources: list[SourceDoc]) -> dict[str, set[str]]:
     docs, dead = load_batch([s.to_dict() for s in sources], 10**7)
     assert not dead
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     expected: dict[str, set[str]] = {d.id: set() for d in docs}
     for c in chunk_batch(docs, tokenizer, policy):
         expected[c.doc_id].add(c.chunk_id)

@@ -24,9 +24,10 @@ from shared.errors import ConfigError, EmbedFailures, RateLimited, RetryableErro
 from shared.messages import Chunk
 from shared.ratelimit import Limits, LocalBudget, RedisBudget
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.tokenizer_api import ApiTokenizer
 from workers.api_protocol import MAX_RETRY_AFTER_S, duration_s, pack_requests, plan_requests, retry_after_s
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 from workers.embed_api import ApiEmbedder
 
 from .conftest import EXAMPLES, REPO, cli_env, embedpipe
@@ -132,7 +133,7 @@ def test_api_tokenizer_cuts_chunks_that_fit_and_count_as_tiktoken():
     assert ApiTokenizer("openai:some-local-model", 512).info.max_content_tokens == 512
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES / "docs")]), 10**8)]
     docs, _ = load_batch(sources, 10**8)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 200, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(chunk_tokens=200), tok))
     assert len(chunks) > len(docs)  # long documents were cut
     text_of = {d.id: d.text for d in docs}
     for c in chunks:
@@ -502,7 +503,7 @@ def test_estimate_prints_what_the_api_then_bills(tmp_path):
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES)]), 10**8) if isinstance(s, SourceDoc)]
     docs, _ = load_batch(sources, 10**8)
     tok = ApiTokenizer(SMALL)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     with serve() as server:
         e = embedder(server.url)
         e.embed_chunks(chunks)

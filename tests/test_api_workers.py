@@ -19,9 +19,10 @@ from redis import Redis
 from producer.sources import iter_sources, resolve
 from shared.ratelimit import Limits
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
 from shared.tokenizer_api import ApiTokenizer
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 
 from .conftest import REPO, cli_env, embedpipe, free_port
 from .openai_server import FakeOpenAI, serve
@@ -150,7 +151,7 @@ def test_two_embedder_processes_share_one_rate_budget(redis_url, tmp_path, fake_
     sources = [s.to_dict() for s in iter_sources(resolve([str(tmp_path / "corpus")]), 10**8)]
     docs, _ = load_batch(sources, 10**8)
     tok = ApiTokenizer(SMALL)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     store = open_store(str(tmp_path / "store"))
     try:
         stored = store.vectors()

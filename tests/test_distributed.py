@@ -15,8 +15,9 @@ from redis import Redis
 from producer.sources import iter_sources, resolve
 from shared.messages import SourceDoc
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 from workers.embedded import EmbeddedRun
 from workers.load import load_batch
 
@@ -114,7 +115,7 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
         SourceDoc("inbox-msgpack", text="Compost needs greens, browns, air and water."),
     ]
     docs, _ = load_batch([s.to_dict() for s in sources], settings.max_doc_bytes)
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     expected = {}
     for c in chunk_batch(docs, tokenizer, policy):
         expected.setdefault(c.doc_id, set()).add(c.chunk_id)

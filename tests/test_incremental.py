@@ -16,8 +16,9 @@ from prometheus_client import REGISTRY
 
 from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_document
+from workers.chunk import chunk_document
 from workers.embedded import EmbeddedRun
 from workers.load import clean_text
 
@@ -82,7 +83,7 @@ def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, emb
     assert again.chunks == again.chunks_embedded + again.chunks_cached
     assert 1 <= again.chunks_embedded <= 3, f"{again.chunks_embedded} of {again.chunks} chunks re-embedded"
 
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     expected = {c.chunk_id for c in chunk_document(Document("guide", edited, content_hash(edited)), tokenizer, policy)}
     store = open_store(settings.store)
     assert store.chunk_ids(["guide"]) == {"guide": expected}, "stale chunks left behind, or new ones missing"
@@ -250,7 +251,7 @@ def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url
     assert ids[1] not in handle.doc_ids() and handle.chunk_ids([ids[1]]) == {ids[1]: set()}
     assert handle.doc_ids() == set(ids) - {ids[1]}
     new_text = clean_text(edited.read_text())
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     chunks = chunk_document(Document(ids[0], new_text, content_hash(new_text)), tokenizer, policy)
     assert handle.chunk_ids([ids[0]]) == {ids[0]: {c.chunk_id for c in chunks}}
     cache = {r: ("embedpipe_embed_cache_total", (("result", r),)) for r in ("hit", "miss")}

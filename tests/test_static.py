@@ -40,7 +40,7 @@ def example_chunks(model: str, n: int = 40):
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES)]), 10**7) if isinstance(s, SourceDoc)]
     docs, _ = load_batch(sources[:n], 10**7)
     tokenizer = ModelTokenizer(model)
-    return chunk_batch(docs, tokenizer, chunk_policy(tokenizer, 0, 0.1))
+    return chunk_batch(docs, tokenizer, chunk_policy(Settings(), tokenizer))
 
 
 @pytest.mark.parametrize("which", ["default", "static"])
@@ -100,9 +100,8 @@ def test_token_ids_of_another_vocabulary_fail_instead_of_embedding_garbage(stati
     rare = next(
         w for i in range(minilm.vocab_size - 1, vocab, -1) if not (w := minilm._tok.id_to_token(i)).startswith("#")
     )
-    [chunk] = chunk_batch(
-        load_batch([{"id": "d", "text": f"Tea and {rare} together."}], 10**6)[0], minilm, chunk_policy(minilm, 0, 0.1)
-    )
+    docs, _ = load_batch([{"id": "d", "text": f"Tea and {rare} together."}], 10**6)
+    [chunk] = chunk_batch(docs, minilm, chunk_policy(Settings(), minilm))
     assert int(unpack_token_ids(chunk).max()) >= vocab
     with pytest.raises(DecodeError, match="vocabulary"):
         static.embed_chunks([chunk])

@@ -15,7 +15,8 @@ import pytest
 from shared.errors import EmbedFailures
 from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.metrics import EMBED_MICRO_BATCH_LIMIT, EMBED_OOM_HALVINGS, EMBED_PADDED_TOKENS, EMBED_TOKENS
-from workers.chunk import ChunkPolicy, chunk_batch, pack_parts
+from shared.spec import ChunkPolicy
+from workers.chunk import chunk_batch, pack_parts
 from workers.embedder import REGROW_AFTER, Embedder
 
 from .conftest import EXAMPLES

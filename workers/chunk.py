@@ -22,7 +22,7 @@ from shared import keys
 from shared.messages import BatchPlan, Chunk, Document, chunk_id, decode_documents, pack
 from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
 from shared.models import Tokens
-from shared.spec import ChunkPolicy, chunk_policy  # noqa: F401 (re-exported: the stage's policy)
+from shared.spec import ChunkPolicy
 from shared.tokenizers import Tokenizer
 from shared.vectors import pack_token_ids
 from workers.context import context, enqueue_next

@@ -20,10 +20,10 @@ from shared.errors import ConfigError, RateLimited
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, DeadLetter, Document, SourceDoc, batched_by_size
 from shared.settings import Settings
-from shared.spec import spec_for
+from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
 from shared.tokenizers import load_tokenizer
-from workers.chunk import chunk_batch, chunk_policy, pack_parts, skip_unchanged
+from workers.chunk import chunk_batch, pack_parts, skip_unchanged
 from workers.embed import embed_part, make_embedder, model_error_letters
 from workers.embedder import Embedder
 from workers.fetch import FetchPolicy
@@ -79,7 +79,7 @@ class EmbeddedRun:
             settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
         )
         self.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-        self.policy = chunk_policy(self.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        self.policy = chunk_policy(settings, self.tokenizer)
         self.embedder = embedder or make_embedder(settings)
         self.fetch_policy = FetchPolicy.parse(settings.fetch_allow)
         self.progress = progress  # a tqdm-like bar, or None

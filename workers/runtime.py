@@ -54,7 +54,7 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     if stage == "chunk":
         tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         ctx.resources["tokenizer"] = tokenizer
-        ctx.resources["chunk_policy"] = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        ctx.resources["chunk_policy"] = chunk_policy(settings, tokenizer)
     elif stage == "embed":
         ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
         ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
