@@ -6,11 +6,11 @@ import json
 
 import click
 
-from producer.cli import exclude_option, fail_clearly, main, settings_options
+from producer.cli_options import exclude_option, fail_clearly, settings_options
 from shared.settings import Settings
 
 
-@main.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @exclude_option

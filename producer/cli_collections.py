@@ -1,4 +1,5 @@
-"""`embedpipe` commands of the model lifecycle: collections, reembed, promote, delete."""
+"""`embedpipe` commands of the model lifecycle: collections, reembed, promote, delete. The model, the
+store and the pipeline are imported inside each command, when it runs."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 import sys
 
 import click
+from tqdm import tqdm
 
-from producer.cli import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, main, settings_options
+from producer.cli_options import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, progress_option, settings_options
+from producer.submit import submit
+from shared.queues import connect
 from shared.settings import Settings
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @settings_options("store")
 @fail_clearly
@@ -38,7 +42,7 @@ def collections(as_json: bool, settings: Settings) -> None:
         )
 
 
-@main.command()
+@click.command()
 @click.option("--from", "source", default=None, help="Collection to read documents from (default: the active one).")
 @click.option("--dry-run", is_flag=True, help="Print documents, chunks, tokens (and API cost); embed nothing.")
 @click.option(
@@ -47,15 +51,13 @@ def collections(as_json: bool, settings: Settings) -> None:
     is_flag=True,
     help="Submit to the distributed pipeline (Redis) instead; its pools must run with the new settings.",
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@progress_option
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "max_backlog_jobs")
 @fail_clearly
 def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool | None, settings: Settings) -> None:
     """Re-embed every document of the store under the current settings' embedding spec (a new model,
     dimensions, prefix or chunker), into that spec's own collection. The documents' text comes from
     the store: no sources needed. Search keeps using the active collection until `embedpipe promote`."""
-    from tqdm import tqdm
-
     from producer.lifecycle import stored_sources
     from shared.spec import spec_for
     from shared.store import open_store
@@ -73,9 +75,6 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
         return
     show = sys.stderr.isatty() if progress is None else progress
     if distributed:
-        from producer.submit import submit
-        from shared.queues import connect
-
         result = submit(connect(settings), settings, stored_sources(store))
         click.echo(
             f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
@@ -121,7 +120,7 @@ def _plan(sources: object, settings: Settings) -> str:
     )
 
 
-@main.command()
+@click.command()
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Promote even if incomplete or worse on the quality probe.")
 @click.option(
@@ -157,7 +156,7 @@ def promote(name: str | None, force: bool, tolerance: float | None, settings: Se
     click.echo(f"{target} is now the active collection: {decision.message}" + (" (forced)" if force else ""))
 
 
-@main.command()
+@click.command()
 @click.argument("ids", nargs=-1, required=True)
 @settings_options("store")
 @fail_clearly

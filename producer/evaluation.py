@@ -13,6 +13,9 @@ from typing import Any
 
 from shared.quality import EvalSet, corpus_documents, load_beir
 from shared.settings import Settings
+from workers.embed import make_embedder
+from workers.embedded import EmbeddedRun
+from workers.probe import run_probe
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -34,10 +37,6 @@ def subset(eval_set: EvalSet, max_docs: int) -> set[str] | None:
 
 
 def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) -> list[dict[str, Any]]:
-    from workers.embed import make_embedder
-    from workers.embedded import EmbeddedRun
-    from workers.probe import run_probe
-
     eval_set = load_beir(Path(eval_dir))
     ids = subset(eval_set, max_docs)
     rows = []

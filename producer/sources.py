@@ -11,7 +11,8 @@ import fnmatch
 import glob
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -154,6 +155,18 @@ def read_jsonl(lines: IO[str], name: str) -> Iterator[SourceDoc | DeadLetter]:
 
 
 def _stdin() -> IO[str]:
-    import sys
-
     return sys.stdin
+
+
+class Listed:
+    """Passes sources through and remembers their document IDs (for --prune). A document that is
+    listed but cannot be read now (a dead letter) is kept: it still exists."""
+
+    def __init__(self, items: Iterable[SourceDoc | DeadLetter]) -> None:
+        self.items = items
+        self.ids: set[str] = set()
+
+    def __iter__(self) -> Iterator[SourceDoc | DeadLetter]:
+        for item in self.items:
+            self.ids.add(item.id if isinstance(item, SourceDoc) else item.doc_id)
+            yield item

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.ledger import LocalLedger
+from shared.ledger import Ledger
 from shared.queues import distributed_status, inbox_held, is_idle
 
 __all__ = ["distributed_status", "inbox_held", "is_idle", "local_status"]
 
 
-def local_status(ledger: LocalLedger, chunks_stored: int) -> dict[str, Any]:
+def local_status(ledger: Ledger, chunks_stored: int) -> dict[str, Any]:
     counters = ledger.counters()
     return {
         "mode": "embedded",
