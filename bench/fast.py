@@ -218,7 +218,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
     from shared.store import open_store
     from tests.test_quality import subset
     from workers.embed import make_embedder
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     full = load_beir(Path(scifact))
     runs = {"subset": (*subset(full), 0)}
@@ -228,7 +228,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
         with tempfile.TemporaryDirectory() as store:
             settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE, chunk_tokens=chunk_tokens)
             embedder = make_embedder(settings).warm_up()
-            summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
+            summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder)
             out[name] = {
                 "chunks": summary.chunks,
                 **evaluate(open_store(store, spec_for(settings)), embedder, eval_set),

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.quality import corpus_documents, evaluate, load_beir
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 from workers.embedder import Embedder
 
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact"
@@ -48,7 +48,7 @@ def main() -> None:
         from tqdm import tqdm
 
         with tqdm(total=0, unit="chunk", desc="embedding") as bar:
-            summary = EmbeddedRun(settings, embedder=embedder, progress=bar).run(corpus_documents(eval_set, ids))
+            summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder, progress=bar)
         started = time.perf_counter()
         scores = evaluate(open_store(store), embedder, eval_set)
         scores["query_seconds"] = round(time.perf_counter() - started, 1)

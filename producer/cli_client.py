@@ -216,9 +216,9 @@ def redrive(
     ledger = open_ledger(local, settings)
     sources, skipped = client.redrive_sources(ledger, client.failed(ledger, stage, reason, ids))
     if local:
-        from workers.embedded import EmbeddedRun  # the embedded pipeline: the model, torch, the store
+        from workers.embedded import run_embedded  # the embedded pipeline: the model, torch, the store
 
-        summary = EmbeddedRun(settings).run(sources)
+        summary = run_embedded(settings, sources)
         click.echo(f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again")
     else:
         result = client.submit(client.connect(settings), settings, sources)

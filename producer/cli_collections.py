@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 
 import click
 from tqdm import tqdm
 
 from producer.cli_options import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, progress_option, settings_options
 from producer.submit import submit
+from shared.messages import SourceDoc
 from shared.queues import connect
 from shared.settings import Settings
 
@@ -82,42 +84,27 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
             f"own collection; then `embedpipe promote {target.collection}`"
         )
         return
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     with tqdm(total=0, unit="chunk", desc="re-embedding", disable=not show, dynamic_ncols=True) as bar:
-        summary = EmbeddedRun(settings, progress=bar).run(stored_sources(store))
+        summary = run_embedded(settings, stored_sources(store), progress=bar)
     click.echo(
         f"{summary.documents_stored} documents, {summary.chunks} chunks into {target.collection} in "
         f"{summary.seconds:.1f} s; search still uses the active collection: `embedpipe promote` switches it"
     )
 
 
-def _plan(sources: object, settings: Settings) -> str:
+def _plan(sources: Iterable[SourceDoc], settings: Settings) -> str:
     """Documents, chunks, tokens and (API models) cost of embedding `sources` with `settings`."""
-    from producer.submit import batched
-    from shared.spec import chunk_policy
-    from shared.tokenizers import load_tokenizer
-    from workers.chunk import chunk_batch
-    from workers.load import load_batch
+    from producer.estimate import estimate  # the loader and chunker: numpy, the tokenizer
 
-    tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-    policy = chunk_policy(settings, tokenizer)
-    documents = chunks = tokens = 0
-    for group in batched(sources, settings.batch_docs):  # type: ignore[arg-type]
-        docs, _ = load_batch([s.to_dict() for s in group], settings.max_doc_bytes)
-        made = chunk_batch(docs, tokenizer, policy)
-        documents, chunks, tokens = documents + len(docs), chunks + len(made), tokens + sum(c.tokens for c in made)
-    line = f"{documents} documents, {chunks} chunks, {tokens} tokens"
-    from shared.models import is_api_model
-
-    if not is_api_model(settings.model):
+    planned = estimate(sources, settings)
+    line = f"{planned.documents - planned.unreadable} documents, {planned.chunks} chunks, {planned.tokens} tokens"
+    if not planned.api:
         return line + ", local model: no API cost"
-    from workers.api_protocol import cost_usd, price_table
-
-    cost = cost_usd(tokens, settings.model, price_table(settings.api_prices))
-    return line + (
-        f", ${cost:.6f} at the API's price" if cost is not None else ", no price known (EMBEDPIPE_API_PRICES)"
-    )
+    if planned.cost_usd is None:
+        return line + ", no price known (EMBEDPIPE_API_PRICES)"
+    return line + f", ${planned.cost_usd:.6f} at the API's price"
 
 
 @click.command()

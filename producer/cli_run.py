@@ -24,17 +24,34 @@ from producer.cli_options import (
     settings_options,
 )
 from producer.sources import Listed, iter_sources, resolve
+from shared.embedding import Embedder
 from shared.settings import Settings
-
-
-def _has_probe(store: Any) -> bool:
-    return any(c["name"] == store.collection and c.get("probe") for c in store.collections())
 
 
 def _prune(store: str, kept: set[str]) -> dict[str, int]:
     from shared.store import prune
 
     return prune(store, kept)
+
+
+def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> dict[str, Any] | None:
+    """The quality probe after a run that changed the store (or of a collection never probed), recorded
+    with the collection and in the ledger beside the store."""
+    from shared.ledger import LocalLedger, local_ledger_path
+    from shared.spec import spec_for
+    from shared.store import open_store
+    from workers.probe import run_probe
+
+    store = open_store(settings.store, spec_for(settings))
+    try:
+        if not changed and any(c["name"] == store.collection and c.get("probe") for c in store.collections()):
+            return None
+        probe = run_probe(store, embedder, settings.probe_eval)
+        LocalLedger(local_ledger_path(settings.store_path)).record_probe(probe)
+        store.record_probe(probe)
+        return probe
+    finally:
+        store.close()
 
 
 @click.command()
@@ -56,22 +73,19 @@ def run(
     """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
     one process with no Redis. Unchanged documents are skipped; unchanged chunks of edited ones come
     from the embedding cache. Failed documents are listed by `embedpipe failed`."""
-    from workers.embedded import EmbeddedRun
+    from workers.embed import make_embedder
+    from workers.embedded import run_embedded
 
     inputs = resolve(list(paths), exclude)
     show = sys.stderr.isatty() if progress is None else progress
     listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
+    embedder = make_embedder(settings)  # warmed up only if something must be embedded (or probed)
     with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
-        pipeline = EmbeddedRun(settings, progress=bar)
-        summary = pipeline.run(listed)
+        summary = run_embedded(settings, listed, embedder=embedder, progress=bar)
     pruned = _prune(settings.store, listed.ids) if prune else {}
     probe = None
-    if settings.probe_eval and (summary.chunks or pruned or not _has_probe(pipeline.store)):
-        from workers.probe import run_probe
-
-        probe = run_probe(pipeline.store, pipeline.embedder, settings.probe_eval)
-        pipeline.ledger.record_probe(probe)
-        pipeline.store.record_probe(probe)
+    if settings.probe_eval:
+        probe = _probe_after_run(settings, embedder, changed=bool(summary.chunks or pruned))
     if as_json:
         click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {}) | {"pruned": pruned}))
         return

@@ -13,8 +13,10 @@ from typing import Any
 
 from shared.quality import EvalSet, corpus_documents, load_beir
 from shared.settings import Settings
+from shared.spec import spec_for
+from shared.store import open_store
 from workers.embed import make_embedder
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 from workers.probe import run_probe
 
 
@@ -44,9 +46,9 @@ def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) 
         name, dims = parse_spec(spec)
         embedder = make_embedder(replace(settings, model=name, dimensions=dims)).warm_up()
         with tempfile.TemporaryDirectory(prefix="embedpipe-eval-") as store:
-            run = EmbeddedRun(replace(settings, model=name, dimensions=dims, store=store), embedder=embedder)
-            summary = run.run(corpus_documents(eval_set, ids))
-            probe = run_probe(run.store, embedder, eval_dir)
+            configured = replace(settings, model=name, dimensions=dims, store=store)
+            summary = run_embedded(configured, corpus_documents(eval_set, ids), embedder=embedder)
+            probe = run_probe(open_store(store, spec_for(configured)), embedder, eval_dir)
         rows.append(
             {
                 "model": spec,

@@ -209,30 +209,60 @@ class Chunk:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """What the chunker planned for a batch, kept in a Redis hash (keys.batch_plan) that every later
-    stage reads: how many embed parts, the embedding spec's fingerprint, each document's chunk IDs."""
+    """What the chunker planned for a batch: how many embed parts, the embedding spec's fingerprint, each
+    chunked document's chunk IDs, and the documents skipped because the store holds them unchanged.
+    Distributed, it is a Redis hash (keys.batch_plan) that every later stage reads, only through here."""
 
     parts: int
     spec: str
     chunks: dict[str, list[str]]  # doc_id -> its chunk IDs, in order
+    unchanged: list[str] = field(default_factory=list)  # doc_ids not chunked: stored already, unchanged
+
+    HEADER = ("parts", "spec")  # the fields every job reads, without the chunk lists
 
     def to_hash(self) -> dict[str, Any]:
-        return {"parts": self.parts, "spec": self.spec, "chunks": msgpack.packb(self.chunks, use_bin_type=True)}
+        return {
+            "parts": self.parts,
+            "spec": self.spec,
+            "chunks": msgpack.packb(self.chunks, use_bin_type=True),
+            "unchanged": msgpack.packb(self.unchanged, use_bin_type=True),
+        }
 
     @classmethod
     def from_hash(cls, fields: dict[bytes, bytes]) -> BatchPlan:
         """The plan from HGETALL; a missing or malformed one is a DecodeError."""
+        parts, spec = cls.header_from([fields.get(b"parts"), fields.get(b"spec")]) or (None, None)
+        if parts is None or spec is None or b"chunks" not in fields:
+            raise DecodeError("batch plan is missing (expired, or the batch is not chunked yet)")
         try:
-            parts, spec = int(fields[b"parts"]), fields[b"spec"].decode()
             chunks = msgpack.unpackb(fields[b"chunks"], raw=False)
-        except (KeyError, ValueError, TypeError) as e:  # msgpack's errors are ValueErrors
-            raise DecodeError(f"batch plan is missing or malformed: {type(e).__name__}: {e}") from e
+            unchanged = msgpack.unpackb(fields[b"unchanged"], raw=False) if b"unchanged" in fields else []
+        except ValueError as e:  # msgpack's errors are ValueErrors
+            raise DecodeError(f"batch plan is malformed: {type(e).__name__}: {e}") from e
         if not isinstance(chunks, dict) or not all(
             isinstance(d, str) and isinstance(ids, list) and all(isinstance(i, str) for i in ids)
             for d, ids in chunks.items()
         ):
             raise DecodeError("batch plan: the chunk lists are not {document ID: [chunk IDs]}")
-        return cls(parts, spec, chunks)
+        if not isinstance(unchanged, list) or not all(isinstance(d, str) for d in unchanged):
+            raise DecodeError("batch plan: the unchanged documents are not a list of IDs")
+        return cls(parts, spec, chunks, unchanged)
+
+    @staticmethod
+    def header_from(values: list[bytes | None]) -> tuple[int, str] | None:
+        """(parts, spec) from the HEADER fields (HMGET); None while there is no plan."""
+        raw_parts, raw_spec = values
+        if raw_parts is None or raw_spec is None:
+            return None
+        try:
+            return int(raw_parts), raw_spec.decode()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DecodeError(f"batch plan is malformed: {type(e).__name__}: {e}") from e
+
+    @property
+    def expected_chunks(self) -> int:
+        """Chunks of the documents the plan chunked."""
+        return sum(map(len, self.chunks.values()))
 
 
 @dataclass(frozen=True)

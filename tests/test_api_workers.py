@@ -260,7 +260,7 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_embedded(tmp_p
     """The pipeline, not just the embedder: a refused chunk's document is a model_error dead letter
     with the API's message and its source kept; every other document is stored."""
     from shared.ledger import LocalLedger, local_ledger_path
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     docs = _refusal_corpus(tmp_path / "corpus")
     store = str(tmp_path / "store")
@@ -268,7 +268,7 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_embedded(tmp_p
         settings = Settings.from_env(
             {}, model=SMALL, openai_base_url=server.url, openai_api_key="k", store=store, chunk_tokens=200
         )
-        summary = EmbeddedRun(settings).run(iter_sources(resolve([str(tmp_path / "corpus")]), 10**6))
+        summary = run_embedded(settings, iter_sources(resolve([str(tmp_path / "corpus")]), 10**6))
     assert (summary.documents, summary.documents_stored, summary.failed) == (6, 4, 2)
     ledger = LocalLedger(local_ledger_path(tmp_path / "store"))
     letters = ledger.dead()

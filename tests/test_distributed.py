@@ -18,7 +18,7 @@ from shared.settings import Settings
 from shared.spec import chunk_policy
 from shared.store import open_store
 from workers.chunk import chunk_batch
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 from workers.load import load_batch
 
 from .conftest import EXAMPLES, cli_env, embedpipe
@@ -145,8 +145,10 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
 
         # The embedded mode makes the same chunks and the same vectors of the same files.
         embedded_store = tmp_path / "embedded"
-        EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
-            iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
+        run_embedded(
+            Settings.from_env({}, store=str(embedded_store)),
+            iter_sources(resolve([str(corpus)]), settings.max_doc_bytes),
+            embedder=embedder,
         )
         local = open_store(str(embedded_store)).vectors()
         distributed = store.vectors()

@@ -9,7 +9,7 @@ from producer.sources import iter_sources, resolve
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 
 from .conftest import EXAMPLES, cli_env, embedpipe
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def run_examples(store, embedder, exclude=("README.md",)):
     settings = Settings.from_env({}, store=str(store))
     items = iter_sources(resolve([str(EXAMPLES)], exclude), settings.max_doc_bytes)
-    return EmbeddedRun(settings, embedder=embedder).run(items)
+    return run_embedded(settings, items, embedder=embedder)
 
 
 def test_sample_corpus_is_stored_completely_once_and_searchable(tmp_path, embedder, tokenizer):
@@ -47,7 +47,7 @@ def test_bad_documents_are_dead_letters_beside_the_store(tmp_path, embedder):
     (corpus / "blob.bin").write_bytes(b"\x00\xff" * 500)
     (corpus / "records.jsonl").write_text('{"id": "r1", "text": "Black tea takes boiling water."}\n{broken\n')
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
-    summary = EmbeddedRun(settings, embedder=embedder).run(iter_sources(resolve([str(corpus)]), 10**6))
+    summary = run_embedded(settings, iter_sources(resolve([str(corpus)]), 10**6), embedder=embedder)
     assert (summary.documents, summary.documents_stored, summary.failed) == (5, 2, 3)
     ledger = LocalLedger(local_ledger_path(tmp_path / "store"))
     assert {(d.doc_id, d.reason) for d in ledger.dead()} == {

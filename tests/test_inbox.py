@@ -216,7 +216,7 @@ def test_documents_of_a_batch_whose_payloads_expired_each_become_dead_letters(re
     [batch] = [k.decode().rsplit(":", 1)[1] for k in redis.keys(keys.sources("*"))]
     redis.delete(keys.sources(batch))  # expired
     ctx = init_context(settings, "load", redis)
-    StageWorker([ctx.queues["load"]], connection=redis, serializer=JSONSerializer).work(burst=True)
+    StageWorker([ctx.queues["load"]], context=ctx, connection=redis, serializer=JSONSerializer).work(burst=True)
     expand_failed_jobs(redis, settings, ctx.ledger)
     letters = {d.doc_id: d for d in ctx.ledger.dead()}
     assert set(letters) == {"doc-0", "doc-1", "doc-2"}

@@ -19,7 +19,7 @@ from shared.settings import Settings
 from shared.spec import chunk_policy
 from shared.store import open_store
 from workers.chunk import chunk_document
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 from workers.load import clean_text
 
 from .conftest import EXAMPLES, cli_env, embedpipe
@@ -45,11 +45,11 @@ def long_document() -> str:
 def test_unchanged_documents_cost_no_model_call_and_no_store_write(tmp_path, embedder):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     sources = [SourceDoc(f"doc-{i}", text=f"Document {i}. " + f"A sentence about topic {i}. " * 20) for i in range(8)]
-    first = EmbeddedRun(settings, embedder=embedder).run(sources)
+    first = run_embedded(settings, sources, embedder=embedder)
     assert first.documents_stored == 8 and first.chunks_embedded == first.chunks > 0
 
     before = counted()
-    again = EmbeddedRun(settings, embedder=embedder).run(sources)
+    again = run_embedded(settings, sources, embedder=embedder)
     assert counted() == before, "an unchanged resubmission called the model or wrote to the store"
     assert (again.unchanged, again.chunks, again.chunks_embedded, again.documents_stored) == (8, 0, 0, 0)
 
@@ -58,10 +58,10 @@ def test_unchanged_documents_cost_no_model_call_and_no_store_write(tmp_path, emb
 import json, sys
 from shared.messages import SourceDoc
 from shared.settings import Settings
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 sources = [SourceDoc(f"doc-{{i}}", text=f"Document {{i}}. " + f"A sentence about topic {{i}}. " * 20)
            for i in range(8)]
-summary = EmbeddedRun(Settings.from_env({{}}, store={str(tmp_path / "store")!r})).run(sources)
+summary = run_embedded(Settings.from_env({{}}, store={str(tmp_path / "store")!r}), sources)
 print(json.dumps({{"unchanged": summary.unchanged, "torch": "torch" in sys.modules,
                   "st": "sentence_transformers" in sys.modules}}))
 """
@@ -72,14 +72,14 @@ print(json.dumps({{"unchanged": summary.unchanged, "torch": "torch" in sys.modul
 def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, embedder, tokenizer):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     text = long_document()
-    first = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=text)])
+    first = run_embedded(settings, [SourceDoc("guide", text=text)], embedder=embedder)
     assert 45 <= first.chunks <= 80, first.chunks
 
     paragraphs = text.split("\n\n")
     middle = max(range(len(paragraphs) // 3, 2 * len(paragraphs) // 3), key=lambda i: len(paragraphs[i]))
     paragraphs[middle] = paragraphs[middle].replace(" ", " quite ", 1) + " An added closing sentence."
     edited = "\n\n".join(paragraphs)
-    again = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=edited)])
+    again = run_embedded(settings, [SourceDoc("guide", text=edited)], embedder=embedder)
     assert again.chunks == again.chunks_embedded + again.chunks_cached
     assert 1 <= again.chunks_embedded <= 3, f"{again.chunks_embedded} of {again.chunks} chunks re-embedded"
 
@@ -93,8 +93,8 @@ def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, emb
 def test_the_cache_serves_boilerplate_shared_by_documents(tmp_path, embedder):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     footer = "This page is maintained by the documentation team. Report mistakes to the issue tracker."
-    EmbeddedRun(settings, embedder=embedder).run([SourceDoc("a", text=footer)])
-    summary = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("b", text=footer)])
+    run_embedded(settings, [SourceDoc("a", text=footer)], embedder=embedder)
+    summary = run_embedded(settings, [SourceDoc("b", text=footer)], embedder=embedder)
     assert (summary.chunks_cached, summary.chunks_embedded, summary.documents_stored) == (1, 0, 1)
     vectors = open_store(settings.store).vectors()
     assert len(vectors) == 2

@@ -17,7 +17,7 @@ import pytest
 from shared.quality import corpus_documents, evaluate, load_beir
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def subset(eval_set):
 def test_recall_at_10_on_a_scifact_subset(scifact, tmp_path, embedder):
     eval_set, ids = subset(load_beir(scifact))
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
-    summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
+    summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder)
     assert summary.failed == 0 and summary.documents_stored == len(ids)
     scores = evaluate(open_store(settings.store), embedder, eval_set)
     assert scores["queries"] == SUBSET_QUERIES

@@ -1,20 +1,40 @@
-"""What a stage job works with: the worker process's settings, Redis, ledger, queues and the resources
-its stage loaded once (workers/runtime.py builds it before the worker takes its first job)."""
+"""What a stage job works with, and what every stage job does the same way.
+
+`WorkerContext`: the worker process's settings, Redis, ledger, queues and the resources its stage loaded
+once (workers/runtime.py builds it before the worker takes its first job). It is handed to each job:
+rq calls a job's function by the name the job carries with the job's arguments, and the StageWorker
+runs jobs as `StageJob`s, which call that function with the worker's context first (runtime.py). So a
+stage job is `def load_job(ctx: WorkerContext, batch_id: str)`; no module global holds the context.
+
+`stage_job`: the prologue and the bookkeeping of every batch job, once (dramatiq's middleware idea, at
+our size): a job of a batch that is already finalised does nothing (a redelivery); the stages after the
+chunker check that the batch was planned for this worker's embedding spec; the job reads and writes its
+batch through a `RedisBatch` (payloads decoded there); the documents it reports go to
+`embedpipe_documents_total{stage,outcome}`; one log line per job.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate
 
 from redis import Redis
 from redis.client import Pipeline
-from rq import Queue
+from rq import Queue, Retry
 
-from shared import keys
-from shared.errors import ConfigError
 from shared.ledger import RedisLedger
+from shared.metrics import DOCUMENTS
 from shared.queues import QUEUE_OF, enqueue_jobs
 from shared.settings import Settings
+from workers.batch_redis import RedisBatch
+
+log = logging.getLogger(__name__)
+
+JobReport = dict[str, int]  # what a job did; documents_ok / _failed / _skipped are also counted as metrics
 
 
 @dataclass
@@ -54,37 +74,41 @@ class WorkerContext:
             raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
         return self.resources[name]
 
-    def batch_finalized(self, batch_id: str) -> bool:
-        return bool(self.redis.exists(keys.batch_finalized(batch_id)))
+    def batch(self, batch_id: str) -> RedisBatch:
+        return RedisBatch(self.redis, batch_id, self.ledger, self.settings.payload_ttl_s)
+
+    def enqueue_next(
+        self, stage: str, args_list: list[tuple[Any, ...]], pipe: Pipeline, tokens: list[int] | None = None
+    ) -> None:
+        """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
+        enqueue_jobs(self.queues[QUEUE_OF.get(stage, stage)], self.settings, stage, args_list, pipe, tokens)
 
 
-_context: WorkerContext | None = None
+StageRun = Callable[Concatenate[WorkerContext, RedisBatch, ...], JobReport | Retry]
+StageJobFunction = Callable[Concatenate[WorkerContext, str, ...], JobReport | Retry]
 
 
-def context() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError("no worker context: stage jobs run inside `embedpipe worker STAGE`")
-    return _context
+def stage_job(stage: str, check_spec: bool = True) -> Callable[[StageRun], StageJobFunction]:
+    """Make `run(ctx, batch, *args)` the rq job `job(ctx, batch_id, *args)` of `stage` (see the module)."""
 
+    def decorate(run: StageRun) -> StageJobFunction:
+        @functools.wraps(run)
+        def job(ctx: WorkerContext, batch_id: str, *args: Any) -> JobReport | Retry:
+            batch = ctx.batch(batch_id)
+            if batch.finalized():
+                return {"skipped": 1}  # a redelivered job of a batch that is already complete
+            if check_spec:
+                batch.check_spec(ctx.spec)
+            started = time.perf_counter()
+            report = run(ctx, batch, *args)
+            if isinstance(report, dict):  # (an rq Retry: rescheduled, nothing done)
+                for outcome in ("ok", "failed", "skipped"):
+                    if report.get(f"documents_{outcome}"):
+                        DOCUMENTS.labels(stage, outcome).inc(report[f"documents_{outcome}"])
+                where = "/".join([batch_id, *map(str, args)])
+                log.info("%s %s: %s in %.2f s", stage, where, report, time.perf_counter() - started)
+            return report
 
-def set_context(ctx: WorkerContext) -> None:
-    global _context
-    _context = ctx
+        return job
 
-
-def check_spec(ctx: WorkerContext, batch_id: str) -> None:
-    """Every stage of a batch must use the same embedding spec: a pool configured with another model
-    (or dimensions, prefix, chunker) fails the job rather than mixing vectors."""
-    planned = ctx.redis.hget(keys.batch_plan(batch_id), "spec")
-    if planned is not None and planned.decode() != ctx.spec.fingerprint:
-        raise ConfigError(
-            f"batch {batch_id} was chunked for embedding spec {planned.decode()}, but this worker uses "
-            f"{ctx.spec.fingerprint} ({ctx.spec.collection}): all pools need the same model settings"
-        )
-
-
-def enqueue_next(
-    ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Pipeline, tokens: list[int] | None = None
-) -> None:
-    """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
-    enqueue_jobs(ctx.queues[QUEUE_OF.get(stage, stage)], ctx.settings, stage, args_list, pipe, tokens)
+    return decorate

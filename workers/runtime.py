@@ -1,7 +1,8 @@
 """The distributed runtime: one rq SimpleWorker per process on exactly one stage queue.
 
-The worker loads what its stage needs (tokenizer, model, store) once, before `work()`; the job
-functions reach it through `context()`. SimpleWorker runs jobs in this process: the default forking
+The worker loads what its stage needs (tokenizer, model, store) once, before `work()`, into a
+WorkerContext, and hands it to every job it runs (StageJob: the job's function is called with the
+context first, then the job's own arguments). SimpleWorker runs jobs in this process: the default forking
 Worker would reload the model for every job and could not use a CUDA context made in the parent.
 With a single queue rq dequeues with BLMOVE, so a job of a worker killed after the pop is recovered;
 a running job holds a lease that a heartbeat renews (workers/lease.py), so a job of a killed worker is
@@ -19,6 +20,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import ConnectionError, TimeoutError
 from rq import Queue, SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.cache import RedisVectorCache
@@ -30,7 +32,7 @@ from shared.settings import STAGES, Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
 from shared.tokenizers import load_tokenizer
-from workers.context import WorkerContext, context, set_context
+from workers.context import WorkerContext
 from workers.embed import make_embedder
 from workers.fetch import FetchPolicy
 from workers.lease import JobLease, beat_timeout_s
@@ -58,19 +60,32 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     elif stage == "embed":
         ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
         ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
-    set_context(ctx)
     return ctx
+
+
+class StageJob(Job):
+    """An rq job whose function gets the worker's context first: `func(ctx, *args)`. rq stores and
+    shows the job as it was enqueued (function name and JSON arguments); only the call differs."""
+
+    context: WorkerContext | None = None
+
+    def _execute(self) -> Any:
+        if self.context is None:
+            raise RuntimeError(f"job {self.id} has no worker context: stage jobs run inside `embedpipe worker STAGE`")
+        return self.func(self.context, *self.args, **self.kwargs)
 
 
 class StageWorker(SimpleWorker):
     """Runs only embedpipe's own stage function for its queue: a job naming any other function
-    (os.system, say) is refused and never imported or executed. A running job holds a lease of
-    `job_lease_s` that a side thread renews (workers/lease.py): the worker exits with code 75
-    (LEASE_LOST_EXIT_CODE) when it can no longer renew it, rather than run the job on unguarded."""
+    (os.system, say) is refused and never imported or executed. It hands its context to each job it
+    runs (StageJob). A running job holds a lease of `job_lease_s` that a side thread renews
+    (workers/lease.py): the worker exits with code 75 (LEASE_LOST_EXIT_CODE) when it can no longer
+    renew it, rather than run the job on unguarded."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        settings = self.settings = context().settings
+    def __init__(self, queues: list[Queue], *, context: WorkerContext, **kwargs: Any) -> None:
+        super().__init__(queues, job_class=StageJob, **kwargs)
+        self.context = context
+        settings = self.settings = context.settings
         self.lease_s = settings.job_lease_s
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
@@ -95,6 +110,7 @@ class StageWorker(SimpleWorker):
             self._lease = None
 
     def execute_job(self, job: Any, queue: Queue) -> Any:
+        job.context = self.context
         refusal = refusal_of(job, queue.name)
         if refusal is not None:
             log.error("refused job %s: %s", job.id, refusal)
@@ -158,7 +174,7 @@ def disarm(job: Any) -> None:
     )
 
 
-def refused_job(job_id: str, refusal: str = "") -> None:
+def refused_job(ctx: WorkerContext, job_id: str, refusal: str = "") -> None:
     raise PermissionError(f"job {job_id} refused: {refusal}")
 
 
@@ -183,7 +199,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     while True:
         worker = None
         try:
-            worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
+            worker = StageWorker([ctx.queues[stage]], context=ctx, connection=ctx.redis, serializer=JSONSerializer)
             log.info("%s worker %s on %s", stage, worker.name, settings.redis_url_redacted)
             worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
             delay = 1.0
