@@ -184,11 +184,11 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
 
 def child_bare(docs_file: str, batches: str) -> dict:
     """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
     chunks = tp.pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
-    embedder = Embedder(tp.MODEL, tp.DEVICE).warm_up()
+    embedder = LocalEmbedder(tp.MODEL, tp.DEVICE).warm_up()
     model = embedder._model
     model.encode(texts[:64], batch_size=64)  # first-call costs outside the clock
     seconds = {}

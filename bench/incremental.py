@@ -134,10 +134,10 @@ class Truncated:
 
 
 def matryoshka(eval_dir: Path, store_path: str) -> list[dict]:
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
     eval_set = load_beir(eval_dir)
-    embedder = Embedder("all-MiniLM-L6-v2").warm_up()
+    embedder = LocalEmbedder("all-MiniLM-L6-v2").warm_up()
     store = open_store(store_path)
     rows = []
     for dims in (384, 256, 128):

@@ -24,7 +24,7 @@ from shared.quality import corpus_documents, evaluate, load_beir
 from shared.settings import Settings
 from shared.store import open_store
 from workers.embedded import run_embedded
-from workers.embedder import Embedder
+from workers.embedder import LocalEmbedder
 
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact"
 PUBLISHED = {"recall@10": 0.783, "ndcg@10": 0.645}
@@ -42,7 +42,7 @@ def main() -> None:
         from tests.test_quality import subset
 
         eval_set, ids = subset(eval_set)
-    embedder = Embedder("all-MiniLM-L6-v2").warm_up()
+    embedder = LocalEmbedder("all-MiniLM-L6-v2").warm_up()
     with tempfile.TemporaryDirectory() as store:
         settings = Settings.from_env({}, store=store)
         from tqdm import tqdm

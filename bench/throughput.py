@@ -168,11 +168,11 @@ def pipeline_chunks(docs_file: Path) -> list:
 def child_bare(docs_file: str, backend: str) -> dict:
     import torch
 
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
     chunks = pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
-    embedder = Embedder(MODEL, DEVICE, backend=backend).warm_up()
+    embedder = LocalEmbedder(MODEL, DEVICE, backend=backend).warm_up()
     model = embedder._model
     if backend.startswith("torch"):
 
@@ -237,10 +237,10 @@ def child_textbook(docs_file: str, store: str) -> dict:
     from shared.settings import Settings
     from shared.spec import chunk_policy
     from workers.chunk import chunk_batch
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
     from workers.load import load_batch
 
-    model = Embedder(MODEL, DEVICE).warm_up()._model
+    model = LocalEmbedder(MODEL, DEVICE).warm_up()._model
     model.encode(["warm up", "the model once"])
     tok = ModelTokenizer(MODEL)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.embedding import Embedder
 from shared.errors import ConfigError
 from shared.messages import SourceDoc
 from shared.settings import Settings
@@ -19,7 +20,7 @@ from workers.embed import make_embedder
 from workers.probe import run_probe
 
 
-def embedder_for(store: Store, settings: Settings) -> Any:
+def embedder_for(store: Store, settings: Settings) -> Embedder:
     """An embedder that embeds queries as the store's collection was embedded (model, dimensions)."""
     if store.spec is None:
         raise ConfigError("the store has no collection yet: run `embedpipe run PATH` first")

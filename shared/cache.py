@@ -12,9 +12,10 @@ import hashlib
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+from redis import Redis
 
 from shared.keys import PREFIX
 
@@ -36,7 +37,7 @@ def _decode(raw: bytes | None, dim: int) -> np.ndarray | None:
 
 
 class RedisVectorCache:
-    def __init__(self, redis: Any, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
 

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
+import numpy.typing as npt
+from tokenizers import Encoding, Tokenizer
 
 from shared.errors import ConfigError
 
@@ -80,7 +80,14 @@ class Tokens:
 
     __slots__ = ("_encoding", "_ends", "_starts", "ids", "word_start")
 
-    def __init__(self, ids: Any, word_start: Any, encoding: Any = None, starts: Any = None, ends: Any = None):
+    def __init__(
+        self,
+        ids: npt.NDArray[np.uint32],
+        word_start: npt.NDArray[np.bool_],
+        encoding: Encoding | None = None,
+        starts: npt.NDArray[np.int64] | None = None,
+        ends: npt.NDArray[np.int64] | None = None,
+    ) -> None:
         self.ids = ids  # uint32 token IDs
         self.word_start = word_start  # bool: the token starts a word (a cut before it splits no word)
         self._encoding = encoding  # a tokenizers.Encoding, or the offsets as arrays:
@@ -95,7 +102,7 @@ class Tokens:
             return self._encoding.token_to_chars(first)[0], self._encoding.token_to_chars(end - 1)[1]
         return int(self._starts[first]), int(self._ends[end - 1])
 
-    def first_at(self, positions: list[int]) -> Any:
+    def first_at(self, positions: list[int]) -> npt.NDArray[np.int64]:
         """For each character position, the first token that starts there or later."""
         if self._encoding is None:
             return np.searchsorted(self._starts, positions)

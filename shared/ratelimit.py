@@ -27,8 +27,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
+
+from redis import Redis
 
 from shared.errors import ConfigError
 
@@ -184,7 +186,7 @@ return 1
 class RedisBudget:
     """The budget shared by every embedder using the same Redis, server and model."""
 
-    def __init__(self, redis: Any, key: str, limits: Limits) -> None:
+    def __init__(self, redis: Redis, key: str, limits: Limits) -> None:
         self.limits = limits
         self.key = key
         self._reserve = redis.register_script(_RESERVE)
@@ -202,7 +204,7 @@ class RedisBudget:
         self._hold(keys=[self.key], args=[seconds, max(STATE_TTL_S, math.ceil(seconds) + 60)])
 
 
-def make_budget(redis: Any, base_url: str, model: str, limits: Limits) -> LocalBudget | RedisBudget:
+def make_budget(redis: Redis | None, base_url: str, model: str, limits: Limits) -> LocalBudget | RedisBudget:
     """Shared through Redis when there is one, else this process's own."""
     if redis is None:
         return LocalBudget(limits)

@@ -54,9 +54,9 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def embedder():
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
-    return Embedder("all-MiniLM-L6-v2").warm_up()
+    return LocalEmbedder("all-MiniLM-L6-v2").warm_up()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
 from shared.vectors import pack_token_ids, unpack_token_ids
 from workers.chunk import chunk_batch
-from workers.embedder import Embedder
+from workers.embedder import LocalEmbedder
 from workers.load import load_batch
 
 from .conftest import EXAMPLES, cli_env, embedpipe
@@ -46,7 +46,7 @@ def example_chunks(model: str, n: int = 40):
 @pytest.mark.parametrize("which", ["default", "static"])
 def test_token_id_embedding_equals_text_embedding(which, static_model, embedder):
     model = "all-MiniLM-L6-v2" if which == "default" else str(static_model)
-    e = embedder if which == "default" else Embedder(model, "cpu").warm_up()
+    e = embedder if which == "default" else LocalEmbedder(model, "cpu").warm_up()
     chunks = example_chunks(model)
     assert all(len(unpack_token_ids(c)) == c.tokens > 0 for c in chunks)
     for prefix in ("", "passage: "):
@@ -92,7 +92,7 @@ def test_incomplete_or_foreign_model_directories_are_one_line_errors(static_mode
 
 
 def test_token_ids_of_another_vocabulary_fail_instead_of_embedding_garbage(static_model):
-    static = Embedder(str(static_model), "cpu").warm_up()
+    static = LocalEmbedder(str(static_model), "cpu").warm_up()
     minilm = ModelTokenizer("all-MiniLM-L6-v2")
     vocab = static._tokenizer.vocab_size
     assert vocab < minilm.vocab_size  # distilling dropped MiniLM's unused tokens: other IDs
@@ -145,7 +145,7 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
         for vectors in (embedded, distributed):
             v = np.stack(list(vectors.values()))
             np.testing.assert_array_equal(v, v.astype(np.float16).astype(np.float32))
-        e = Embedder(str(static_model), "cpu").warm_up()
+        e = LocalEmbedder(str(static_model), "cpu").warm_up()
         chunks = example_chunks(str(static_model), 200)
         reference = dict(zip([c.chunk_id for c in chunks], e.embed_chunks(chunks), strict=True))
         assert min(cos(embedded[k], reference[k]) for k in embedded if k in reference) >= 0.999

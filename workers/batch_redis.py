@@ -162,7 +162,7 @@ class RedisBatch:
                 pipe.multi()
                 pipe.set(final, 1, ex=self.ttl_s)
                 self.ledger.clear_dead(settled, pipe=pipe)
-                self.ledger.incr(pipe=pipe, **counts)
+                self.ledger.incr(pipe, **counts)
                 pipe.delete(*keys.batch_keys(self.id, parts))
                 pipe.execute()
                 return True

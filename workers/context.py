@@ -20,21 +20,39 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Concatenate
+from typing import Any, Concatenate, TypeVar
 
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, Retry
 
+from shared.cache import VectorCache
+from shared.embedding import Embedder
 from shared.ledger import RedisLedger
 from shared.metrics import DOCUMENTS
 from shared.queues import QUEUE_OF, enqueue_jobs
 from shared.settings import Settings
+from shared.spec import ChunkPolicy, EmbeddingSpec
+from shared.store_types import Store
+from shared.tokenizers import Tokenizer
 from workers.batch_redis import RedisBatch
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 JobReport = dict[str, int]  # what a job did; documents_ok / _failed / _skipped are also counted as metrics
+
+
+@dataclass
+class StageResources:
+    """What a stage loads once per process (workers/runtime.py); a pool has only what its stage needs."""
+
+    spec: EmbeddingSpec | None = None
+    store: Store | None = None
+    tokenizer: Tokenizer | None = None
+    chunk_policy: ChunkPolicy | None = None
+    embedder: Embedder | None = None
+    cache: VectorCache | None = None
 
 
 @dataclass
@@ -43,36 +61,31 @@ class WorkerContext:
     redis: Redis
     ledger: RedisLedger
     queues: dict[str, Queue]
-    resources: dict[str, Any] = field(default_factory=dict)
+    resources: StageResources = field(default_factory=StageResources)
 
     @property
-    def tokenizer(self) -> Any:
-        return self._resource("tokenizer")
+    def spec(self) -> EmbeddingSpec:
+        return _loaded(self.resources.spec, "embedding spec")
 
     @property
-    def chunk_policy(self) -> Any:
-        return self._resource("chunk_policy")
+    def store(self) -> Store:
+        return _loaded(self.resources.store, "store")
 
     @property
-    def embedder(self) -> Any:
-        return self._resource("embedder")
+    def tokenizer(self) -> Tokenizer:
+        return _loaded(self.resources.tokenizer, "tokenizer")
 
     @property
-    def store(self) -> Any:
-        return self._resource("store")
+    def chunk_policy(self) -> ChunkPolicy:
+        return _loaded(self.resources.chunk_policy, "chunk policy")
 
     @property
-    def spec(self) -> Any:
-        return self._resource("spec")
+    def embedder(self) -> Embedder:
+        return _loaded(self.resources.embedder, "model")
 
     @property
-    def cache(self) -> Any:
-        return self._resource("cache")
-
-    def _resource(self, name: str) -> Any:
-        if name not in self.resources:
-            raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
-        return self.resources[name]
+    def cache(self) -> VectorCache:
+        return _loaded(self.resources.cache, "embedding cache")
 
     def batch(self, batch_id: str) -> RedisBatch:
         return RedisBatch(self.redis, batch_id, self.ledger, self.settings.payload_ttl_s)
@@ -82,6 +95,12 @@ class WorkerContext:
     ) -> None:
         """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
         enqueue_jobs(self.queues[QUEUE_OF.get(stage, stage)], self.settings, stage, args_list, pipe, tokens)
+
+
+def _loaded(resource: T | None, what: str) -> T:
+    if resource is None:
+        raise RuntimeError(f"this worker has no {what}: a job ran on the wrong pool")
+    return resource
 
 
 StageRun = Callable[Concatenate[WorkerContext, RedisBatch, ...], JobReport | Retry]

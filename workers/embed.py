@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from redis import Redis
 from rq import Retry
 
 from shared.cache import VectorCache, text_key
+from shared.embedding import Embedder
 from shared.errors import EmbedFailures, RateLimited
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import (
@@ -27,19 +29,20 @@ from shared.spec import EmbeddingSpec
 from workers.batch_redis import RedisBatch
 from workers.context import JobReport, WorkerContext, stage_job
 from workers.embed_api import ApiEmbedder
-from workers.embedder import Embedder
+from workers.embedder import LocalEmbedder
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
 
 
-def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
-    """The embedder the settings name: a local sentence-transformers model, or `openai:NAME` behind an
-    OpenAI-compatible API (whose rate budget is shared through `redis` when there is one)."""
+def make_embedder(settings: Settings, redis: Redis | None = None) -> Embedder:
+    """The embedder the settings name, not warmed up yet: a local sentence-transformers model, or
+    `openai:NAME` behind an OpenAI-compatible API (whose rate budget is shared through `redis` when
+    there is one)."""
     if is_api_model(settings.model):
-        return ApiEmbedder(settings, redis)  # type: ignore[return-value]
-    return Embedder(
+        return ApiEmbedder(settings, redis)
+    return LocalEmbedder(
         settings.model,
         settings.device,
         settings.batch_size,
@@ -49,14 +52,9 @@ def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
     )
 
 
-def embed_batch(chunks: list[Chunk], embedder: Embedder, prefix: str = "") -> np.ndarray:
-    """One vector per chunk (of prefix + its text), in chunk order (each kind of embedder batches in its own way)."""
-    return embedder.embed_chunks(chunks, prefix)
-
-
 def embed_part(
     chunks: list[Chunk], embedder: Embedder, spec: EmbeddingSpec, cache: VectorCache | None
-) -> tuple[np.ndarray, dict[int, str], int]:
+) -> tuple[npt.NDArray[np.float32], dict[int, str], int]:
     """Vectors of a part: from the cache where the spec already embedded the same text, from the
     model otherwise (each distinct text once). Returns the vectors, {row: message} of chunks the
     model refused for good (their rows are zeros), and how many texts went to the model."""
@@ -74,7 +72,7 @@ def embed_part(
     failed_new: dict[int, str] = {}
     try:
         empty = np.zeros((0, embedder.dimension), dtype=np.float32)
-        new = embed_batch(batch, embedder, spec.prefix) if batch else empty
+        new = embedder.embed_chunks(batch, spec.prefix) if batch else empty
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
     except RateLimited as e:  # keep what the API did embed: the part comes back later for the rest

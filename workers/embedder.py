@@ -2,7 +2,7 @@
 ONNX Runtime, fed token-budget micro-batches of token IDs (or texts), halving its budget on CUDA out
 of memory. The embed stage (workers/embed.py) drives it; so do the embedded runtime, search and the probe.
 
-The model is loaded once per process by `Embedder.warm_up()`, never at import and never per job.
+The model is loaded once per process by `LocalEmbedder.warm_up()`, never at import and never per job.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget gr
 REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
 
 
-class Embedder:
+class LocalEmbedder:
     """A local sentence-transformers model. Parts are sorted by length, cut into micro-batches by a
     padded-token budget (at most batch_size texts each), and put back in their order. On CUDA out of
     memory the budget is halved and the micro-batch retried; a single text that still fails is
@@ -99,7 +99,7 @@ class Embedder:
     def ready(self) -> bool:
         return self._model is not None
 
-    def warm_up(self) -> Embedder:
+    def warm_up(self) -> LocalEmbedder:
         """Load the model (idempotent): CUDA with fp16 where present, else CPU."""
         if self._model is not None:
             return self
@@ -219,7 +219,7 @@ class Embedder:
 
     def _check_ready(self) -> None:
         if self._model is None:
-            raise RuntimeError("Embedder.embed() before warm_up(): the model is not loaded")
+            raise RuntimeError("LocalEmbedder.embed() before warm_up(): the model is not loaded")
 
     def _embed_all(self, texts: list[Any], lengths: list[int], encode: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
         """texts: texts or token-ID rows; lengths: the tokens the model reads of each; encode: one forward pass."""

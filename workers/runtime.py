@@ -20,7 +20,9 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import ConnectionError, TimeoutError
 from rq import Queue, SimpleWorker
+from rq.executions import Execution
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from shared.cache import RedisVectorCache
@@ -47,19 +49,19 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    loaded = ctx.resources
     if stage == "load":
         FetchPolicy.parse(settings.fetch_allow)  # a malformed allow list is a ConfigError at start
     else:
-        ctx.resources["spec"] = spec_for(settings)
+        loaded.spec = spec_for(settings)
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
-        ctx.resources["store"] = open_store(settings.store, ctx.resources["spec"])
+        loaded.store = open_store(settings.store, loaded.spec)
     if stage == "chunk":
-        tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-        ctx.resources["tokenizer"] = tokenizer
-        ctx.resources["chunk_policy"] = chunk_policy(settings, tokenizer)
+        loaded.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
+        loaded.chunk_policy = chunk_policy(settings, loaded.tokenizer)
     elif stage == "embed":
-        ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
-        ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
+        loaded.embedder = make_embedder(settings, redis).warm_up()
+        loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s)
     return ctx
 
 
@@ -90,17 +92,17 @@ class StageWorker(SimpleWorker):
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
 
-    def get_heartbeat_ttl(self, job: Any) -> int:
+    def get_heartbeat_ttl(self, job: Job) -> int:
         """The first registration of a job takes the lease too (SimpleWorker's: timeout + 60 s)."""
         return self.lease_s
 
-    def prepare_execution(self, job: Any) -> Any:
+    def prepare_execution(self, job: Job) -> Execution:
         held_since = time.monotonic()
         execution = super().prepare_execution(job)
         self._lease = JobLease(self, job, execution, self.lease_redis, self.lease_s, held_since).start()
         return execution
 
-    def handle_execution_ended(self, job: Any, queue: Queue, heartbeat_ttl: int) -> None:
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         self._end_lease()  # before rq removes the job's entries
         super().handle_execution_ended(job, queue, heartbeat_ttl)
 
@@ -109,8 +111,9 @@ class StageWorker(SimpleWorker):
             self._lease.stop()
             self._lease = None
 
-    def execute_job(self, job: Any, queue: Queue) -> Any:
-        job.context = self.context
+    def execute_job(self, job: Job, queue: Queue) -> Any:
+        if isinstance(job, StageJob):
+            job.context = self.context
         refusal = refusal_of(job, queue.name)
         if refusal is not None:
             log.error("refused job %s: %s", job.id, refusal)
@@ -134,16 +137,16 @@ class StageWorker(SimpleWorker):
             self.pubsub_thread._running.clear()  # what stop() does, before its join
             self.pubsub_thread.join(timeout=1)
 
-    def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         JOBS.labels(queue.name, "ok").inc()
         super().handle_job_success(job, queue, started_job_registry)
 
-    def handle_job_failure(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> None:
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         JOBS.labels(queue.name, "failed").inc()
         super().handle_job_failure(job, queue, *args, **kwargs)
 
 
-def refusal_of(job: Any, queue_name: str) -> str | None:
+def refusal_of(job: Job, queue_name: str) -> str | None:
     """Why a job must not run on this queue's pool, or None. rq acts on more of a job than its function:
     it imports and calls callbacks, posts to webhooks, holds jobs for dependencies. A stage job has none
     of them, no keyword arguments, and exactly its function's positional arguments."""
@@ -157,14 +160,15 @@ def refusal_of(job: Any, queue_name: str) -> str | None:
     stage = next(s for s, f in JOB_FUNCTIONS.items() if f == job.func_name)
     kinds, args = ARGUMENTS[stage], list(job.args or ())
     fits = len(args) == len(kinds) and all(
-        type(a) is k and (k is not str or len(a) <= MAX_ARGUMENT_CHARS) for a, k in zip(args, kinds, strict=False)
+        type(a) is k and (not isinstance(a, str) or len(a) <= MAX_ARGUMENT_CHARS)
+        for a, k in zip(args, kinds, strict=False)
     )
     if job.kwargs or not fits:
         return f"{func} takes ({', '.join(k.__name__ for k in kinds)}), not these arguments"
     return None
 
 
-def disarm(job: Any) -> None:
+def disarm(job: Job) -> None:
     """Clear what rq would act on for a refused job, in memory and in its Redis hash."""
     job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
     job._success_callback = job._failure_callback = job._stopped_callback = None

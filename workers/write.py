@@ -44,7 +44,7 @@ store_retry = retry(
 
 
 @store_retry
-def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord] = ()) -> None:
+def write_batch(store: Store, chunks: list[Chunk], vectors: np.ndarray, complete: list[DocRecord]) -> None:
     """Upsert chunks; documents in `complete` are replaced whole in the same write (see Store.upsert)."""
     store.upsert(chunks, vectors, complete)
 
