@@ -216,7 +216,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
     from shared.settings import Settings
     from shared.spec import spec_for
     from shared.store import open_store
-    from tests.test_quality import subset
+    from tests.helpers import scifact_subset as subset
     from workers.embed import make_embedder
     from workers.embedded import run_embedded
 

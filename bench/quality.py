@@ -39,7 +39,7 @@ def main() -> None:
         sys.exit(f"no BEIR eval set at {args.eval}")
     eval_set, ids = load_beir(args.eval), None
     if args.subset:
-        from tests.test_quality import subset
+        from tests.helpers import scifact_subset as subset
 
         eval_set, ids = subset(eval_set)
     embedder = LocalEmbedder("all-MiniLM-L6-v2").warm_up()

@@ -301,7 +301,7 @@ def child_quality(backend: str) -> dict:
     from shared.settings import Settings
     from shared.spec import spec_for
     from shared.store import open_store
-    from tests.test_quality import subset
+    from tests.helpers import scifact_subset as subset
     from workers.embed import make_embedder
     from workers.embedded import run_embedded
 
@@ -442,7 +442,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
     for proc_name in procs:
         if proc_name.startswith("embed"):
             jobs = re.findall(
-                r"^(\S+ \S+) INFO \S+: embed \S+: (\d+) chunks in ([\d.]+) s",
+                r"^(\S+ \S+) INFO \S+: embed \S+: chunks=(\d+) .*?in ([\d.]+) s$",
                 (tmp / name / f"{proc_name}.log").read_text(),
                 re.M,
             )

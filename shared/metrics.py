@@ -15,6 +15,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from shared.errors import REASONS
+
 log = logging.getLogger(__name__)
 
 RECENT_FAILURES_MAX = 50
@@ -137,8 +139,6 @@ def serve(port: int, stage: str, model: str = "") -> None:
     """Serve /metrics from this process, with this stage's labelled series present from the start
     (at zero), so rates, alerts and dashboards see them before the first event. An embedder also
     shows its model's API series: zero cost is a fact worth showing for a local model."""
-    from shared.errors import REASONS
-
     for outcome in ("ok", "failed", "skipped"):
         DOCUMENTS.labels(stage, outcome)
     for outcome in ("ok", "failed"):

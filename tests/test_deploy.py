@@ -22,7 +22,7 @@ from redis import Redis
 from shared.settings import STAGES
 from shared.store import open_store
 
-from .conftest import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe
+from .helpers import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe, wait_until
 from .servers import free_port
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -45,6 +45,7 @@ def seconds(value: str) -> int:
     return int(value.rstrip("s"))
 
 
+@pytest.mark.slow
 def test_compose_files_follow_the_compose_specification():
     for files in ([COMPOSE], [REPO / "docker-compose.gpu.yml"]):
         result = subprocess.run(
@@ -111,17 +112,16 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
 
 
 def _wait_for_workers(redis: Redis, procs: dict, logs: Path) -> None:
-    import time
 
     from rq import Worker
 
-    from workers.runtime import queue
+    from shared.queues import queue
 
-    deadline = time.monotonic() + 240
-    while not all(Worker.count(queue=queue(redis, s)) for s in STAGES):
+    def started() -> bool:
         assert all(p.poll() is None for p in procs.values()), f"a service exited; see {logs}"
-        assert time.monotonic() < deadline, f"services did not start; see {logs}"
-        time.sleep(0.5)
+        return all(Worker.count(queue=queue(redis, s)) for s in STAGES)
+
+    wait_until(started, 240, f"the services started; see {logs}", interval_s=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,7 @@ def test_kustomize_renders_deploy(rendered):
     assert {"ConfigMap", "Secret", "Namespace"} <= kinds  # the generators ran
 
 
+@pytest.mark.slow
 def test_kubernetes_manifests_are_valid(rendered, tmp_path):
     core = [r for r in rendered if r["kind"] not in ("ScaledObject", "PodMonitor")]
     path = tmp_path / "core.yaml"
@@ -210,6 +211,7 @@ def test_kubernetes_pools_scale_on_their_queues_and_stop_safely(rendered):
     assert set(by_kind(rendered, "NetworkPolicy")) == {"redis", "postgres"}
 
 
+@pytest.mark.slow
 def test_dockerfile_lints_clean():
     result = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

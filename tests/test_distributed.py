@@ -21,8 +21,7 @@ from workers.chunk import chunk_batch
 from workers.embedded import run_embedded
 from workers.load import load_batch
 
-from .conftest import EXAMPLES, cli_env, embedpipe
-from .pool import Pool
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -72,17 +71,13 @@ def pool(redis_url, tmp_path, store_location):
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
     redis = Redis.from_url(redis_url)
-    workers = Pool(env, tmp_path / "logs")
-    try:
-        workers.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis) as workers:
         # The embedder gets the CPU first: every other process lowers its priority (EMBEDPIPE_SUPPORT_NICE).
         base = os.getpriority(os.PRIO_PROCESS, 0)
         nice = {name: os.getpriority(os.PRIO_PROCESS, p.pid) - base for name, p in workers.procs.items()}
         assert nice == {name: 0 if name.startswith("embed") else min(10, 19 - base) for name in nice}
         yield env, redis
-    finally:
-        codes = workers.stop()
-    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}; see {workers.logs}"
+    workers.assert_clean_exit()
 
 
 def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(

@@ -5,6 +5,7 @@ documents, and a new embedding spec fills its own collection until it is promote
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from redis import Redis
 
+from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.settings import Settings
 from shared.spec import chunk_policy
@@ -22,7 +25,7 @@ from workers.chunk import chunk_document
 from workers.embedded import run_embedded
 from workers.load import clean_text
 
-from .conftest import EXAMPLES, cli_env, embedpipe
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +55,9 @@ def test_unchanged_documents_cost_no_model_call_and_no_store_write(tmp_path, emb
     again = run_embedded(settings, sources, embedder=embedder)
     assert counted() == before, "an unchanged resubmission called the model or wrote to the store"
     assert (again.unchanged, again.chunks, again.chunks_embedded, again.documents_stored) == (8, 0, 0, 0)
+    # the ledger counts as the distributed mode does: stored once, then skipped (tests/test_batch.py)
+    counters = LocalLedger(local_ledger_path(settings.store_path)).counters()
+    assert counters == {"documents_done": 8, "chunks_written": first.chunks, "documents_skipped": 8}
 
     # The unchanged path does not even import torch or sentence-transformers (a fresh process).
     script = f"""
@@ -185,6 +191,13 @@ def test_reembed_takes_the_text_from_the_store(tmp_path):
     plan = embedpipe("reembed", "--dimensions", "256", "--dry-run", env=env).stdout
     documents = len(list((EXAMPLES / "docs").iterdir()))
     assert f"{documents} documents" in plan and "local model: no API cost" in plan
+    # The dry run plans as `estimate` does (one planner): the document prefix goes with every chunk.
+    prefixed = embedpipe("reembed", "--doc-prefix", "passage: ", "--dry-run", env=env).stdout
+    estimate = embedpipe("estimate", str(EXAMPLES / "docs"), "--doc-prefix", "passage: ", "--json", env=env).stdout
+    tokens = {
+        name: int(re.search(r"(\d+) tokens", out).group(1)) for name, out in (("plain", plan), ("prefix", prefixed))
+    }
+    assert tokens["prefix"] == json.loads(estimate)["tokens"] > tokens["plain"]
     embedpipe("reembed", "--dimensions", "256", env=env)
     rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
     assert rows[256]["documents"] == rows[0]["documents"] == documents
@@ -207,19 +220,13 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url, tmp_path, tokenizer):
-    from redis import Redis
-
-    from .pool import Pool
-
     corpus = tmp_path / "corpus"
     shutil.copytree(EXAMPLES / "docs", corpus)
     store = str(tmp_path / "store")
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=store, EMBEDPIPE_INBOX_WAIT_S="0.2")
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", metrics=True)
     ids = sorted(p.name for p in corpus.iterdir())
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, metrics=True) as pool:
         embedpipe("enqueue", str(corpus), env=env)
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         tokens = ("embedpipe_embed_tokens_total", ())
@@ -244,9 +251,7 @@ def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url
         assert "prune enqueued" in out
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         embed2 = scrape(pool.metrics_ports["embed-0"])
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}"
+    pool.assert_clean_exit()
     handle = open_store(store)
     assert ids[1] not in handle.doc_ids() and handle.chunk_ids([ids[1]]) == {ids[1]: set()}
     assert handle.doc_ids() == set(ids) - {ids[1]}

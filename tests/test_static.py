@@ -25,8 +25,7 @@ from workers.chunk import chunk_batch
 from workers.embedder import LocalEmbedder
 from workers.load import load_batch
 
-from .conftest import EXAMPLES, cli_env, embedpipe
-from .pool import Pool
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -127,13 +126,9 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
         EMBEDPIPE_INBOX_WAIT_S="0.2",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(denv, tmp_path / "logs")
-    try:
-        pool.start_all(redis)
+    with worker_pool(denv, tmp_path / "logs", redis):
         embedpipe("enqueue", str(EXAMPLES), "--no-progress", env=denv)
         embedpipe("wait", "--timeout", "300", env=denv, timeout=330)
-    finally:
-        pool.stop()
     embedded = open_store(str(tmp_path / "embedded"), spec).vectors()
     distributed = open_store(str(tmp_path / "distributed"), spec).vectors()
     assert embedded.keys() == distributed.keys() and len(embedded) == summary["chunks"]

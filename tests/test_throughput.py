@@ -19,7 +19,7 @@ from shared.spec import ChunkPolicy
 from workers.chunk import chunk_batch, pack_parts
 from workers.embedder import REGROW_AFTER, LocalEmbedder
 
-from .conftest import EXAMPLES
+from .helpers import EXAMPLES
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -130,6 +130,7 @@ def model_rows(embedder: LocalEmbedder, chunks: list[Chunk]) -> dict[tuple[int, 
     return {tuple([*tok.head_ids, *np.frombuffer(c.token_ids, "<u4"), *tok.tail_ids]): c.tokens + 2 for c in chunks}
 
 
+@pytest.mark.slow
 def test_micro_batches_follow_the_token_budget_and_vectors_come_back_in_order(mixed_chunks, reference):
     embedder = LocalEmbedder(MODEL, "cpu", batch_size=4, micro_batch_tokens=600).warm_up()
     forward = RecordingForward(embedder)
@@ -149,6 +150,7 @@ def test_micro_batches_follow_the_token_budget_and_vectors_come_back_in_order(mi
     assert 0.5 < real / (EMBED_PADDED_TOKENS._value.get() - padded_before) <= 1.0
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, reference):
     embedder = LocalEmbedder(MODEL, "cpu", batch_size=64, micro_batch_tokens=4096).warm_up()
     forward = RecordingForward(embedder, capacity=1200)  # a "GPU" that holds 1200 padded tokens
@@ -172,6 +174,7 @@ def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, referen
     assert len(forward.calls) >= REGROW_AFTER
 
 
+@pytest.mark.slow
 def test_a_single_text_that_still_runs_out_of_memory_fails_alone(mixed_chunks, reference):
     embedder = LocalEmbedder(MODEL, "cpu", micro_batch_tokens=4096).warm_up()
     longest = max(c.tokens for c in mixed_chunks) + 2
@@ -200,6 +203,7 @@ def example_chunks(tokenizer) -> list[Chunk]:
     return chunk_batch(docs, tokenizer, ChunkPolicy.for_model(254, 0, 0.1))
 
 
+@pytest.mark.slow
 def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, example_chunks, tmp_path):
     cache = tmp_path / "onnx"
     onnx = LocalEmbedder(MODEL, "cpu", backend="onnx-int8", cache_dir=cache).warm_up()  # exported offline, here
@@ -221,6 +225,7 @@ def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, ex
 # --- torch bf16 on the CPU -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_matches_float32_on_the_sample_corpus_and_names_its_own_collection(embedder, example_chunks):
     from shared.settings import Settings
     from shared.spec import spec_for

@@ -24,15 +24,26 @@ from shared.messages import BatchPlan, Chunk, DeadLetter, Document
 from shared.store_types import DocRecord
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A batch's state read at one instant, to settle it: another writer finalising the same batch at the
+    same moment drops its state at once, so a snapshot is either all before that or missing."""
+
+    plan: BatchPlan
+    refused: set[str]  # documents the model refused
+    committed: set[str]  # documents written whole by one part (their records are written)
+    failed_parts: set[str]  # documents with a chunk in a part that failed for good
+
+
 class BatchState(Protocol):
     """Where a batch's bookkeeping lives while its parts are embedded and written."""
 
     def plan(self) -> BatchPlan: ...
     def documents(self) -> list[Document]: ...
     def refused(self) -> set[str]: ...
-    def committed(self) -> set[str]: ...
-    def failed_part_documents(self) -> set[str]: ...
     def accounted(self) -> bool: ...
+    def finalized(self) -> bool: ...
+    def snapshot(self) -> Snapshot: ...
     def record_refused(self, letters: list[DeadLetter]) -> None: ...
     def record_part(self, part: int, committed: list[str]) -> None: ...
     def mark_finalized(self, settled: list[str], counts: dict[str, int]) -> bool: ...
@@ -88,11 +99,11 @@ class Outcome:
         }
 
 
-def outcome(plan: BatchPlan, refused: set[str], failed_parts: set[str], committed: set[str]) -> Outcome:
+def outcome(state: Snapshot) -> Outcome:
     """The end of a batch whose every part is written or failed for good."""
-    failed = refused | failed_parts
+    plan, failed = state.plan, state.refused | state.failed_parts
     done = {doc: ids for doc, ids in plan.chunks.items() if doc not in failed}
-    uncommitted = {doc: ids for doc, ids in done.items() if doc not in committed}
+    uncommitted = {doc: ids for doc, ids in done.items() if doc not in state.committed}
     return Outcome(done, sorted(failed & set(plan.chunks)), uncommitted, list(plan.unchanged))
 
 
@@ -118,16 +129,17 @@ class MemoryBatch:
         with self._lock:
             return set(self._refused)
 
-    def committed(self) -> set[str]:
-        with self._lock:
-            return set(self._committed)
-
-    def failed_part_documents(self) -> set[str]:
-        return set()  # a part that fails for good fails the whole embedded run
-
     def accounted(self) -> bool:
         with self._lock:
             return len(self._written) >= self._plan.parts
+
+    def finalized(self) -> bool:
+        with self._lock:
+            return self._finalized
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:  # no failed parts: a part that fails for good fails the whole embedded run
+            return Snapshot(self._plan, set(self._refused), set(self._committed), set())
 
     def record_refused(self, letters: list[DeadLetter]) -> None:
         self._ledger.add_dead(letters)

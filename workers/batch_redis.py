@@ -31,6 +31,7 @@ from shared.messages import (
 )
 from shared.spec import EmbeddingSpec
 from shared.vectors import pack_vectors, unpack_vectors
+from workers.batch import Snapshot
 
 
 class RedisBatch:
@@ -42,9 +43,6 @@ class RedisBatch:
         self._docs: list[Document] | None = None
 
     # --- the prologue of every job ---------------------------------------------------------------
-    def finalized(self) -> bool:
-        return bool(self.redis.exists(keys.batch_finalized(self.id)))
-
     def check_spec(self, spec: EmbeddingSpec) -> None:
         """Every stage of a batch must use the same embedding spec: a pool configured with another model
         (or dimensions, prefix, chunker) fails the job rather than mixing vectors."""
@@ -105,14 +103,23 @@ class RedisBatch:
     def refused(self) -> set[str]:
         return {m.decode() for m in self.redis.smembers(keys.docs_failed(self.id))}
 
-    def committed(self) -> set[str]:
-        return {m.decode() for m in self.redis.smembers(keys.docs_committed(self.id))}
+    def finalized(self) -> bool:
+        return bool(self.redis.exists(keys.batch_finalized(self.id)))
 
-    def failed_part_documents(self) -> set[str]:
+    def snapshot(self) -> Snapshot:
+        """The plan and the records of the stages, in one transaction (see Snapshot); a DecodeError if
+        the batch's state is gone meanwhile (another writer finalised it)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.batch_plan(self.id))
+            pipe.smembers(keys.docs_failed(self.id))
+            pipe.smembers(keys.docs_committed(self.id))
+            pipe.smembers(keys.parts_failed(self.id))
+            plan_fields, refused, committed, failed_parts = pipe.execute()
+        self._plan = BatchPlan.from_hash(plan_fields)
         failed: set[str] = set()
-        for part in self.redis.smembers(keys.parts_failed(self.id)):
+        for part in failed_parts:
             failed |= {c.doc_id for c in self.chunks(int(part))}
-        return failed
+        return Snapshot(self._plan, {m.decode() for m in refused}, {m.decode() for m in committed}, failed)
 
     def accounted(self) -> bool:
         """Every part of the batch is either written or failed for good."""

@@ -125,7 +125,8 @@ def stage_job(stage: str, check_spec: bool = True) -> Callable[[StageRun], Stage
                     if report.get(f"documents_{outcome}"):
                         DOCUMENTS.labels(stage, outcome).inc(report[f"documents_{outcome}"])
                 where = "/".join([batch_id, *map(str, args)])
-                log.info("%s %s: %s in %.2f s", stage, where, report, time.perf_counter() - started)
+                counts = " ".join(f"{k}={v}" for k, v in report.items())
+                log.info("%s %s: %s in %.2f s", stage, where, counts, time.perf_counter() - started)
             return report
 
         return job

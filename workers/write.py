@@ -79,7 +79,9 @@ def finalize_batch(state: BatchState, store: Store) -> Outcome | None:
     """Once every part is written or failed for good: documents spread over several parts get their stale
     chunks deleted and their records written, failed documents lose every chunk and record; then the
     batch is marked finalised and counted, once. The outcome, or None if another writer finalised it."""
-    result = outcome(state.plan(), state.refused(), state.failed_part_documents(), state.committed())
+    if state.finalized():  # a redelivery
+        return None
+    result = outcome(state.snapshot())
     rest = result.uncommitted
     stale = commit_documents(store, doc_records(state.documents(), rest), rest, result.failed)
     log.debug("%d stale chunks deleted", stale)
