@@ -32,9 +32,9 @@ from urllib.parse import urlsplit
 
 from redis import Redis
 
+from shared import keys
 from shared.errors import ConfigError
 
-PREFIX = "embedpipe"
 BURST_S = 1.0  # the burst capacity of each dimension: this many seconds of its budget
 STATE_TTL_S = 3600  # an idle budget's state expires (it would be full again by then anyway)
 
@@ -43,7 +43,7 @@ def budget_key(base_url: str, model: str) -> str:
     """Redis hash of one account's budget: fields req_tat, tok_tat, hold (Redis TIME seconds).
     One budget per server and model (OpenAI's limits are per organisation and model)."""
     host = urlsplit(base_url).netloc or "api.openai.com"
-    return f"{PREFIX}:ratelimit:{host}:{model}"
+    return keys.rate_budget(host, model)
 
 
 @dataclass(frozen=True)
