@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup lint bench-throughput bench-quality clean
+.PHONY: run test setup lint typecheck bench-throughput bench-quality clean
 
 run: $(VENV)/.installed
 	$(BIN)/embedpipe run examples/ --probe-eval examples/eval
@@ -13,6 +13,7 @@ run: $(VENV)/.installed
 test:
 	scripts/setup.sh --system
 	$(BIN)/ruff check workers producer shared tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 setup $(VENV)/.installed: pyproject.toml
@@ -21,6 +22,10 @@ setup $(VENV)/.installed: pyproject.toml
 lint: $(VENV)/.installed
 	$(BIN)/ruff check workers producer shared tests bench
 	$(BIN)/ruff format --check workers producer shared tests bench
+	$(BIN)/lint-imports  # the layers, the light client, no import cycles (pyproject.toml)
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy  # the seams: the files listed under [tool.mypy] in pyproject.toml
 
 bench-throughput: $(VENV)/.installed
 	$(BIN)/python bench/throughput.py

@@ -59,13 +59,11 @@ from rq import worker_registration  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
 from shared.messages import SourceDoc  # noqa: E402
-from shared.settings import STAGES  # noqa: E402
+from shared.queues import queue  # noqa: E402
+from shared.settings import STAGES, Settings  # noqa: E402
 from shared.store import open_store  # noqa: E402
-from tests.conftest import EMBEDPIPE, cli_env  # noqa: E402
-from tests.pool import Pool  # noqa: E402
+from tests.helpers import EMBEDPIPE, FAST_RECOVERY, Pool, cli_env, expected_chunks, short_documents  # noqa: E402
 from tests.servers import start_redis  # noqa: E402
-from tests.test_reliability import FAST_RECOVERY, expected_chunks, short_documents  # noqa: E402
-from workers.runtime import queue  # noqa: E402
 
 SAMPLE_S = 0.25
 
@@ -268,10 +266,8 @@ def main() -> int:
         docs = short_documents(args.docs)
         docs_file = tmp / "docs.jsonl"
         docs_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        from shared.models import ModelTokenizer
-
         sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
-        expected = expected_chunks(ModelTokenizer("all-MiniLM-L6-v2"), sources)
+        expected = expected_chunks(Settings.from_env(FAST_RECOVERY), sources)
         result["chunks_expected"] = sum(map(len, expected.values()))
 
         def env_for(db: int, name: str) -> dict[str, str]:

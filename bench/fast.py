@@ -84,15 +84,16 @@ def static_model(path: Path | None) -> Path:
 def child_chunker(docs_file: str) -> dict:
     """chunk_batch against the raw tokenizer on the same loaded texts: CPU seconds, best of 3."""
     from shared.messages import SourceDoc
-    from shared.models import load_tokenizer
     from shared.settings import Settings
-    from workers.chunk import chunk_batch, chunk_policy
+    from shared.spec import chunk_policy
+    from shared.tokenizers import load_tokenizer
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
     tokenizer = load_tokenizer(tp.MODEL)
-    policy = chunk_policy(tokenizer, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     texts = [d.text for d in docs]
 
     def best(f) -> float:
@@ -120,7 +121,7 @@ def vector_transport(vectors) -> dict:
     as msgpack lists of floats, as raw float32 bytes (what travels) and as float16 bytes."""
     import msgpack
 
-    from shared.messages import pack_vectors, unpack_vectors
+    from shared.vectors import pack_vectors, unpack_vectors
 
     rows = len(vectors)
     ways = {
@@ -146,7 +147,8 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     from shared.messages import SourceDoc
     from shared.models import ModelTokenizer
     from shared.settings import Settings
-    from workers.chunk import chunk_batch, chunk_policy
+    from shared.spec import chunk_policy
+    from workers.chunk import chunk_batch
     from workers.load import load_batch
 
     def old_module(path: str) -> types.ModuleType:
@@ -160,7 +162,7 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
     new_tok, old_tok = ModelTokenizer(tp.MODEL), old_models.ModelTokenizer(tp.MODEL)
-    policy = chunk_policy(new_tok, 0, 0.1)
+    policy = chunk_policy(Settings(), new_tok)
     old_policy = old_chunk.ChunkPolicy(policy.max_tokens, policy.overlap_tokens)
     texts = [d.text for d in docs]
 
@@ -182,11 +184,11 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
 
 def child_bare(docs_file: str, batches: str) -> dict:
     """The limit: encode() of the chunk texts, and the embedder over the chunks' token IDs."""
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
     chunks = tp.pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
-    embedder = Embedder(tp.MODEL, tp.DEVICE).warm_up()
+    embedder = LocalEmbedder(tp.MODEL, tp.DEVICE).warm_up()
     model = embedder._model
     model.encode(texts[:64], batch_size=64)  # first-call costs outside the clock
     seconds = {}
@@ -214,9 +216,9 @@ def child_quality(scifact: str, sizes: str) -> dict:
     from shared.settings import Settings
     from shared.spec import spec_for
     from shared.store import open_store
-    from tests.test_quality import subset
+    from tests.helpers import scifact_subset as subset
     from workers.embed import make_embedder
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     full = load_beir(Path(scifact))
     runs = {"subset": (*subset(full), 0)}
@@ -226,7 +228,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
         with tempfile.TemporaryDirectory() as store:
             settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE, chunk_tokens=chunk_tokens)
             embedder = make_embedder(settings).warm_up()
-            summary = EmbeddedRun(settings, embedder=embedder).run(corpus_documents(eval_set, ids))
+            summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder)
             out[name] = {
                 "chunks": summary.chunks,
                 **evaluate(open_store(store, spec_for(settings)), embedder, eval_set),

@@ -32,8 +32,10 @@ sys.path.insert(0, str(ROOT))
 from shared.messages import Document, content_hash  # noqa: E402
 from shared.models import ModelTokenizer  # noqa: E402
 from shared.quality import corpus_documents, evaluate, load_beir  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+from shared.spec import chunk_policy  # noqa: E402
 from shared.store import Hit, open_store  # noqa: E402
-from workers.chunk import ChunkPolicy, chunk_document  # noqa: E402
+from workers.chunk import chunk_document  # noqa: E402
 from workers.load import clean_text  # noqa: E402
 
 DEFAULT_EVAL = ROOT.parent / "shared" / "data" / "scifact"
@@ -89,7 +91,7 @@ def edit_case(tmp: Path) -> dict:
 
     # The chunker alone: edit each paragraph in turn; how many chunk texts are new?
     tokenizer = ModelTokenizer("all-MiniLM-L6-v2")
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     before = {c.text for c in chunk_document(Document("d", text, content_hash(text)), tokenizer, policy)}
     new_chunks: Counter[int] = Counter()
     paragraphs = text.split("\n\n")
@@ -132,10 +134,10 @@ class Truncated:
 
 
 def matryoshka(eval_dir: Path, store_path: str) -> list[dict]:
-    from workers.embedder import Embedder
+    from workers.embedder import LocalEmbedder
 
     eval_set = load_beir(eval_dir)
-    embedder = Embedder("all-MiniLM-L6-v2").warm_up()
+    embedder = LocalEmbedder("all-MiniLM-L6-v2").warm_up()
     store = open_store(store_path)
     rows = []
     for dims in (384, 256, 128):

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.quality import corpus_documents, evaluate, load_beir
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embedded import EmbeddedRun
-from workers.embedder import Embedder
+from workers.embedded import run_embedded
+from workers.embedder import LocalEmbedder
 
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact"
 PUBLISHED = {"recall@10": 0.783, "ndcg@10": 0.645}
@@ -39,16 +39,16 @@ def main() -> None:
         sys.exit(f"no BEIR eval set at {args.eval}")
     eval_set, ids = load_beir(args.eval), None
     if args.subset:
-        from tests.test_quality import subset
+        from tests.helpers import scifact_subset as subset
 
         eval_set, ids = subset(eval_set)
-    embedder = Embedder("all-MiniLM-L6-v2").warm_up()
+    embedder = LocalEmbedder("all-MiniLM-L6-v2").warm_up()
     with tempfile.TemporaryDirectory() as store:
         settings = Settings.from_env({}, store=store)
         from tqdm import tqdm
 
         with tqdm(total=0, unit="chunk", desc="embedding") as bar:
-            summary = EmbeddedRun(settings, embedder=embedder, progress=bar).run(corpus_documents(eval_set, ids))
+            summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder, progress=bar)
         started = time.perf_counter()
         scores = evaluate(open_store(store), embedder, eval_set)
         scores["query_seconds"] = round(time.perf_counter() - started, 1)

@@ -46,13 +46,11 @@ from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
 from shared.messages import SourceDoc  # noqa: E402
+from shared.queues import job_id  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.store import open_store  # noqa: E402
-from tests.conftest import EMBEDPIPE, SCIFACT, cli_env  # noqa: E402
-from tests.helpers import expected_chunks, process_of, running_job  # noqa: E402
-from tests.pool import Pool  # noqa: E402
+from tests.helpers import EMBEDPIPE, SCIFACT, Pool, cli_env, expected_chunks, process_of, running_job  # noqa: E402
 from tests.servers import start_redis  # noqa: E402
-from workers.runtime import job_id  # noqa: E402
 
 EMBED_TIMEOUT_S = 3600
 WORKERS = {"load": 1, "chunk": 1, "embed": 2, "write": 1}
@@ -131,8 +129,8 @@ def measure_recovery(
         batch_id, part = job.args
         write = Job.fetch(job_id("write", (batch_id, part)), connection=redis, serializer=JSONSerializer)
         logs = "".join(p.read_text(errors="replace") for p in sorted((tmp / "logs").glob("*.log")))
-        embedded = re.findall(rf"embed {re.escape(batch_id)}/{part}: (\d+) chunks in ([\d.]+) s", logs)
-        expected = expected_chunks(_tokenizer(settings), [SourceDoc(d["id"], text=d["text"]) for d in sources])
+        embedded = re.findall(rf"embed {re.escape(batch_id)}/{part}: chunks=(\d+) .*?in ([\d.]+) s", logs)
+        expected = expected_chunks(settings, [SourceDoc(d["id"], text=d["text"]) for d in sources])
         result = {
             "documents": docs,
             "model": model,
@@ -170,12 +168,6 @@ def _after(at: datetime | None, wall: float) -> float | None:
     if at is None:
         return None
     return round((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() - wall, 1)
-
-
-def _tokenizer(settings: Settings) -> Any:
-    from shared.models import load_tokenizer
-
-    return load_tokenizer(settings.model, settings.api_max_input_tokens)
 
 
 def outcome(env: dict[str, str], expected: dict[str, set[str]]) -> dict[str, int]:

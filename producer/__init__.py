@@ -1,1 +1,2 @@
-"""Submitting documents: reading sources on the client and enqueueing them as batches. No torch here."""
+"""The client side: the CLI, the light client (producer/client.py: no stage, torch or numpy), reading
+sources, the model lifecycle and model comparison."""

@@ -1,17 +1,23 @@
-"""`embedpipe` commands of the model lifecycle: collections, reembed, promote, delete."""
+"""`embedpipe` commands of the model lifecycle: collections, reembed, promote, delete. The model, the
+store and the pipeline are imported inside each command, when it runs."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 
 import click
+from tqdm import tqdm
 
-from producer.cli import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, main, settings_options
+from producer.cli_options import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, progress_option, settings_options
+from producer.submit import submit
+from shared.messages import SourceDoc
+from shared.queues import connect
 from shared.settings import Settings
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @settings_options("store")
 @fail_clearly
@@ -38,7 +44,7 @@ def collections(as_json: bool, settings: Settings) -> None:
         )
 
 
-@main.command()
+@click.command()
 @click.option("--from", "source", default=None, help="Collection to read documents from (default: the active one).")
 @click.option("--dry-run", is_flag=True, help="Print documents, chunks, tokens (and API cost); embed nothing.")
 @click.option(
@@ -47,15 +53,13 @@ def collections(as_json: bool, settings: Settings) -> None:
     is_flag=True,
     help="Submit to the distributed pipeline (Redis) instead; its pools must run with the new settings.",
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@progress_option
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "max_backlog_jobs")
 @fail_clearly
 def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool | None, settings: Settings) -> None:
     """Re-embed every document of the store under the current settings' embedding spec (a new model,
     dimensions, prefix or chunker), into that spec's own collection. The documents' text comes from
     the store: no sources needed. Search keeps using the active collection until `embedpipe promote`."""
-    from tqdm import tqdm
-
     from producer.lifecycle import stored_sources
     from shared.spec import spec_for
     from shared.store import open_store
@@ -73,9 +77,6 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
         return
     show = sys.stderr.isatty() if progress is None else progress
     if distributed:
-        from producer.submit import submit
-        from workers.runtime import connect
-
         result = submit(connect(settings), settings, stored_sources(store))
         click.echo(
             f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
@@ -83,44 +84,30 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
             f"own collection; then `embedpipe promote {target.collection}`"
         )
         return
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     with tqdm(total=0, unit="chunk", desc="re-embedding", disable=not show, dynamic_ncols=True) as bar:
-        summary = EmbeddedRun(settings, progress=bar).run(stored_sources(store))
+        summary = run_embedded(settings, stored_sources(store), progress=bar)
     click.echo(
         f"{summary.documents_stored} documents, {summary.chunks} chunks into {target.collection} in "
         f"{summary.seconds:.1f} s; search still uses the active collection: `embedpipe promote` switches it"
     )
 
 
-def _plan(sources: object, settings: Settings) -> str:
+def _plan(sources: Iterable[SourceDoc], settings: Settings) -> str:
     """Documents, chunks, tokens and (API models) cost of embedding `sources` with `settings`."""
-    from producer.submit import batched
-    from shared.models import load_tokenizer
-    from workers.chunk import chunk_batch, chunk_policy
-    from workers.load import load_batch
+    from producer.estimate import estimate  # the loader and chunker: numpy, the tokenizer
 
-    tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
-    documents = chunks = tokens = 0
-    for group in batched(sources, settings.batch_docs):  # type: ignore[arg-type]
-        docs, _ = load_batch([s.to_dict() for s in group], settings.max_doc_bytes)
-        made = chunk_batch(docs, tokenizer, policy)
-        documents, chunks, tokens = documents + len(docs), chunks + len(made), tokens + sum(c.tokens for c in made)
-    line = f"{documents} documents, {chunks} chunks, {tokens} tokens"
-    from shared.models import is_api_model
-
-    if not is_api_model(settings.model):
+    planned = estimate(sources, settings)
+    line = f"{planned.documents - planned.unreadable} documents, {planned.chunks} chunks, {planned.tokens} tokens"
+    if not planned.api:
         return line + ", local model: no API cost"
-    from workers.api_protocol import cost_usd, price_table
-
-    cost = cost_usd(tokens, settings.model, price_table(settings.api_prices))
-    return line + (
-        f", ${cost:.6f} at the API's price" if cost is not None else ", no price known (EMBEDPIPE_API_PRICES)"
-    )
+    if planned.cost_usd is None:
+        return line + ", no price known (EMBEDPIPE_API_PRICES)"
+    return line + f", ${planned.cost_usd:.6f} at the API's price"
 
 
-@main.command()
+@click.command()
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Promote even if incomplete or worse on the quality probe.")
 @click.option(
@@ -156,7 +143,7 @@ def promote(name: str | None, force: bool, tolerance: float | None, settings: Se
     click.echo(f"{target} is now the active collection: {decision.message}" + (" (forced)" if force else ""))
 
 
-@main.command()
+@click.command()
 @click.argument("ids", nargs=-1, required=True)
 @settings_options("store")
 @fail_clearly

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from producer.cli import fail_clearly, main
+from producer.cli_options import fail_clearly
 
 
-@main.command()
+@click.command()
 @click.option(
     "--from",
     "source",

@@ -13,6 +13,11 @@ from typing import Any
 
 from shared.quality import EvalSet, corpus_documents, load_beir
 from shared.settings import Settings
+from shared.spec import spec_for
+from shared.store import open_store
+from workers.embed import make_embedder
+from workers.embedded import run_embedded
+from workers.probe import run_probe
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -34,10 +39,6 @@ def subset(eval_set: EvalSet, max_docs: int) -> set[str] | None:
 
 
 def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) -> list[dict[str, Any]]:
-    from workers.embed import make_embedder
-    from workers.embedded import EmbeddedRun
-    from workers.probe import run_probe
-
     eval_set = load_beir(Path(eval_dir))
     ids = subset(eval_set, max_docs)
     rows = []
@@ -45,9 +46,9 @@ def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) 
         name, dims = parse_spec(spec)
         embedder = make_embedder(replace(settings, model=name, dimensions=dims)).warm_up()
         with tempfile.TemporaryDirectory(prefix="embedpipe-eval-") as store:
-            run = EmbeddedRun(replace(settings, model=name, dimensions=dims, store=store), embedder=embedder)
-            summary = run.run(corpus_documents(eval_set, ids))
-            probe = run_probe(run.store, embedder, eval_dir)
+            configured = replace(settings, model=name, dimensions=dims, store=store)
+            summary = run_embedded(configured, corpus_documents(eval_set, ids), embedder=embedder)
+            probe = run_probe(open_store(store, spec_for(configured)), embedder, eval_dir)
         rows.append(
             {
                 "model": spec,

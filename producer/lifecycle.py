@@ -7,37 +7,24 @@ incomplete or its quality probe is worse than the active one's by more than the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.embedding import Embedder
 from shared.errors import ConfigError
-from shared.messages import DeadLetter, SourceDoc
+from shared.messages import SourceDoc
 from shared.settings import Settings
 from shared.store import Store, open_store
+from workers.embed import make_embedder
+from workers.probe import run_probe
 
 
-def embedder_for(store: Store, settings: Settings) -> Any:
+def embedder_for(store: Store, settings: Settings) -> Embedder:
     """An embedder that embeds queries as the store's collection was embedded (model, dimensions)."""
-    from workers.embed import make_embedder
-
     if store.spec is None:
         raise ConfigError("the store has no collection yet: run `embedpipe run PATH` first")
     return make_embedder(store.spec.settings_for(settings))
-
-
-class Listed:
-    """Passes sources through and remembers their document IDs (for --prune). A document that is
-    listed but cannot be read now (a dead letter) is kept: it still exists."""
-
-    def __init__(self, items: Iterable[SourceDoc | DeadLetter]) -> None:
-        self.items = items
-        self.ids: set[str] = set()
-
-    def __iter__(self) -> Iterator[SourceDoc | DeadLetter]:
-        for item in self.items:
-            self.ids.add(item.id if isinstance(item, SourceDoc) else item.doc_id)
-            yield item
 
 
 def stored_sources(store: Store) -> Iterator[SourceDoc]:
@@ -87,8 +74,6 @@ def promotion(collections: list[dict[str, Any]], target: str, tolerance: float) 
 
 def probe_collection(location: str, name: str, eval_dir: str, settings: Settings) -> dict[str, Any]:
     """Run the quality probe on one collection, with the model that embedded it; record it there."""
-    from workers.probe import run_probe
-
     store = open_store(location, collection=name)
     try:
         result = run_probe(store, embedder_for(store, settings), eval_dir)

@@ -18,10 +18,13 @@ import fnmatch
 import glob
 import json
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+import pathspec
 
 from shared.errors import ConfigError, DecodeError
 from shared.messages import DeadLetter, SourceDoc
@@ -94,8 +97,6 @@ def _excluded(item: Input, patterns: tuple[str, ...], id_prefix: str) -> bool:
 
 def _ignore_spec(root: str) -> Callable[[str], bool]:
     """A test of paths relative to root against root/.embedpipeignore (gitignore semantics)."""
-    import pathspec
-
     ignore_file = Path(root) / IGNORE_FILE
     if not ignore_file.is_file():
         return lambda path: False
@@ -193,6 +194,18 @@ def read_jsonl(lines: IO[str], name: str) -> Iterator[SourceDoc | DeadLetter]:
 
 
 def _stdin() -> IO[str]:
-    import sys
-
     return sys.stdin
+
+
+class Listed:
+    """Passes sources through and remembers their document IDs (for --prune). A document that is
+    listed but cannot be read now (a dead letter) is kept: it still exists."""
+
+    def __init__(self, items: Iterable[SourceDoc | DeadLetter]) -> None:
+        self.items = items
+        self.ids: set[str] = set()
+
+    def __iter__(self) -> Iterator[SourceDoc | DeadLetter]:
+        for item in self.items:
+            self.ids.add(item.id if isinstance(item, SourceDoc) else item.doc_id)
+            yield item

@@ -1,13 +1,16 @@
-"""Enqueue documents as load batches: one claim-check payload and one rq job per batch."""
+"""Enqueue documents as load batches: one claim-check payload and one rq job per batch (the light client:
+no workers, numpy or torch are imported here).
+
+`batched`, `batched_by_size`, `new_batch_id`, `enqueue_batch` and `backlog` live in shared/ (the grouping
+in shared/messages.py, the rq protocol in shared/queues.py) and are importable from here too.
+"""
 
 from __future__ import annotations
 
-import os
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any
 
 import msgpack
 from redis import Redis
@@ -15,49 +18,24 @@ from redis import Redis
 from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
-from shared.messages import DeadLetter, SourceDoc, pack
-from shared.settings import STAGES, Settings
+from shared.messages import DeadLetter, SourceDoc, batched, batched_by_size
+from shared.queues import backlog, enqueue_batch, enqueue_jobs, new_batch_id, queue
+from shared.settings import Settings
+
+__all__ = [
+    "SubmitResult",
+    "backlog",
+    "batched",
+    "batched_by_size",
+    "enqueue_batch",
+    "new_batch_id",
+    "push_to_inbox",
+    "submit",
+    "submit_prune",
+    "wait_for_room",
+]
 
 BACKPRESSURE_POLL_S = 0.5
-
-
-def batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
-    """itertools.batched, which Python 3.11 lacks."""
-    it = iter(items)
-    while group := list(islice(it, n)):
-        yield group
-
-
-def batched_by_size(items: Iterable[Any], n: int, max_bytes: int) -> Iterable[list[Any]]:
-    """Groups of at most n items and about max_bytes of document bodies (at least one item each)."""
-    group: list[Any] = []
-    size = 0
-    for item in items:
-        body = getattr(item, "text", None) or getattr(item, "content", None) or b""
-        if group and (len(group) == n or size + len(body) > max_bytes):
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += len(body)
-    if group:
-        yield group
-
-
-def new_batch_id() -> str:
-    """Time-ordered and unique; downstream job IDs derive from it deterministically."""
-    return f"{time.time_ns() // 1_000_000:x}-{os.urandom(4).hex()}"
-
-
-def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pipe: Any) -> str:
-    """Add one batch (payload + load job) to `pipe`; the caller executes it."""
-    from workers.runtime import enqueue_jobs, queue
-
-    batch_id = new_batch_id()
-    pipe.set(keys.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
-    ids = msgpack.packb([s.id for s in sources])
-    pipe.set(keys.batch_doc_ids(batch_id), ids, ex=max(settings.payload_ttl_s, settings.dead_source_ttl_s))
-    enqueue_jobs(queue(redis, "load"), settings, "load", [(batch_id,)], pipe)
-    return batch_id
 
 
 @dataclass
@@ -66,18 +44,6 @@ class SubmitResult:
     documents: int = 0
     rejected: int = 0
     rejected_letters: list[DeadLetter] = field(default_factory=list)  # what the client rejected itself
-
-
-def backlog(redis: Redis, settings: Settings) -> int:
-    """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
-    from workers.runtime import queue
-
-    pipe = redis.pipeline(transaction=False)
-    for stage in STAGES:
-        pipe.llen(queue(redis, stage).key)
-    pipe.llen(keys.INBOX)
-    *queued, inbox = pipe.execute()
-    return sum(queued) + inbox // settings.batch_docs
 
 
 def wait_for_room(redis: Redis, settings: Settings, on_wait: Callable[[int], None] | None = None) -> None:
@@ -154,12 +120,6 @@ def _in_groups(
 def submit_prune(redis: Redis, settings: Settings, kept: set[str]) -> str:
     """Ask the writers to delete every stored document not in `kept` (a sync): one job on the write
     queue, the IDs in a claim-check payload."""
-    import uuid
-
-    import msgpack
-
-    from workers.runtime import enqueue_jobs, queue
-
     if not kept:
         raise ConfigError("--prune with no documents listed would empty the store: refused")
     token = uuid.uuid4().hex

@@ -12,11 +12,12 @@ import hashlib
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+from redis import Redis
 
-from shared.keys import PREFIX
+from shared import keys as redis_keys
 
 
 def text_key(fingerprint: str, text: str) -> str:
@@ -36,7 +37,7 @@ def _decode(raw: bytes | None, dim: int) -> np.ndarray | None:
 
 
 class RedisVectorCache:
-    def __init__(self, redis: Any, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
 
@@ -45,7 +46,7 @@ class RedisVectorCache:
             return {}
         with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.getex(f"{PREFIX}:vcache:{key}", ex=self.ttl_s)  # a hit keeps the entry alive
+                pipe.getex(redis_keys.vector_cache(key), ex=self.ttl_s)  # a hit keeps the entry alive
             raws = pipe.execute()
         found = {key: _decode(raw, dim) for key, raw in zip(keys, raws, strict=True)}
         return {k: v for k, v in found.items() if v is not None}
@@ -55,7 +56,7 @@ class RedisVectorCache:
             return
         with self.redis.pipeline(transaction=False) as pipe:
             for key, vector in vectors.items():
-                pipe.set(f"{PREFIX}:vcache:{key}", np.asarray(vector, dtype="<f4").tobytes(), ex=self.ttl_s)
+                pipe.set(redis_keys.vector_cache(key), np.asarray(vector, dtype="<f4").tobytes(), ex=self.ttl_s)
             pipe.execute()
 
 

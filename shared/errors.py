@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only: the light client imports this module without numpy
+    import numpy as np
+    import numpy.typing as npt
+
+    Vectors = npt.NDArray[np.float32]
+
 # The closed set of reasons a document can fail with. Metrics and dead letters use only these.
 REASONS = (
     "decode_error",  # bytes that are not text in any encoding we accept, or a bad message
@@ -37,7 +46,12 @@ class RateLimited(RetryableError):
     `vectors` and `done` carry what was embedded before it (those rows are kept, not paid twice)."""
 
     def __init__(
-        self, message: str, retry_in_s: float, quota: bool = False, vectors: object = None, done: object = ()
+        self,
+        message: str,
+        retry_in_s: float,
+        quota: bool = False,
+        vectors: Vectors | dict[int, Vectors] | None = None,  # all rows, or those that came back by row
+        done: Iterable[int] = (),
     ) -> None:
         super().__init__(message)
         self.retry_in_s, self.quota, self.vectors, self.done = retry_in_s, quota, vectors, set(done)
@@ -67,7 +81,7 @@ class EmbedFailures(EmbedpipeError):
     `vectors` has one row per chunk of the part (rows of failed chunks are zeros); `failed` maps the
     row index of each failed chunk to a message (the API's message, say; never a secret)."""
 
-    def __init__(self, vectors: object, failed: dict[int, str]) -> None:
+    def __init__(self, vectors: Vectors, failed: dict[int, str]) -> None:
         super().__init__(f"{len(failed)} chunk(s) could not be embedded")
         self.vectors = vectors
         self.failed = failed

@@ -44,6 +44,16 @@ def docs_committed(batch_id: str) -> str:
     return f"{PREFIX}:committed:{batch_id}"
 
 
+def vector_cache(text_key: str) -> str:
+    """float32 bytes: the embedding cache's vector of one text under one spec (shared/cache.py)."""
+    return f"{PREFIX}:vcache:{text_key}"
+
+
+def rate_budget(host: str, model: str) -> str:
+    """hash (req_tat, tok_tat, hold): one API account's rate budget, shared by every embedder (shared/ratelimit.py)."""
+    return f"{PREFIX}:ratelimit:{host}:{model}"
+
+
 def kept_ids(token: str) -> str:
     """msgpack list of the document IDs a sync (`enqueue --prune`) keeps; claim check of a prune job."""
     return f"{PREFIX}:kept:{token}"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import msgpack
 from redis import Redis
+from redis.client import Pipeline
 
 from shared import keys
 from shared.messages import DeadLetter, decode_dead_letter, encode_dead_letter
@@ -34,8 +35,11 @@ class Ledger(Protocol):
     def clear_dead(self, doc_ids: Iterable[str]) -> None: ...
     def dead(self) -> list[DeadLetter]: ...
     def source(self, doc_id: str) -> dict[str, Any] | None: ...
+    def dead_count(self) -> int: ...
     def incr(self, **counts: int) -> None: ...
     def counters(self) -> dict[str, int]: ...
+    def record_probe(self, result: dict[str, Any]) -> None: ...
+    def last_probe(self) -> dict[str, Any]: ...
 
 
 def _split(letter: DeadLetter) -> tuple[DeadLetter, bytes | None]:
@@ -53,7 +57,7 @@ class RedisLedger:
         self.redis = redis
         self.source_ttl_s = source_ttl_s
 
-    def add_dead(self, letters: list[DeadLetter], pipe: Any = None) -> None:
+    def add_dead(self, letters: list[DeadLetter], pipe: Pipeline | None = None) -> None:
         target = pipe if pipe is not None else self.redis.pipeline()
         for letter in letters:
             entry, source = _split(letter)
@@ -80,7 +84,7 @@ class RedisLedger:
     def last_probe(self) -> dict[str, Any]:
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(keys.PROBE).items()}
 
-    def clear_dead(self, doc_ids: Iterable[str], pipe: Any = None) -> None:
+    def clear_dead(self, doc_ids: Iterable[str], pipe: Pipeline | None = None) -> None:
         ids = list(doc_ids)
         if ids:
             target = pipe if pipe is not None else self.redis.pipeline()
@@ -114,7 +118,7 @@ class RedisLedger:
     def dead_count(self) -> int:
         return int(self.redis.hlen(keys.DEAD))
 
-    def incr(self, pipe: Any = None, **counts: int) -> None:
+    def incr(self, pipe: Pipeline | None = None, /, **counts: int) -> None:
         target = pipe if pipe is not None else self.redis
         for name, n in counts.items():
             target.hincrby(keys.COUNTERS, name, n)

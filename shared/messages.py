@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import msgpack
@@ -161,6 +163,29 @@ class SourceDoc:
         )
 
 
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """itertools.batched, which Python 3.11 lacks."""
+    it = iter(items)
+    while group := list(islice(it, n)):
+        yield group
+
+
+def batched_by_size(items: Iterable[Any], n: int, max_bytes: int) -> Iterator[list[Any]]:
+    """Submitted documents grouped into load batches: at most n items and about max_bytes of document
+    bodies (at least one item each). Both runtimes and every producer group the same way."""
+    group: list[Any] = []
+    size = 0
+    for item in items:
+        body = getattr(item, "text", None) or getattr(item, "content", None) or b""
+        if group and (len(group) == n or size + len(body) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(body)
+    if group:
+        yield group
+
+
 @dataclass(frozen=True)
 class Document:
     """A loaded, cleaned document."""
@@ -188,76 +213,62 @@ class Chunk:
     token_ids: bytes = b""
 
 
-def pack_token_ids(ids: Any) -> bytes:
-    """Token IDs (a numpy array or a list) as the little-endian uint32 bytes a Chunk carries."""
-    import numpy as np
-
-    return np.asarray(ids, dtype="<u4").tobytes()
-
-
-# How vectors travel (embed -> write) and are kept: raw little-endian bytes, float32 or, where the
-# spec says so, float16 (half the bytes; the rounding is part of the spec, so both runtimes apply it).
-VECTOR_DTYPES = {"float32": "<f4", "float16": "<f2"}
-
-
-def pack_vectors(vectors: Any, dtype: str = "float32") -> bytes:
-    """A part's vectors (rows) as raw little-endian bytes of `dtype`."""
-    import numpy as np
-
-    return np.ascontiguousarray(vectors, dtype=VECTOR_DTYPES[dtype]).tobytes()
-
-
-def unpack_vectors(raw: bytes | None, rows: int, dtype: str = "float32") -> Any:
-    """float32 rows from pack_vectors' bytes, checked: the size must fit `rows`, every number finite."""
-    import numpy as np
-
-    if raw is None:
-        raise DecodeError("vectors payload is missing (expired or never written)")
-    width = np.dtype(VECTOR_DTYPES[dtype]).itemsize
-    if rows == 0 or len(raw) % (width * rows):
-        raise DecodeError(f"vectors payload of {len(raw)} bytes does not hold {rows} {dtype} rows")
-    vectors = np.frombuffer(raw, dtype=VECTOR_DTYPES[dtype]).reshape(rows, -1).astype(np.float32)
-    if not np.isfinite(vectors).all():
-        raise DecodeError("vectors payload holds non-finite numbers")
-    return vectors
-
-
-def unpack_token_ids(chunk: Chunk) -> Any:
-    """A chunk's token IDs as a numpy uint32 array, checked against its token count."""
-    import numpy as np
-
-    raw = chunk.token_ids
-    if len(raw) % 4 or len(raw) // 4 != chunk.tokens:
-        raise DecodeError(f"chunk {chunk.chunk_id}: {len(raw)} bytes of token IDs for {chunk.tokens} tokens")
-    return np.frombuffer(raw, dtype="<u4")
-
-
 @dataclass(frozen=True)
 class BatchPlan:
-    """What the chunker planned for a batch, kept in a Redis hash (keys.batch_plan) that every later
-    stage reads: how many embed parts, the embedding spec's fingerprint, each document's chunk IDs."""
+    """What the chunker planned for a batch: how many embed parts, the embedding spec's fingerprint, each
+    chunked document's chunk IDs, and the documents skipped because the store holds them unchanged.
+    Distributed, it is a Redis hash (keys.batch_plan) that every later stage reads, only through here."""
 
     parts: int
     spec: str
     chunks: dict[str, list[str]]  # doc_id -> its chunk IDs, in order
+    unchanged: list[str] = field(default_factory=list)  # doc_ids not chunked: stored already, unchanged
+
+    HEADER = ("parts", "spec")  # the fields every job reads, without the chunk lists
 
     def to_hash(self) -> dict[str, Any]:
-        return {"parts": self.parts, "spec": self.spec, "chunks": msgpack.packb(self.chunks, use_bin_type=True)}
+        return {
+            "parts": self.parts,
+            "spec": self.spec,
+            "chunks": msgpack.packb(self.chunks, use_bin_type=True),
+            "unchanged": msgpack.packb(self.unchanged, use_bin_type=True),
+        }
 
     @classmethod
     def from_hash(cls, fields: dict[bytes, bytes]) -> BatchPlan:
         """The plan from HGETALL; a missing or malformed one is a DecodeError."""
+        parts, spec = cls.header_from([fields.get(b"parts"), fields.get(b"spec")]) or (None, None)
+        if parts is None or spec is None or b"chunks" not in fields:
+            raise DecodeError("batch plan is missing (expired, or the batch is not chunked yet)")
         try:
-            parts, spec = int(fields[b"parts"]), fields[b"spec"].decode()
             chunks = msgpack.unpackb(fields[b"chunks"], raw=False)
-        except (KeyError, ValueError, TypeError) as e:  # msgpack's errors are ValueErrors
-            raise DecodeError(f"batch plan is missing or malformed: {type(e).__name__}: {e}") from e
+            unchanged = msgpack.unpackb(fields[b"unchanged"], raw=False) if b"unchanged" in fields else []
+        except ValueError as e:  # msgpack's errors are ValueErrors
+            raise DecodeError(f"batch plan is malformed: {type(e).__name__}: {e}") from e
         if not isinstance(chunks, dict) or not all(
             isinstance(d, str) and isinstance(ids, list) and all(isinstance(i, str) for i in ids)
             for d, ids in chunks.items()
         ):
             raise DecodeError("batch plan: the chunk lists are not {document ID: [chunk IDs]}")
-        return cls(parts, spec, chunks)
+        if not isinstance(unchanged, list) or not all(isinstance(d, str) for d in unchanged):
+            raise DecodeError("batch plan: the unchanged documents are not a list of IDs")
+        return cls(parts, spec, chunks, unchanged)
+
+    @staticmethod
+    def header_from(values: list[bytes | None]) -> tuple[int, str] | None:
+        """(parts, spec) from the HEADER fields (HMGET); None while there is no plan."""
+        raw_parts, raw_spec = values
+        if raw_parts is None or raw_spec is None:
+            return None
+        try:
+            return int(raw_parts), raw_spec.decode()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DecodeError(f"batch plan is malformed: {type(e).__name__}: {e}") from e
+
+    @property
+    def expected_chunks(self) -> int:
+        """Chunks of the documents the plan chunked."""
+        return sum(map(len, self.chunks.values()))
 
 
 @dataclass(frozen=True)

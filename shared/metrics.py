@@ -26,6 +26,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from shared.errors import REASONS
+
 log = logging.getLogger(__name__)
 
 RECENT_FAILURES_MAX = 50
@@ -166,8 +168,6 @@ def serve(port: int, stage: str, model: str = "") -> None:
     """Serve /metrics and /livez from this process, with this stage's labelled series present from the
     start (at zero), so rates, alerts and dashboards see them before the first event. An embedder also
     shows its model's API series: zero cost is a fact worth showing for a local model."""
-    from shared.errors import REASONS
-
     PROCESS_INFO.labels(stage).set(1)
     if stage != "janitor":
         BUSY.stage = stage

@@ -11,7 +11,10 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Encoding, Tokenizer
 
 from shared.errors import ConfigError
 
@@ -25,16 +28,6 @@ API_PREFIX = "openai:"
 def is_api_model(name: str) -> bool:
     """`openai:NAME` is a model behind an OpenAI-compatible embeddings API (workers/embed_api.py)."""
     return name.startswith(API_PREFIX)
-
-
-def load_tokenizer(model: str, api_max_input_tokens: int = 8192) -> ModelTokenizer:
-    """The tokenizer that counts tokens as the model does: its own for local models, tiktoken for API
-    models (whose inputs may hold up to api_max_input_tokens)."""
-    if is_api_model(model):
-        from shared.tokenizer_api import ApiTokenizer
-
-        return ApiTokenizer(model, api_max_input_tokens)  # type: ignore[return-value]
-    return ModelTokenizer(model)
 
 
 @cache
@@ -87,7 +80,14 @@ class Tokens:
 
     __slots__ = ("_encoding", "_ends", "_starts", "ids", "word_start")
 
-    def __init__(self, ids: Any, word_start: Any, encoding: Any = None, starts: Any = None, ends: Any = None):
+    def __init__(
+        self,
+        ids: npt.NDArray[np.uint32],
+        word_start: npt.NDArray[np.bool_],
+        encoding: Encoding | None = None,
+        starts: npt.NDArray[np.int64] | None = None,
+        ends: npt.NDArray[np.int64] | None = None,
+    ) -> None:
         self.ids = ids  # uint32 token IDs
         self.word_start = word_start  # bool: the token starts a word (a cut before it splits no word)
         self._encoding = encoding  # a tokenizers.Encoding, or the offsets as arrays:
@@ -102,10 +102,8 @@ class Tokens:
             return self._encoding.token_to_chars(first)[0], self._encoding.token_to_chars(end - 1)[1]
         return int(self._starts[first]), int(self._ends[end - 1])
 
-    def first_at(self, positions: list[int]) -> Any:
+    def first_at(self, positions: list[int]) -> npt.NDArray[np.int64]:
         """For each character position, the first token that starts there or later."""
-        import numpy as np
-
         if self._encoding is None:
             return np.searchsorted(self._starts, positions)
         e, out = self._encoding, []
@@ -126,8 +124,6 @@ class ModelTokenizer:
     ids_are_model_inputs = True
 
     def __init__(self, model: str) -> None:
-        from tokenizers import Tokenizer
-
         path = resolve_model_path(model)
         kind = model_kind(path)
         tokenizer_file = path / "tokenizer.json"
@@ -153,8 +149,6 @@ class ModelTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[Tokens]:
         """The tokens of each text: IDs, character offsets, word starts (one pass of the tokenizer)."""
-        import numpy as np
-
         out = []
         for e in self._tok.encode_batch(texts, add_special_tokens=False):
             words = np.array(e.word_ids, dtype=np.float64)  # None (no word) -> nan: a word of its own

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.embedding import Embedder
 from shared.messages import SourceDoc
+from shared.store_types import Store
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float
 
 
 def evaluate(
-    store: object,
-    embedder: object,
+    store: Store,
+    embedder: Embedder,
     eval_set: EvalSet,
     k: int = 10,
     chunks_per_query: int = 100,
@@ -76,10 +78,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean recall@k and nDCG@k over the eval set's queries, searching `store` with `embedder`."""
     ids = list(eval_set.queries)
-    vectors = np.asarray(embedder.embed([query_prefix + eval_set.queries[q] for q in ids]))  # type: ignore[attr-defined]
+    vectors = np.asarray(embedder.embed([query_prefix + eval_set.queries[q] for q in ids]))
     recalls, ndcgs = [], []
     for qid, vector in zip(ids, vectors, strict=True):
-        hits = store.search(vector, chunks_per_query)  # type: ignore[attr-defined]
+        hits = store.search(vector, chunks_per_query)
         ranked = rank_documents([(h.doc_id, h.score) for h in hits], k)
         recalls.append(recall_at_k(ranked, eval_set.qrels[qid], k))
         ndcgs.append(ndcg_at_k(ranked, eval_set.qrels[qid], k))

@@ -27,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
+from redis import Redis
+
+from shared import keys
 from shared.errors import ConfigError
 
-PREFIX = "embedpipe"
 BURST_S = 1.0  # the burst capacity of each dimension: this many seconds of its budget
 STATE_TTL_S = 3600  # an idle budget's state expires (it would be full again by then anyway)
 
@@ -41,7 +43,7 @@ def budget_key(base_url: str, model: str) -> str:
     """Redis hash of one account's budget: fields req_tat, tok_tat, hold (Redis TIME seconds).
     One budget per server and model (OpenAI's limits are per organisation and model)."""
     host = urlsplit(base_url).netloc or "api.openai.com"
-    return f"{PREFIX}:ratelimit:{host}:{model}"
+    return keys.rate_budget(host, model)
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ return 1
 class RedisBudget:
     """The budget shared by every embedder using the same Redis, server and model."""
 
-    def __init__(self, redis: Any, key: str, limits: Limits) -> None:
+    def __init__(self, redis: Redis, key: str, limits: Limits) -> None:
         self.limits = limits
         self.key = key
         self._reserve = redis.register_script(_RESERVE)
@@ -202,7 +204,7 @@ class RedisBudget:
         self._hold(keys=[self.key], args=[seconds, max(STATE_TTL_S, math.ceil(seconds) + 60)])
 
 
-def make_budget(redis: Any, base_url: str, model: str, limits: Limits) -> LocalBudget | RedisBudget:
+def make_budget(redis: Redis | None, base_url: str, model: str, limits: Limits) -> LocalBudget | RedisBudget:
     """Shared through Redis when there is one, else this process's own."""
     if redis is None:
         return LocalBudget(limits)

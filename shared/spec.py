@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from shared.models import STATIC_CHUNK_TOKENS, is_api_model, load_tokenizer, model_kind, resolve_model_path
+from shared.models import STATIC_CHUNK_TOKENS, is_api_model, model_kind, resolve_model_path
 from shared.settings import Settings
+from shared.tokenizers import Tokenizer, load_tokenizer
 
 # Bump when a change to workers/chunk.py or workers/load.py changes the chunks of a document.
 CHUNKER_VERSION = 3
@@ -39,9 +40,10 @@ class ChunkPolicy:
         return cls(max_tokens=size, overlap_tokens=int(size * overlap))
 
 
-def chunk_policy(tokenizer: Any, chunk_tokens: int, overlap: float) -> ChunkPolicy:
-    """The policy for this model's tokenizer and the chunk settings (EMBEDPIPE_CHUNK_TOKENS, _OVERLAP)."""
-    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, chunk_tokens, overlap)
+def chunk_policy(settings: Settings, tokenizer: Tokenizer) -> ChunkPolicy:
+    """The one recipe: how the model of `tokenizer` is chunked under these settings (EMBEDPIPE_CHUNK_TOKENS,
+    EMBEDPIPE_CHUNK_OVERLAP). Every runtime, the spec and the cost planner cut with it."""
+    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,6 @@ class EmbeddingSpec:
 
     def settings_for(self, settings: Settings) -> Settings:
         """Settings that embed (queries, a probe) exactly as this spec did."""
-        from dataclasses import replace
-
         backend = settings.backend if self.backend == "api" else self.backend
         return replace(
             settings, model=self.model, dimensions=self.dimensions, query_prefix=self.query_prefix, backend=backend
@@ -93,7 +93,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
     """The spec these settings embed with; reads only small files (no torch, no model load)."""
     tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
     info = tokenizer.info
-    policy = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    policy = chunk_policy(settings, tokenizer)
     if is_api_model(settings.model):
         revision, pooling, normalize = "api", "api", True
     else:

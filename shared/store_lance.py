@@ -16,7 +16,7 @@ from shared.errors import ConfigError
 from shared.messages import Chunk
 from shared.metrics import STORE_WRITES
 from shared.spec import EmbeddingSpec
-from shared.store import DocRecord, Hit, choose_collection, stale_chunks
+from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from shared.errors import ConfigError
 from shared.messages import Chunk
 from shared.metrics import STORE_WRITES
 from shared.spec import EmbeddingSpec
-from shared.store import DocRecord, Hit, choose_collection, stale_chunks
+from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
 
 HNSW_EF_SEARCH = 100  # candidates per search: recall over speed, like a brute-force scan
 REGISTRY = "embedpipe_registry"

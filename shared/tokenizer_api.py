@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.errors import ConfigError
 from shared.models import API_PREFIX, TokenizerInfo, Tokens
 
@@ -169,8 +171,6 @@ class ApiTokenizer:
     def encode_batch(self, texts: list[str]) -> list[Tokens]:
         """Tokens of each text for the chunker. A token starts a word where a space precedes it or the
         character class changes (tiktoken's pieces carry their leading space)."""
-        import numpy as np
-
         out = []
         for text in texts:
             tokens = self.encode(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import subprocess
 import sys
@@ -13,12 +12,11 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from .servers import free_port, start_redis  # noqa: F401 (free_port is re-exported)
+from shared.models import ModelTokenizer
+from workers.embedder import LocalEmbedder
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
-EMBEDPIPE = str(Path(sys.executable).with_name("embedpipe"))
+from .helpers import SCIFACT, cli_env, embedpipe
+from .servers import start_redis
 
 
 @pytest.fixture(scope="session")
@@ -46,17 +44,14 @@ def redis_url(redis_server: int) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    from shared.models import ModelTokenizer
-
+def tokenizer() -> ModelTokenizer:
     return ModelTokenizer("all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
-def embedder():
-    from workers.embedder import Embedder
-
-    return Embedder("all-MiniLM-L6-v2").warm_up()
+def embedder() -> LocalEmbedder:
+    """The default model, loaded once per test run: a test that uses it is a `slow` one."""
+    return LocalEmbedder("all-MiniLM-L6-v2").warm_up()
 
 
 @pytest.fixture(scope="session")
@@ -72,22 +67,6 @@ def scifact() -> Path:
     if not (SCIFACT / "corpus.jsonl").is_file():
         pytest.skip(f"SciFact eval data not found at {SCIFACT} (../shared/data/scifact beside the repo)")
     return SCIFACT
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_")}
-    env.update(extra)
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
-def embedpipe(
-    *args: str, env: dict[str, str], timeout: float = 600, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([EMBEDPIPE, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"embedpipe {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +92,37 @@ def pg_url(pg_server: str) -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name}")
         conn.execute(f"CREATE DATABASE {name}")
     return pg_server.replace("/postgres?", f"/{name}?", 1)
+
+
+# --- the fast tier: `pytest -m "not slow"` ---------------------------------------------------------
+# A test that loads a model or starts processes (embedpipe, a worker pool, a server, a tool) is marked
+# `slow`. These keep it so: a fixture that loads a model refuses an unmarked test at collection; an
+# unmarked test that starts a process, or imports a model runtime the fast tier had not loaded, fails.
+MODEL_FIXTURES = {"embedder", "static_model", "scifact", "pg_server", "pg_url"}
+MODEL_RUNTIMES = ("torch", "sentence_transformers", "onnxruntime", "model2vec")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError("these tests load a model or start a server: mark them slow\n" + "\n".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_stay_fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args[0] if args else ''}): mark it slow")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    loaded = {m for m in MODEL_RUNTIMES if m in sys.modules}
+    yield
+    imported = {m for m in MODEL_RUNTIMES if m in sys.modules} - loaded
+    assert not imported, f"{request.node.nodeid} loads a model ({', '.join(sorted(imported))}): mark it slow"

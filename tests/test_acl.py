@@ -16,8 +16,7 @@ from rq.serializers import JSONSerializer
 
 from shared import keys
 
-from .conftest import EXAMPLES, REPO, cli_env, embedpipe
-from .pool import Pool
+from .helpers import EXAMPLES, REPO, cli_env, embedpipe, worker_pool
 from .servers import free_port, wait_for_redis
 
 pytestmark = pytest.mark.slow
@@ -90,17 +89,13 @@ def test_the_pools_run_as_the_worker_user_and_cannot_touch_the_server(acl_redis,
         with pytest.raises((NoPermissionError, ResponseError)):
             forbidden()
     env = as_user(acl_redis, "WORKER", EMBEDPIPE_STORE=str(tmp_path / "store"), EMBEDPIPE_INBOX_WAIT_S="0.2")
-    pool = Pool(env, tmp_path / "logs")
-    try:
-        pool.start_all(worker)
+    with worker_pool(env, tmp_path / "logs", worker) as pool:
         producer_env = as_user(acl_redis, "PRODUCER")
         embedpipe("enqueue", "--inbox", str(EXAMPLES / "docs"), env=producer_env)
         embedpipe("wait", "--timeout", "300", env=producer_env, timeout=330)  # a producer may watch
         status = json.loads(embedpipe("status", "--json", env=producer_env).stdout)
         failed = json.loads(embedpipe("failed", "--json", "--redis", env=producer_env).stdout)
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), f"{codes}; see {pool.logs}"
+    pool.assert_clean_exit()
     docs = len([p for p in (EXAMPLES / "docs").iterdir() if p.is_file()])
     assert failed == [] and status["documents_done"] == docs
     assert "NOPERM" not in "".join(p.read_text() for p in (tmp_path / "logs").iterdir())

@@ -24,27 +24,14 @@ from shared.errors import ConfigError, EmbedFailures, RateLimited, RetryableErro
 from shared.messages import Chunk
 from shared.ratelimit import Limits, LocalBudget, RedisBudget
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.tokenizer_api import ApiTokenizer
 from workers.api_protocol import MAX_RETRY_AFTER_S, duration_s, pack_requests, plan_requests, retry_after_s
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 from workers.embed_api import ApiEmbedder
 
-from .conftest import EXAMPLES, REPO, cli_env, embedpipe
+from .helpers import EXAMPLES, REPO, SECRET, SMALL, WORDS, assert_windows, cli_env, embedpipe, texts
 from .openai_server import serve
-
-SMALL = "openai:text-embedding-3-small"
-WORDS = (
-    "tea kettle river granite orbit lantern copper meadow violin harbor pepper glacier walnut signal "
-    "marble comet saddle thunder orchid beacon"
-).split()
-
-
-def texts(n: int, start: int = 0, words: int = 6) -> list[str]:
-    """Distinct texts of varied lengths: `words` to 3*`words` words."""
-    return [
-        f"Note {i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(words + (i * 5) % (2 * words)))
-        for i in range(start, start + n)
-    ]
 
 
 def chunks_of(items: list[str]) -> list[Chunk]:
@@ -99,6 +86,7 @@ print(json.dumps({"ours": ours, "empty_cache_after": empty_cache_after, "same": 
 """
 
 
+@pytest.mark.slow
 def test_tiktoken_encodings_load_with_no_network(tmp_path):
     """No download can happen: sockets refuse, proxies point nowhere, tiktoken's cache is empty."""
     (tmp_path / "empty").mkdir()
@@ -132,7 +120,7 @@ def test_api_tokenizer_cuts_chunks_that_fit_and_count_as_tiktoken():
     assert ApiTokenizer("openai:some-local-model", 512).info.max_content_tokens == 512
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES / "docs")]), 10**8)]
     docs, _ = load_batch(sources, 10**8)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 200, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(chunk_tokens=200), tok))
     assert len(chunks) > len(docs)  # long documents were cut
     text_of = {d.id: d.text for d in docs}
     for c in chunks:
@@ -321,17 +309,6 @@ def test_retry_after_and_reset_headers_are_parsed():
 TOKEN_PATTERN = [450, 5, 5, 450, 5, 300, 5, 5, 5, 450, 120, 5, 60, 450, 5]  # large and small, mixed
 
 
-def assert_windows(sends: list[tuple[float, int, int]], limits: Limits, windows: tuple[float, ...]) -> None:
-    """In every window [s, s + W] starting at a send, the requests and tokens sent stay within the
-    budget's bound C + r*W (a hair of slack for the scripts' microsecond rounding)."""
-    sends = sorted(sends)
-    for w in windows:
-        for i, (start, _, _) in enumerate(sends):
-            inside = [s for s in sends[i:] if s[0] <= start + w + 1e-4]
-            assert len(inside) <= limits.requests.bound(w + 2e-4) + 1e-6, (w, start, len(inside))
-            assert sum(n for _, n, _ in inside) <= limits.tokens.bound(w + 2e-4) + 1e-3, (w, start)
-
-
 def test_shared_budget_never_exceeds_its_bound_in_any_window(redis_url):
     limits = Limits.from_settings(rpm=120, tpm=6000, max_input_tokens=500)
     for limit in (limits.requests, limits.tokens):  # the per-minute guarantee: C + 60 r == L
@@ -405,9 +382,6 @@ def test_inputs_the_api_refuses_become_failures_the_rest_is_embedded():
     assert all(max(r["tokens"]) <= 100 for r in log)  # the too-long input never reached the API
     assert {t for r in log if r["status"] == 200 for t in r["texts"]} == {items[r] for r in good}
     assert outcomes()["failed"] - before["failed"] == sum(r["status"] == 400 for r in log)
-
-
-SECRET = "sk-test-DO-NOT-LEAK-5f3a9c1e7b"
 
 
 def test_a_bad_key_fails_the_job_without_showing_the_key(caplog):
@@ -502,7 +476,7 @@ def test_estimate_prints_what_the_api_then_bills(tmp_path):
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES)]), 10**8) if isinstance(s, SourceDoc)]
     docs, _ = load_batch(sources, 10**8)
     tok = ApiTokenizer(SMALL)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     with serve() as server:
         e = embedder(server.url)
         e.embed_chunks(chunks)

@@ -17,16 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from producer.sources import iter_sources, resolve
+from shared.ledger import RedisLedger
 from shared.ratelimit import Limits
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
 from shared.tokenizer_api import ApiTokenizer
-from workers.chunk import ChunkPolicy, chunk_batch
+from workers.chunk import chunk_batch
 
-from .conftest import REPO, cli_env, embedpipe, free_port
+from .helpers import REPO, SECRET, SMALL, WORDS, assert_windows, cli_env, embedpipe, texts, worker_pool
 from .openai_server import FakeOpenAI, serve
-from .pool import Pool
-from .test_api_backend import SECRET, SMALL, WORDS, assert_windows, texts
+from .servers import free_port
 
 # --- two embedder processes, one account --------------------------------------------------------
 
@@ -113,18 +114,18 @@ def test_two_embedder_processes_share_one_rate_budget(redis_url, tmp_path, fake_
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", {"load": 1, "chunk": 1, "embed": 2, "write": 1}, metrics=True)
     try:
-        pool.start_all(redis)
-        embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
-        embedpipe("wait", "--timeout", "300", env=env, timeout=330)
-        scraped = [_metrics(pool.metrics_ports[f"embed-{i}"]) for i in range(2)]
-        status = json.loads(embedpipe("status", "--json", env=env).stdout)
-        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        with worker_pool(
+            env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 2, "write": 1}, metrics=True
+        ) as pool:
+            embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
+            embedpipe("wait", "--timeout", "300", env=env, timeout=330)
+            scraped = [_metrics(pool.metrics_ports[f"embed-{i}"]) for i in range(2)]
+            status = json.loads(embedpipe("status", "--json", env=env).stdout)
+            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
     finally:
-        codes = pool.stop()
         redis.close()
-    assert codes == dict.fromkeys(codes, 0), f"unclean shutdown: {codes}; see {pool.logs}"
+    pool.assert_clean_exit()
     assert failed == [] and status["documents_done"] == 96
 
     log = json.loads(_get(base + "/log"))["requests"]
@@ -150,7 +151,7 @@ def test_two_embedder_processes_share_one_rate_budget(redis_url, tmp_path, fake_
     sources = [s.to_dict() for s in iter_sources(resolve([str(tmp_path / "corpus")]), 10**8)]
     docs, _ = load_batch(sources, 10**8)
     tok = ApiTokenizer(SMALL)
-    chunks = chunk_batch(docs, tok, ChunkPolicy.for_model(tok.info.max_content_tokens, 0, 0.1))
+    chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     store = open_store(str(tmp_path / "store"))
     try:
         stored = store.vectors()
@@ -196,15 +197,13 @@ def test_a_bad_key_in_a_worker_becomes_dead_letters_that_never_show_it(redis_url
         EMBEDPIPE_LOG_LEVEL="DEBUG",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs")
     try:
-        pool.start_all(redis)
-        embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
-        embedpipe("wait", "--timeout", "120", env=env, timeout=150)
-        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
-        stored = _all_values(redis)
+        with worker_pool(env, tmp_path / "logs", redis) as pool:
+            embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
+            embedpipe("wait", "--timeout", "120", env=env, timeout=150)
+            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+            stored = _all_values(redis)
     finally:
-        pool.stop()
         redis.close()
     assert {f["doc_id"] for f in failed} == {f"note-{i:03d}.txt" for i in range(3)}
     assert all("401" in f["message"] and "EMBEDPIPE_OPENAI_API_KEY" in f["message"] for f in failed)
@@ -241,7 +240,11 @@ def _refusal_corpus(root: Path) -> dict[str, str]:
     return docs
 
 
-def _assert_refused_documents_are_dead_letters(store: str, letters: list, docs: dict[str, str]) -> None:
+def _assert_refused_documents_are_dead_letters(
+    store: str, letters: list, docs: dict[str, str], counters: dict[str, int]
+) -> None:
+    """The refused documents are model_error dead letters with no chunk stored, the others are stored, and
+    the runtime counted alike: the stored documents and their chunks, not the refused ones'."""
     refused = {d for d in docs if d.startswith("long-")}
     assert {d["doc_id"] if isinstance(d, dict) else d.doc_id for d in letters} == refused
     for d in letters:
@@ -252,6 +255,7 @@ def _assert_refused_documents_are_dead_letters(store: str, letters: list, docs: 
     assert handle.doc_ids() == set(docs) - refused
     assert handle.chunk_ids(sorted(refused)) == {d: set() for d in refused}
     assert len(handle.chunk_ids(sorted(set(docs) - refused))) == 4
+    assert counters == {"documents_done": 4, "chunks_written": handle.count(), "documents_skipped": 0}
     handle.close()
 
 
@@ -259,7 +263,7 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_embedded(tmp_p
     """The pipeline, not just the embedder: a refused chunk's document is a model_error dead letter
     with the API's message and its source kept; every other document is stored."""
     from shared.ledger import LocalLedger, local_ledger_path
-    from workers.embedded import EmbeddedRun
+    from workers.embedded import run_embedded
 
     docs = _refusal_corpus(tmp_path / "corpus")
     store = str(tmp_path / "store")
@@ -267,11 +271,11 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_embedded(tmp_p
         settings = Settings.from_env(
             {}, model=SMALL, openai_base_url=server.url, openai_api_key="k", store=store, chunk_tokens=200
         )
-        summary = EmbeddedRun(settings).run(iter_sources(resolve([str(tmp_path / "corpus")]), 10**6))
+        summary = run_embedded(settings, iter_sources(resolve([str(tmp_path / "corpus")]), 10**6))
     assert (summary.documents, summary.documents_stored, summary.failed) == (6, 4, 2)
     ledger = LocalLedger(local_ledger_path(tmp_path / "store"))
     letters = ledger.dead()
-    _assert_refused_documents_are_dead_letters(store, letters, docs)
+    _assert_refused_documents_are_dead_letters(store, letters, docs, ledger.counters())
     assert all(ledger.source(d.doc_id)["text"] == docs[d.doc_id] for d in letters)  # kept for redrive
 
 
@@ -289,18 +293,17 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_distributed(tm
         EMBEDPIPE_CHUNK_TOKENS="200",
         EMBEDPIPE_INBOX_WAIT_S="0.2",
     )
-    pool = Pool(env, tmp_path / "logs")
     try:
-        pool.start_all(Redis.from_url(redis_url))
-        embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
-        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
-        letters = json.loads(embedpipe("failed", "--json", "--redis", env=env).stdout)
+        with worker_pool(env, tmp_path / "logs", Redis.from_url(redis_url)) as pool:
+            embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
+            embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+            letters = json.loads(embedpipe("failed", "--json", "--redis", env=env).stdout)
     finally:
-        codes = pool.stop()
         proc.terminate()
         proc.wait(30)
-    assert codes == dict.fromkeys(codes, 0), codes
-    _assert_refused_documents_are_dead_letters(store, letters, docs)
+    pool.assert_clean_exit()
+    counters = RedisLedger(Redis.from_url(redis_url)).counters()
+    _assert_refused_documents_are_dead_letters(store, letters, docs, counters)
 
 
 @pytest.mark.slow
@@ -329,16 +332,12 @@ def test_a_rate_limit_longer_than_the_deadline_delays_embed_jobs_and_spends_no_r
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", {"load": 1, "chunk": 1, "embed": 1, "write": 1})
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 1, "write": 1}) as pool:
         embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
         embedpipe("wait", "--timeout", "120", env=env, timeout=150)
         status = json.loads(embedpipe("status", "--json", env=env).stdout)
         failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
     assert failed == [] and status["documents_done"] == 8
     [embed_job] = Queue("embed", connection=redis, serializer=JSONSerializer).finished_job_registry.get_job_ids()
     job = Job.fetch(embed_job, connection=redis, serializer=JSONSerializer)

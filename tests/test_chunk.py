@@ -5,7 +5,9 @@ import itertools
 import pytest
 
 from shared.messages import Document, content_hash
-from workers.chunk import ChunkPolicy, chunk_batch, chunk_document, pack_parts
+from shared.settings import Settings
+from shared.spec import ChunkPolicy, chunk_policy
+from workers.chunk import chunk_batch, chunk_document, pack_parts
 
 PARAGRAPH = (
     "Sourdough bread rises thanks to wild yeast and lactic acid bacteria living in a starter. "
@@ -20,7 +22,7 @@ def doc(text: str, doc_id: str = "d") -> Document:
 
 @pytest.fixture(scope="module")
 def policy(tokenizer):
-    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    return chunk_policy(Settings(), tokenizer)
 
 
 def test_default_policy_is_the_model_limit_less_special_tokens(tokenizer, policy):

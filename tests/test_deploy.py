@@ -29,7 +29,7 @@ from shared.settings import STAGES
 from shared.store import open_store
 
 from . import pod_security
-from .conftest import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe
+from .helpers import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe, wait_until
 from .servers import free_port
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -52,6 +52,7 @@ def seconds(value: str) -> int:
     return int(value.rstrip("s"))
 
 
+@pytest.mark.slow
 def test_compose_files_follow_the_compose_specification():
     for files in ([COMPOSE], [REPO / "docker-compose.gpu.yml"]):
         result = subprocess.run(
@@ -152,17 +153,16 @@ def test_the_compose_topology_runs_as_processes(redis_url, pg_url, tmp_path):
 
 
 def _wait_for_workers(redis: Redis, procs: dict, logs: Path) -> None:
-    import time
 
     from rq import Worker
 
-    from workers.runtime import queue
+    from shared.queues import queue
 
-    deadline = time.monotonic() + 240
-    while not all(Worker.count(queue=queue(redis, s)) for s in STAGES):
+    def started() -> bool:
         assert all(p.poll() is None for p in procs.values()), f"a service exited; see {logs}"
-        assert time.monotonic() < deadline, f"services did not start; see {logs}"
-        time.sleep(0.5)
+        return all(Worker.count(queue=queue(redis, s)) for s in STAGES)
+
+    wait_until(started, 240, f"the services started; see {logs}", interval_s=0.5)
 
 
 OVERLAYS = ("cpu", "gpu")
@@ -224,6 +224,7 @@ def test_overlays_render_and_only_the_gpu_one_asks_for_gpus(rendered):
     assert strip == [r for r in cpu if r["kind"] != "Deployment" or r["metadata"]["name"] != "embedder"]
 
 
+@pytest.mark.slow
 def test_kubernetes_manifests_are_valid(rendered, tmp_path):
     for overlay, resources in rendered.items():
         path = tmp_path / f"{overlay}.yaml"
@@ -335,6 +336,7 @@ def test_probes_report_the_loop_and_pools_scale_on_their_queues(rendered):
         assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
+@pytest.mark.slow
 def test_another_namespace_carries_into_the_keda_address(deploy_copy, tmp_path):
     root = tmp_path / "deploy"
     shutil.copytree(deploy_copy, root)
@@ -403,6 +405,7 @@ def test_redis_has_users_and_a_memory_limit_and_only_the_pools_reach_it(rendered
         assert not allowed(address), address
 
 
+@pytest.mark.slow
 def test_alerts_and_dashboard_ship_from_one_source(rendered, tmp_path):
     generate = [sys.executable, str(REPO / "deploy" / "generate.py"), "--check"]
     result = subprocess.run(generate, capture_output=True, text=True)
@@ -430,6 +433,7 @@ def test_alerts_and_dashboard_ship_from_one_source(rendered, tmp_path):
     assert stale.returncode == 1
 
 
+@pytest.mark.slow
 def test_dockerfiles_lint_clean():
     for dockerfile in (REPO / "Dockerfile", REPO / "deploy" / "rq-dashboard" / "Dockerfile"):
         result = subprocess.run([tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
@@ -515,6 +519,7 @@ def tomllib_load(path: Path) -> dict:
     return tomllib.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_the_client_and_the_support_stages_never_import_torch(redis_url, tmp_path):
     """What makes the support image and `pip install embedpipe-core` work: the client's modules and the
     load, chunk and write stages (their resources loaded as a worker loads them) and the janitor

@@ -15,13 +15,13 @@ from redis import Redis
 from producer.sources import iter_sources, resolve
 from shared.messages import SourceDoc
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_batch
-from workers.embedded import EmbeddedRun
+from workers.chunk import chunk_batch
+from workers.embedded import run_embedded
 from workers.load import load_batch
 
-from .conftest import EXAMPLES, cli_env, embedpipe
-from .pool import Pool
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +71,13 @@ def pool(redis_url, tmp_path, store_location):
         EMBEDPIPE_LOG_LEVEL="INFO",
     )
     redis = Redis.from_url(redis_url)
-    workers = Pool(env, tmp_path / "logs")
-    try:
-        workers.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis) as workers:
         # The embedder gets the CPU first: every other process lowers its priority (EMBEDPIPE_SUPPORT_NICE).
         base = os.getpriority(os.PRIO_PROCESS, 0)
         nice = {name: os.getpriority(os.PRIO_PROCESS, p.pid) - base for name, p in workers.procs.items()}
         assert nice == {name: 0 if name.startswith("embed") else min(10, 19 - base) for name in nice}
         yield env, redis
-    finally:
-        codes = workers.stop()
-    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}; see {workers.logs}"
+    workers.assert_clean_exit()
 
 
 def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
@@ -114,7 +110,7 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
         SourceDoc("inbox-msgpack", text="Compost needs greens, browns, air and water."),
     ]
     docs, _ = load_batch([s.to_dict() for s in sources], settings.max_doc_bytes)
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     expected = {}
     for c in chunk_batch(docs, tokenizer, policy):
         expected.setdefault(c.doc_id, set()).add(c.chunk_id)
@@ -144,8 +140,10 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
 
         # The embedded mode makes the same chunks and the same vectors of the same files.
         embedded_store = tmp_path / "embedded"
-        EmbeddedRun(Settings.from_env({}, store=str(embedded_store)), embedder=embedder).run(
-            iter_sources(resolve([str(corpus)]), settings.max_doc_bytes)
+        run_embedded(
+            Settings.from_env({}, store=str(embedded_store)),
+            iter_sources(resolve([str(corpus)]), settings.max_doc_bytes),
+            embedder=embedder,
         )
         local = open_store(str(embedded_store)).vectors()
         distributed = store.vectors()

@@ -9,9 +9,9 @@ from producer.sources import iter_sources, resolve
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.settings import Settings
 from shared.store import open_store
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 
-from .conftest import EXAMPLES, cli_env, embedpipe
+from .helpers import EXAMPLES, cli_env, embedpipe
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def run_examples(store, embedder, exclude=("README.md",)):
     settings = Settings.from_env({}, store=str(store))
     items = iter_sources(resolve([str(EXAMPLES)], exclude), settings.max_doc_bytes)
-    return EmbeddedRun(settings, embedder=embedder).run(items)
+    return run_embedded(settings, items, embedder=embedder)
 
 
 def test_sample_corpus_is_stored_completely_once_and_searchable(tmp_path, embedder, tokenizer):
@@ -47,7 +47,7 @@ def test_bad_documents_are_dead_letters_beside_the_store(tmp_path, embedder):
     (corpus / "blob.bin").write_bytes(b"\x00\xff" * 500)
     (corpus / "records.jsonl").write_text('{"id": "r1", "text": "Black tea takes boiling water."}\n{broken\n')
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
-    summary = EmbeddedRun(settings, embedder=embedder).run(iter_sources(resolve([str(corpus)]), 10**6))
+    summary = run_embedded(settings, iter_sources(resolve([str(corpus)]), 10**6), embedder=embedder)
     assert (summary.documents, summary.documents_stored, summary.failed) == (5, 2, 3)
     ledger = LocalLedger(local_ledger_path(tmp_path / "store"))
     assert {(d.doc_id, d.reason) for d in ledger.dead()} == {
@@ -58,12 +58,16 @@ def test_bad_documents_are_dead_letters_beside_the_store(tmp_path, embedder):
     assert ledger.counters()["documents_done"] == 2
 
 
-def test_cli_run_search_status_failed(tmp_path):
+def test_cli_run_search_status_failed(tmp_path, tokenizer):
     env = cli_env(EMBEDPIPE_STORE=str(tmp_path / "store"))
     corpus = tmp_path / "in"
     corpus.mkdir()
-    (corpus / "coffee.md").write_text("Pour-over coffee wants a medium-fine grind and water just off the boil.")
-    (corpus / "bikes.txt").write_text("To fix a flat tyre, find the puncture, patch the tube and reinflate it.")
+    texts = [
+        "Pour-over coffee wants a medium-fine grind and water just off the boil.",
+        "To fix a flat tyre, find the puncture, patch the tube and reinflate it.",
+    ]
+    (corpus / "coffee.md").write_text(texts[0])
+    (corpus / "bikes.txt").write_text(texts[1])
     (corpus / "empty.txt").write_text("")
     summary = json.loads(embedpipe("run", str(corpus), "--json", env=env).stdout)
     assert {k: summary[k] for k in ("documents", "chunks", "chunks_embedded")} == {
@@ -71,7 +75,7 @@ def test_cli_run_search_status_failed(tmp_path):
         "chunks": 2,
         "chunks_embedded": 2,
     }
-    assert summary["tokens"] > 20 and summary["seconds"] > 0
+    assert summary["tokens"] == sum(tokenizer.count(texts))  # one chunk each: the whole text
     hits = json.loads(embedpipe("search", "repair a punctured bicycle wheel", "-k", "2", "--json", env=env).stdout)
     assert [h["doc_id"] for h in hits] == ["bikes.txt", "coffee.md"]
     assert {"doc_id", "chunk_id", "score", "text"} <= set(hits[0]) and hits[0]["score"] > hits[1]["score"]

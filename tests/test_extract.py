@@ -16,7 +16,7 @@ from shared.messages import SourceDoc
 from shared.store import open_store
 from workers.load import load_batch
 
-from .conftest import EXAMPLES, cli_env, embedpipe
+from .helpers import EXAMPLES, cli_env, embedpipe
 
 LIMIT = 1_000_000
 RUSSIAN = (

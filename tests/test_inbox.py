@@ -25,9 +25,7 @@ from shared.settings import Settings
 from workers.inbox import Inbox
 from workers.janitor import Janitor
 
-from .conftest import EMBEDPIPE, cli_env, embedpipe
-
-pytestmark = pytest.mark.slow
+from .helpers import EMBEDPIPE, cli_env, embedpipe, wait_until
 
 HOSTILE = [
     b'{"v":1,"id":"surrogate","text":"hi \\ud800 there"}',  # what JavaScript sends for a cut emoji
@@ -49,6 +47,7 @@ def load_batches(redis: Redis) -> list[list[str]]:
     return [[s["id"] for s in decode_sources(redis.get(keys.sources(job.args[0])))] for job in q.get_jobs()]
 
 
+@pytest.mark.slow
 def test_hostile_messages_become_dead_letters_and_the_round_goes_on(redis_url):
     redis = Redis.from_url(redis_url)
     good = [json.dumps({"v": 1, "id": f"good-{i}", "text": f"document {i}"}).encode() for i in range(5)]
@@ -69,6 +68,7 @@ def test_hostile_messages_become_dead_letters_and_the_round_goes_on(redis_url):
     assert redis.llen(keys.inbox_taken(janitor.inbox.id)) == 0
 
 
+@pytest.mark.slow
 def test_a_broken_step_fails_alone_and_the_janitor_reports_it(redis_url):
     redis = Redis.from_url(redis_url)
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url)
@@ -97,6 +97,7 @@ def test_a_broken_step_fails_alone_and_the_janitor_reports_it(redis_url):
     assert embedpipe("health", "--stage", "janitor", env=env).returncode == 0
 
 
+@pytest.mark.slow
 def test_two_janitors_share_the_inbox_without_losing_or_doubling_a_document(redis_url, tmp_path):
     redis = Redis.from_url(redis_url)
     env = cli_env(
@@ -119,10 +120,8 @@ def test_two_janitors_share_the_inbox_without_losing_or_doubling_a_document(redi
                 (pipe.lpush if rng.random() < 0.3 else pipe.rpush)(keys.INBOX, message)
             pipe.execute()
             time.sleep(0.02)
-        deadline = time.monotonic() + 60  # no workers here: wait for the inbox and the janitors' hands only
-        while redis.llen(keys.INBOX) + inbox_held(redis):
-            assert time.monotonic() < deadline, "the janitors did not drain the inbox"
-            time.sleep(0.2)
+        # no workers here: wait for the inbox and the janitors' hands only
+        wait_until(lambda: redis.llen(keys.INBOX) + inbox_held(redis) == 0, 60, "the janitors drained the inbox")
     finally:
         for j in janitors:
             j.terminate()
@@ -157,6 +156,7 @@ def test_a_batch_held_by_a_dead_janitor_goes_back_and_is_enqueued_once(redis_url
     assert sorted(i for b in load_batches(redis) for i in b) == everything  # enqueued once
 
 
+@pytest.mark.slow
 def test_batches_are_bounded_in_bytes_and_the_janitor_stays_small(redis_url, tmp_path):
     redis = Redis.from_url(redis_url)
     big = "word " * 400_000  # 2 MB of text per document
@@ -216,7 +216,7 @@ def test_documents_of_a_batch_whose_payloads_expired_each_become_dead_letters(re
     [batch] = [k.decode().rsplit(":", 1)[1] for k in redis.keys(keys.sources("*"))]
     redis.delete(keys.sources(batch))  # expired
     ctx = init_context(settings, "load", redis)
-    StageWorker([ctx.queues["load"]], connection=redis, serializer=JSONSerializer).work(burst=True)
+    StageWorker([ctx.queues["load"]], context=ctx, connection=redis, serializer=JSONSerializer).work(burst=True)
     expand_failed_jobs(redis, settings, ctx.ledger)
     letters = {d.doc_id: d for d in ctx.ledger.dead()}
     assert set(letters) == {"doc-0", "doc-1", "doc-2"}

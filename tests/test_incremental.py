@@ -5,6 +5,7 @@ documents, and a new embedding spec fills its own collection until it is promote
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,15 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from redis import Redis
 
+from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.settings import Settings
+from shared.spec import chunk_policy
 from shared.store import open_store
-from workers.chunk import ChunkPolicy, chunk_document
-from workers.embedded import EmbeddedRun
+from workers.chunk import chunk_document
+from workers.embedded import run_embedded
 from workers.load import clean_text
 
-from .conftest import EXAMPLES, cli_env, embedpipe
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +48,26 @@ def long_document() -> str:
 def test_unchanged_documents_cost_no_model_call_and_no_store_write(tmp_path, embedder):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     sources = [SourceDoc(f"doc-{i}", text=f"Document {i}. " + f"A sentence about topic {i}. " * 20) for i in range(8)]
-    first = EmbeddedRun(settings, embedder=embedder).run(sources)
+    first = run_embedded(settings, sources, embedder=embedder)
     assert first.documents_stored == 8 and first.chunks_embedded == first.chunks > 0
 
     before = counted()
-    again = EmbeddedRun(settings, embedder=embedder).run(sources)
+    again = run_embedded(settings, sources, embedder=embedder)
     assert counted() == before, "an unchanged resubmission called the model or wrote to the store"
     assert (again.unchanged, again.chunks, again.chunks_embedded, again.documents_stored) == (8, 0, 0, 0)
+    # the ledger counts as the distributed mode does: stored once, then skipped (tests/test_batch.py)
+    counters = LocalLedger(local_ledger_path(settings.store_path)).counters()
+    assert counters == {"documents_done": 8, "chunks_written": first.chunks, "documents_skipped": 8}
 
     # The unchanged path does not even import torch or sentence-transformers (a fresh process).
     script = f"""
 import json, sys
 from shared.messages import SourceDoc
 from shared.settings import Settings
-from workers.embedded import EmbeddedRun
+from workers.embedded import run_embedded
 sources = [SourceDoc(f"doc-{{i}}", text=f"Document {{i}}. " + f"A sentence about topic {{i}}. " * 20)
            for i in range(8)]
-summary = EmbeddedRun(Settings.from_env({{}}, store={str(tmp_path / "store")!r})).run(sources)
+summary = run_embedded(Settings.from_env({{}}, store={str(tmp_path / "store")!r}), sources)
 print(json.dumps({{"unchanged": summary.unchanged, "torch": "torch" in sys.modules,
                   "st": "sentence_transformers" in sys.modules}}))
 """
@@ -71,18 +78,18 @@ print(json.dumps({{"unchanged": summary.unchanged, "torch": "torch" in sys.modul
 def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, embedder, tokenizer):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     text = long_document()
-    first = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=text)])
+    first = run_embedded(settings, [SourceDoc("guide", text=text)], embedder=embedder)
     assert 45 <= first.chunks <= 80, first.chunks
 
     paragraphs = text.split("\n\n")
     middle = max(range(len(paragraphs) // 3, 2 * len(paragraphs) // 3), key=lambda i: len(paragraphs[i]))
     paragraphs[middle] = paragraphs[middle].replace(" ", " quite ", 1) + " An added closing sentence."
     edited = "\n\n".join(paragraphs)
-    again = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("guide", text=edited)])
+    again = run_embedded(settings, [SourceDoc("guide", text=edited)], embedder=embedder)
     assert again.chunks == again.chunks_embedded + again.chunks_cached
     assert 1 <= again.chunks_embedded <= 3, f"{again.chunks_embedded} of {again.chunks} chunks re-embedded"
 
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     expected = {c.chunk_id for c in chunk_document(Document("guide", edited, content_hash(edited)), tokenizer, policy)}
     store = open_store(settings.store)
     assert store.chunk_ids(["guide"]) == {"guide": expected}, "stale chunks left behind, or new ones missing"
@@ -92,8 +99,8 @@ def test_editing_one_paragraph_re_embeds_only_the_chunks_around_it(tmp_path, emb
 def test_the_cache_serves_boilerplate_shared_by_documents(tmp_path, embedder):
     settings = Settings.from_env({}, store=str(tmp_path / "store"))
     footer = "This page is maintained by the documentation team. Report mistakes to the issue tracker."
-    EmbeddedRun(settings, embedder=embedder).run([SourceDoc("a", text=footer)])
-    summary = EmbeddedRun(settings, embedder=embedder).run([SourceDoc("b", text=footer)])
+    run_embedded(settings, [SourceDoc("a", text=footer)], embedder=embedder)
+    summary = run_embedded(settings, [SourceDoc("b", text=footer)], embedder=embedder)
     assert (summary.chunks_cached, summary.chunks_embedded, summary.documents_stored) == (1, 0, 1)
     vectors = open_store(settings.store).vectors()
     assert len(vectors) == 2
@@ -184,6 +191,13 @@ def test_reembed_takes_the_text_from_the_store(tmp_path):
     plan = embedpipe("reembed", "--dimensions", "256", "--dry-run", env=env).stdout
     documents = len(list((EXAMPLES / "docs").iterdir()))
     assert f"{documents} documents" in plan and "local model: no API cost" in plan
+    # The dry run plans as `estimate` does (one planner): the document prefix goes with every chunk.
+    prefixed = embedpipe("reembed", "--doc-prefix", "passage: ", "--dry-run", env=env).stdout
+    estimate = embedpipe("estimate", str(EXAMPLES / "docs"), "--doc-prefix", "passage: ", "--json", env=env).stdout
+    tokens = {
+        name: int(re.search(r"(\d+) tokens", out).group(1)) for name, out in (("plain", plan), ("prefix", prefixed))
+    }
+    assert tokens["prefix"] == json.loads(estimate)["tokens"] > tokens["plain"]
     embedpipe("reembed", "--dimensions", "256", env=env)
     rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
     assert rows[256]["documents"] == rows[0]["documents"] == documents
@@ -206,19 +220,13 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url, tmp_path, tokenizer):
-    from redis import Redis
-
-    from .pool import Pool
-
     corpus = tmp_path / "corpus"
     shutil.copytree(EXAMPLES / "docs", corpus)
     store = str(tmp_path / "store")
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=store, EMBEDPIPE_INBOX_WAIT_S="0.2")
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", metrics=True)
     ids = sorted(p.name for p in corpus.iterdir())
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, metrics=True) as pool:
         embedpipe("enqueue", str(corpus), env=env)
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         tokens = ("embedpipe_embed_tokens_total", ())
@@ -243,14 +251,12 @@ def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url
         assert "prune enqueued" in out
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         embed2 = scrape(pool.metrics_ports["embed-0"])
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), f"a process did not shut down cleanly: {codes}"
+    pool.assert_clean_exit()
     handle = open_store(store)
     assert ids[1] not in handle.doc_ids() and handle.chunk_ids([ids[1]]) == {ids[1]: set()}
     assert handle.doc_ids() == set(ids) - {ids[1]}
     new_text = clean_text(edited.read_text())
-    policy = ChunkPolicy.for_model(tokenizer.info.max_content_tokens, 0, 0.1)
+    policy = chunk_policy(Settings(), tokenizer)
     chunks = chunk_document(Document(ids[0], new_text, content_hash(new_text)), tokenizer, policy)
     assert handle.chunk_ids([ids[0]]) == {ids[0]: {c.chunk_id for c in chunks}}
     cache = {r: ("embedpipe_embed_cache_total", (("result", r),)) for r in ("hit", "miss")}

@@ -15,12 +15,11 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.messages import SourceDoc
+from shared.queues import queue
+from shared.settings import Settings
 from workers.lease import LEASE_LOST_EXIT_CODE
-from workers.runtime import queue
 
-from .conftest import cli_env, embedpipe
-from .helpers import assert_nothing_lost, expected_chunks, process_of, running_job
-from .pool import Pool
+from .helpers import assert_nothing_lost, cli_env, embedpipe, expected_chunks, process_of, running_job, worker_pool
 from .servers import start_redis
 
 pytestmark = pytest.mark.slow
@@ -67,9 +66,7 @@ def test_a_killed_workers_long_job_is_redone_within_its_lease(redis_url, tmp_pat
     docs = long_documents(100)
     env = lease_env(redis_url, tmp_path, len(docs))
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 2, "write": 1})
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 2, "write": 1}) as pool:
         enqueue(env, tmp_path, docs)
         job_id, worker_name = running_job(redis, "embed")
         victim = process_of(pool, redis, worker_name)
@@ -81,11 +78,10 @@ def test_a_killed_workers_long_job_is_redone_within_its_lease(redis_url, tmp_pat
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
         assert job.get_status() == "finished" and job.retries_left == 2  # redone once, through rq's retry
         assert job.latest_result().worker_name != worker_name
-    finally:
-        codes = pool.stop()
-    expected = expected_chunks(tokenizer, [SourceDoc(d["id"], text=d["text"]) for d in docs])
+    sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
+    expected = expected_chunks(Settings.from_env(env), sources, tokenizer)
     assert assert_nothing_lost(env, expected) == {"stored": len(docs), "dead": 0}
-    assert {n: c for n, c in codes.items() if n != victim} == dict.fromkeys(set(codes) - {victim}, 0), codes
+    pool.assert_clean_exit(victim)
 
 
 def test_a_live_workers_job_of_many_leases_is_never_taken_from_it(redis_url, tmp_path, tokenizer):
@@ -100,9 +96,7 @@ def test_a_live_workers_job_of_many_leases_is_never_taken_from_it(redis_url, tmp
         EMBEDPIPE_PART_MAX_TOKENS="400000",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 1, "write": 1})
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 1, "write": 1}) as pool:
         enqueue(env, tmp_path, docs)
         job_id, worker_name = running_job(redis, "embed")
         time.sleep(2.5 * lease_s)  # leases after its start: still held by its worker, which is still listed
@@ -112,16 +106,15 @@ def test_a_live_workers_job_of_many_leases_is_never_taken_from_it(redis_url, tmp
         assert redis.ttl(Worker.redis_worker_namespace_prefix + worker_name) > lease_s
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         assert all(pool.alive().values()), "a worker died"
-    finally:
-        codes = pool.stop()
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "finished" and job.retries_left == 3, "the job was taken back and retried"
     assert (job.ended_at - job.started_at).total_seconds() > 3 * lease_s, "the job was too short to test the lease"
     batch_id, part = job.args
     assert logs_of(tmp_path).count(f"embed {batch_id}/{part}:") == 1  # embedded exactly once
-    expected = expected_chunks(tokenizer, [SourceDoc(d["id"], text=d["text"]) for d in docs])
+    sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
+    expected = expected_chunks(Settings.from_env(env), sources, tokenizer)
     assert assert_nothing_lost(env, expected) == {"stored": len(docs), "dead": 0}
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
 
 
 @pytest.mark.parametrize("outage", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -131,15 +124,14 @@ def test_a_worker_whose_redis_goes_away_mid_job_ends_itself(tmp_path, outage):
     redis = Redis(port=port)
     docs = long_documents(100)
     env = lease_env(f"redis://127.0.0.1:{port}/0", tmp_path, len(docs), EMBEDPIPE_JOB_LEASE_S="4")
-    pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 1})
     try:
-        pool.start_all(redis)
-        enqueue(env, tmp_path, docs)
-        running_job(redis, "embed")
-        server.send_signal(outage)
-        assert pool.procs["embed-0"].wait(60) == LEASE_LOST_EXIT_CODE
-        log = (tmp_path / "logs" / "embed-0.log").read_text()
-        assert f"exiting with code {LEASE_LOST_EXIT_CODE}" in log, log[-2000:]
+        with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 1}) as pool:
+            enqueue(env, tmp_path, docs)
+            running_job(redis, "embed")
+            server.send_signal(outage)
+            assert pool.procs["embed-0"].wait(60) == LEASE_LOST_EXIT_CODE
+            log = (tmp_path / "logs" / "embed-0.log").read_text()
+            assert f"exiting with code {LEASE_LOST_EXIT_CODE}" in log, log[-2000:]
     finally:
         for name, alive in pool.alive().items():
             if alive:  # the others retry Redis forever: nothing more to learn from them

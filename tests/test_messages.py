@@ -1,5 +1,3 @@
-import json
-
 import msgpack
 import numpy as np
 import pytest
@@ -64,7 +62,6 @@ def test_chunk_ids_depend_on_document_text_and_occurrence_not_position():
 def test_dead_letters_keep_their_source_bytes():
     letter = DeadLetter("d", "load", "empty", "nothing", source={"id": "d", "content": b"\x00\x01"})
     assert decode_dead_letter(encode_dead_letter(letter)) == letter
-    json.dumps({"doc_id": letter.doc_id})  # listings never include the raw source
 
 
 def test_batch_plan_round_trips_and_refuses_what_it_cannot_trust():
@@ -85,7 +82,7 @@ def test_batch_plan_round_trips_and_refuses_what_it_cannot_trust():
 
 
 def test_chunk_payloads_are_type_checked_and_token_ids_match_their_count():
-    from shared.messages import pack_token_ids, unpack_token_ids
+    from shared.vectors import pack_token_ids, unpack_token_ids
 
     good = Chunk("c", "d", 0, "two words", 2, 0, 9, {}, pack_token_ids([7, 8]))
     assert decode_chunks(pack([good])) == [good] and list(unpack_token_ids(good)) == [7, 8]
@@ -99,7 +96,7 @@ def test_chunk_payloads_are_type_checked_and_token_ids_match_their_count():
 
 
 def test_vectors_travel_as_little_endian_bytes_of_their_dtype():
-    from shared.messages import pack_vectors, unpack_vectors
+    from shared.vectors import pack_vectors, unpack_vectors
 
     v = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     assert len(pack_vectors(v)) == 3 * 8 * 4 and len(pack_vectors(v, "float16")) == 3 * 8 * 2

@@ -7,6 +7,7 @@ import http.server
 import json
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -17,14 +18,12 @@ import pytest
 from redis import Redis
 
 from shared.messages import SourceDoc
-from shared.settings import STAGES
+from shared.queues import queue
+from shared.settings import STAGES, Settings
 from shared.store import open_store
 from workers.lease import LEASE_LOST_EXIT_CODE
-from workers.runtime import queue
 
-from .conftest import EXAMPLES, cli_env, embedpipe
-from .helpers import assert_nothing_lost, expected_chunks
-from .pool import Pool
+from .helpers import EXAMPLES, assert_nothing_lost, cli_env, embedpipe, expected_chunks, wait_until, worker_pool
 from .servers import free_port, redis_command, start_redis, wait_for_redis
 
 pytestmark = pytest.mark.slow
@@ -74,28 +73,25 @@ def test_sigkilled_workers_of_every_pool_lose_nothing(redis_url, tmp_path, token
     redis = Redis.from_url(redis_url)
     docs = short_documents(1000)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    pool = Pool(env, tmp_path / "logs", workers={"load": 1, "chunk": 1, "embed": 2, "write": 1})
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 2, "write": 1}) as pool:
         embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
         rng = random.Random(11)
+        killed = []  # each victim's exit code: -SIGKILL only if it was still running (not crashed) when killed
         for _round in range(2):  # every pool loses a worker mid-job twice; each is restarted at once
             for stage in rng.sample(STAGES, len(STAGES)):
                 name = rng.choice([n for n in pool.commands if n.startswith(stage + "-")])
                 wait_busy(redis, stage)
-                pool.kill(name)
+                killed.append(pool.kill(name))
                 pool.start(name)
-        pool.kill("janitor")  # the janitor too: its successor picks up where it was
+        killed.append(pool.kill("janitor"))  # the janitor too: its successor picks up where it was
         pool.start("janitor")
         embedpipe("wait", "--timeout", "900", env=env, timeout=960)
         assert all(pool.alive().values())
-    finally:
-        codes = pool.stop()
-    assert pool.kills == 9
+    assert killed == [-signal.SIGKILL] * 9, killed
     sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
-    outcome = assert_nothing_lost(env, expected_chunks(tokenizer, sources))
+    outcome = assert_nothing_lost(env, expected_chunks(Settings.from_env(env), sources, tokenizer))
     assert outcome["stored"] + outcome["dead"] == 1000
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
 
 
 def test_sigterm_finishes_the_current_job_then_exits(redis_url, tmp_path, tokenizer):
@@ -103,24 +99,21 @@ def test_sigterm_finishes_the_current_job_then_exits(redis_url, tmp_path, tokeni
     redis = Redis.from_url(redis_url)
     docs = short_documents(200)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    pool = Pool(env, tmp_path / "logs")
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis) as pool:
         embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
-        assert wait_busy(redis, "embed")
-        running = queue(redis, "embed").started_job_registry.get_job_ids()
+        registry = queue(redis, "embed").started_job_registry
+        running = wait_until(lambda: registry.get_job_ids(cleanup=False), 20, "an embed job running")
         pool.procs["embed-0"].terminate()  # SIGTERM, as compose stop or a Kubernetes scale-in sends
         assert pool.procs["embed-0"].wait(120) == 0
         from rq.job import Job
 
-        assert all(Job.fetch(j, connection=redis).get_status() == "finished" for j in running)
+        assert all(Job.fetch(j, connection=redis).get_status() == "finished" for j in running)  # not empty
         pool.start("embed-0")  # a new worker, new name: no clean-up needed
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
-    finally:
-        codes = pool.stop()
-    expected = expected_chunks(tokenizer, [SourceDoc(d["id"], text=d["text"]) for d in docs])
+    sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
+    expected = expected_chunks(Settings.from_env(env), sources, tokenizer)
     assert assert_nothing_lost(env, expected) == {"stored": 200, "dead": 0}
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
 
 
 def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
@@ -137,32 +130,29 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tokenizer):
     )
     docs = short_documents(300)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    pool = Pool(env, tmp_path / "logs")
     try:
-        pool.start_all(redis)
-        embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
-        wait_busy(redis, "embed")
-        redis.shutdown()  # AOF is flushed on shutdown; the workers lose their connection
-        server.wait(30)
-        time.sleep(30)  # longer than the Redis client's own retries (~25 s): rq and our loops must cope
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        wait_for_redis(redis)
-        # a worker that was mid-job could not renew its lease and ended itself: restart it, as the platform does
-        exited = pool.restart_exited()
-        assert set(exited.values()) <= {LEASE_LOST_EXIT_CODE}, f"exited otherwise: {exited}"
-        embedpipe("wait", "--timeout", "900", env=env, timeout=960)
-        assert all(pool.alive().values()), "a worker died instead of reconnecting"
-        outcome = assert_nothing_lost(
-            env, expected_chunks(tokenizer, [SourceDoc(d["id"], text=d["text"]) for d in docs])
-        )
-        assert outcome == {"stored": 300, "dead": 0}
-        logs = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
-        assert "retrying with backoff" in logs  # the workers said what happened
+        with worker_pool(env, tmp_path / "logs", redis) as pool:
+            embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
+            wait_busy(redis, "embed")
+            redis.shutdown()  # AOF is flushed on shutdown; the workers lose their connection
+            server.wait(30)
+            time.sleep(30)  # longer than the Redis client's own retries (~25 s): rq and our loops must cope
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            wait_for_redis(redis)
+            # a worker that was mid-job could not renew its lease and ended itself: restart it, as the platform does
+            exited = pool.restart_exited()
+            assert set(exited.values()) <= {LEASE_LOST_EXIT_CODE}, f"exited otherwise: {exited}"
+            embedpipe("wait", "--timeout", "900", env=env, timeout=960)
+            assert all(pool.alive().values()), "a worker died instead of reconnecting"
+            sources = [SourceDoc(d["id"], text=d["text"]) for d in docs]
+            outcome = assert_nothing_lost(env, expected_chunks(Settings.from_env(env), sources, tokenizer))
+            assert outcome == {"stored": 300, "dead": 0}
+            logs = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+            assert "retrying with backoff" in logs  # the workers said what happened
     finally:
-        codes = pool.stop()
         server.terminate()
         server.wait(30)
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
 
 
 def bad_corpus(root: Path) -> dict[str, tuple[str, str]]:
@@ -219,9 +209,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
         (good / Path(name).name).write_bytes((EXAMPLES / name).read_bytes())
     url_port = free_port()  # nothing listens here yet
     url = f"http://127.0.0.1:{url_port}/later.html"
-    pool = Pool(env, tmp_path / "logs")
-    try:
-        pool.start_all(redis)
+    with worker_pool(env, tmp_path / "logs", redis) as pool:
         embedpipe("enqueue", str(tmp_path / "bad"), str(good), url, env=env)
         redis.rpush(
             "embedpipe:inbox",
@@ -272,9 +260,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
             embedpipe("wait", "--timeout", "300", env=env, timeout=360)
         assert store.chunk_ids([url])[url]
         assert url not in {f["doc_id"] for f in json.loads(embedpipe("failed", "--json", env=env).stdout)}
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
@@ -396,13 +382,9 @@ def test_the_producer_waits_while_the_backlog_is_over_the_limit(redis_url, tmp_p
     time.sleep(2)
     assert submitter.is_alive() and queue(redis, "load").count == 2 and waits[-1] == 2  # held back
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), EMBEDPIPE_BATCH_DOCS="2")
-    pool = Pool(env, tmp_path / "logs")
-    try:
-        pool.start_all(redis)  # the pipeline drains, the producer goes on
+    with worker_pool(env, tmp_path / "logs", redis) as pool:
         submitter.join(300)
         assert not submitter.is_alive()
         embedpipe("wait", "--timeout", "300", env=env, timeout=360)
         assert json.loads(embedpipe("status", "--json", env=env).stdout)["documents_done"] == 6
-    finally:
-        codes = pool.stop()
-    assert codes == dict.fromkeys(codes, 0), codes
+    pool.assert_clean_exit()

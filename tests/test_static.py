@@ -15,17 +15,17 @@ from redis import Redis
 
 from producer.sources import iter_sources, resolve
 from shared.errors import ConfigError, DecodeError
-from shared.messages import SourceDoc, pack_token_ids, unpack_token_ids
+from shared.messages import SourceDoc
 from shared.models import STATIC_CHUNK_TOKENS, ModelTokenizer
 from shared.settings import Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
+from shared.vectors import pack_token_ids, unpack_token_ids
 from workers.chunk import chunk_batch
-from workers.embedder import Embedder
+from workers.embedder import LocalEmbedder
 from workers.load import load_batch
 
-from .conftest import EXAMPLES, cli_env, embedpipe
-from .pool import Pool
+from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +39,13 @@ def example_chunks(model: str, n: int = 40):
     sources = [s.to_dict() for s in iter_sources(resolve([str(EXAMPLES)]), 10**7) if isinstance(s, SourceDoc)]
     docs, _ = load_batch(sources[:n], 10**7)
     tokenizer = ModelTokenizer(model)
-    return chunk_batch(docs, tokenizer, chunk_policy(tokenizer, 0, 0.1))
+    return chunk_batch(docs, tokenizer, chunk_policy(Settings(), tokenizer))
 
 
 @pytest.mark.parametrize("which", ["default", "static"])
 def test_token_id_embedding_equals_text_embedding(which, static_model, embedder):
     model = "all-MiniLM-L6-v2" if which == "default" else str(static_model)
-    e = embedder if which == "default" else Embedder(model, "cpu").warm_up()
+    e = embedder if which == "default" else LocalEmbedder(model, "cpu").warm_up()
     chunks = example_chunks(model)
     assert all(len(unpack_token_ids(c)) == c.tokens > 0 for c in chunks)
     for prefix in ("", "passage: "):
@@ -91,7 +91,7 @@ def test_incomplete_or_foreign_model_directories_are_one_line_errors(static_mode
 
 
 def test_token_ids_of_another_vocabulary_fail_instead_of_embedding_garbage(static_model):
-    static = Embedder(str(static_model), "cpu").warm_up()
+    static = LocalEmbedder(str(static_model), "cpu").warm_up()
     minilm = ModelTokenizer("all-MiniLM-L6-v2")
     vocab = static._tokenizer.vocab_size
     assert vocab < minilm.vocab_size  # distilling dropped MiniLM's unused tokens: other IDs
@@ -99,9 +99,8 @@ def test_token_ids_of_another_vocabulary_fail_instead_of_embedding_garbage(stati
     rare = next(
         w for i in range(minilm.vocab_size - 1, vocab, -1) if not (w := minilm._tok.id_to_token(i)).startswith("#")
     )
-    [chunk] = chunk_batch(
-        load_batch([{"id": "d", "text": f"Tea and {rare} together."}], 10**6)[0], minilm, chunk_policy(minilm, 0, 0.1)
-    )
+    docs, _ = load_batch([{"id": "d", "text": f"Tea and {rare} together."}], 10**6)
+    [chunk] = chunk_batch(docs, minilm, chunk_policy(Settings(), minilm))
     assert int(unpack_token_ids(chunk).max()) >= vocab
     with pytest.raises(DecodeError, match="vocabulary"):
         static.embed_chunks([chunk])
@@ -127,13 +126,9 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
         EMBEDPIPE_INBOX_WAIT_S="0.2",
     )
     redis = Redis.from_url(redis_url)
-    pool = Pool(denv, tmp_path / "logs")
-    try:
-        pool.start_all(redis)
+    with worker_pool(denv, tmp_path / "logs", redis):
         embedpipe("enqueue", str(EXAMPLES), "--no-progress", env=denv)
         embedpipe("wait", "--timeout", "300", env=denv, timeout=330)
-    finally:
-        pool.stop()
     embedded = open_store(str(tmp_path / "embedded"), spec).vectors()
     distributed = open_store(str(tmp_path / "distributed"), spec).vectors()
     assert embedded.keys() == distributed.keys() and len(embedded) == summary["chunks"]
@@ -145,7 +140,7 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
         for vectors in (embedded, distributed):
             v = np.stack(list(vectors.values()))
             np.testing.assert_array_equal(v, v.astype(np.float16).astype(np.float32))
-        e = Embedder(str(static_model), "cpu").warm_up()
+        e = LocalEmbedder(str(static_model), "cpu").warm_up()
         chunks = example_chunks(str(static_model), 200)
         reference = dict(zip([c.chunk_id for c in chunks], e.embed_chunks(chunks), strict=True))
         assert min(cos(embedded[k], reference[k]) for k in embedded if k in reference) >= 0.999

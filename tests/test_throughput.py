@@ -15,10 +15,11 @@ import pytest
 from shared.errors import EmbedFailures
 from shared.messages import Chunk, Document, SourceDoc, content_hash
 from shared.metrics import EMBED_MICRO_BATCH_LIMIT, EMBED_OOM_HALVINGS, EMBED_PADDED_TOKENS, EMBED_TOKENS
-from workers.chunk import ChunkPolicy, chunk_batch, pack_parts
-from workers.embedder import REGROW_AFTER, Embedder
+from shared.spec import ChunkPolicy
+from workers.chunk import chunk_batch, pack_parts
+from workers.embedder import REGROW_AFTER, LocalEmbedder
 
-from .conftest import EXAMPLES
+from .helpers import EXAMPLES
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -106,7 +107,7 @@ class RecordingForward:
     model reads, special tokens included) and, like a GPU of `capacity` padded tokens, raises CUDA's
     out-of-memory error for a forward pass larger than that."""
 
-    def __init__(self, embedder: Embedder, capacity: int = 10**9) -> None:
+    def __init__(self, embedder: LocalEmbedder, capacity: int = 10**9) -> None:
         import torch
 
         self.real, self.capacity, self.calls, self.refused = embedder._model.forward, capacity, [], 0
@@ -123,14 +124,15 @@ class RecordingForward:
         return self.real(features, **kwargs)
 
 
-def model_rows(embedder: Embedder, chunks: list[Chunk]) -> dict[tuple[int, ...], int]:
+def model_rows(embedder: LocalEmbedder, chunks: list[Chunk]) -> dict[tuple[int, ...], int]:
     """What the model reads of each chunk ([CLS] IDs [SEP]) -> its length."""
     tok = embedder._tokenizer
     return {tuple([*tok.head_ids, *np.frombuffer(c.token_ids, "<u4"), *tok.tail_ids]): c.tokens + 2 for c in chunks}
 
 
+@pytest.mark.slow
 def test_micro_batches_follow_the_token_budget_and_vectors_come_back_in_order(mixed_chunks, reference):
-    embedder = Embedder(MODEL, "cpu", batch_size=4, micro_batch_tokens=600).warm_up()
+    embedder = LocalEmbedder(MODEL, "cpu", batch_size=4, micro_batch_tokens=600).warm_up()
     forward = RecordingForward(embedder)
     tokens_before, padded_before = EMBED_TOKENS._value.get(), EMBED_PADDED_TOKENS._value.get()
     vectors = embedder.embed_chunks(mixed_chunks)
@@ -148,8 +150,9 @@ def test_micro_batches_follow_the_token_budget_and_vectors_come_back_in_order(mi
     assert 0.5 < real / (EMBED_PADDED_TOKENS._value.get() - padded_before) <= 1.0
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, reference):
-    embedder = Embedder(MODEL, "cpu", batch_size=64, micro_batch_tokens=4096).warm_up()
+    embedder = LocalEmbedder(MODEL, "cpu", batch_size=64, micro_batch_tokens=4096).warm_up()
     forward = RecordingForward(embedder, capacity=1200)  # a "GPU" that holds 1200 padded tokens
     halvings = EMBED_OOM_HALVINGS._value.get()
     vectors = embedder.embed_chunks(mixed_chunks)
@@ -171,8 +174,9 @@ def test_out_of_memory_halves_the_micro_batch_then_regrows(mixed_chunks, referen
     assert len(forward.calls) >= REGROW_AFTER
 
 
+@pytest.mark.slow
 def test_a_single_text_that_still_runs_out_of_memory_fails_alone(mixed_chunks, reference):
-    embedder = Embedder(MODEL, "cpu", micro_batch_tokens=4096).warm_up()
+    embedder = LocalEmbedder(MODEL, "cpu", micro_batch_tokens=4096).warm_up()
     longest = max(c.tokens for c in mixed_chunks) + 2
     RecordingForward(embedder, capacity=longest - 1)  # the longest chunks cannot pass, even alone
     with pytest.raises(EmbedFailures) as caught:
@@ -199,9 +203,10 @@ def example_chunks(tokenizer) -> list[Chunk]:
     return chunk_batch(docs, tokenizer, ChunkPolicy.for_model(254, 0, 0.1))
 
 
+@pytest.mark.slow
 def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, example_chunks, tmp_path):
     cache = tmp_path / "onnx"
-    onnx = Embedder(MODEL, "cpu", backend="onnx-int8", cache_dir=cache).warm_up()  # exported offline, here
+    onnx = LocalEmbedder(MODEL, "cpu", backend="onnx-int8", cache_dir=cache).warm_up()  # exported offline, here
     [exported] = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert (exported / "model.onnx").is_file() and (exported / "meta.json").is_file()
     assert len(example_chunks) > 20
@@ -210,7 +215,7 @@ def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, ex
     assert cosine.min() >= 0.99, f"min cosine {cosine.min():.4f} (mean {cosine.mean():.4f})"
     # a second embedder reuses the file on disk: no new export
     stamp = os.stat(exported / "model.onnx").st_mtime_ns
-    again = Embedder(MODEL, "cpu", backend="onnx-int8", cache_dir=cache).warm_up()
+    again = LocalEmbedder(MODEL, "cpu", backend="onnx-int8", cache_dir=cache).warm_up()
     assert again._model.file == exported / "model.onnx"
     assert os.stat(exported / "model.onnx").st_mtime_ns == stamp
     assert [p.name for p in cache.iterdir()] == [exported.name]
@@ -220,11 +225,12 @@ def test_onnx_int8_matches_torch_on_the_sample_corpus_and_is_cached(embedder, ex
 # --- torch bf16 on the CPU -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_matches_float32_on_the_sample_corpus_and_names_its_own_collection(embedder, example_chunks):
     from shared.settings import Settings
     from shared.spec import spec_for
 
-    bf16 = Embedder(MODEL, "cpu", backend="torch-bf16").warm_up()
+    bf16 = LocalEmbedder(MODEL, "cpu", backend="torch-bf16").warm_up()
     got, want = bf16.embed_chunks(example_chunks), embedder.embed_chunks(example_chunks)
     cosine = (got * want).sum(axis=1)
     assert cosine.min() >= 0.99, f"min cosine {cosine.min():.4f} (mean {cosine.mean():.4f})"

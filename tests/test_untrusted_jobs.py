@@ -33,7 +33,7 @@ def test_a_job_naming_another_function_is_refused_and_never_runs(redis_url, tmp_
     redis.rpush("rq:queue:load", "pickled")
 
     ctx = init_context(Settings.from_env({}, redis_url=redis_url, job_retries=0), "load", redis)
-    worker = StageWorker([ctx.queues["load"]], connection=redis, serializer=JSONSerializer)
+    worker = StageWorker([ctx.queues["load"]], context=ctx, connection=redis, serializer=JSONSerializer)
     worker.work(burst=True)
 
     assert not marker.exists()
@@ -88,7 +88,7 @@ def test_callbacks_webhooks_dependencies_and_foreign_arguments_are_refused_and_d
     q.enqueue_call("workers.load.load_job", args=(7,), job_id="not-a-string")
 
     ctx = init_context(Settings.from_env({}, redis_url=redis_url, job_retries=0), "load", redis)
-    StageWorker([ctx.queues["load"]], connection=redis, serializer=JSONSerializer).work(burst=True)
+    StageWorker([ctx.queues["load"]], context=ctx, connection=redis, serializer=JSONSerializer).work(burst=True)
     server.shutdown()
     server.server_close()
 

@@ -11,19 +11,23 @@ as they are and never tokenises again. The cut search runs on numpy arrays: no P
 
 from __future__ import annotations
 
-import logging
 import re
-from dataclasses import replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from shared.messages import Chunk, Document, chunk_id, pack_token_ids
-from shared.metrics import CHUNK_TOKENS, CHUNKS, DOCUMENTS
-from shared.models import TokenizerInfo, Tokens
-from shared.spec import ChunkPolicy, chunk_policy  # noqa: F401 (re-exported: the stage's policy)
-
-log = logging.getLogger(__name__)
+from shared.messages import BatchPlan, Chunk, Document, chunk_id
+from shared.metrics import CHUNK_TOKENS, CHUNKS
+from shared.models import Tokens
+from shared.settings import Settings
+from shared.spec import ChunkPolicy
+from shared.store_types import Store
+from shared.tokenizers import Tokenizer
+from shared.vectors import pack_token_ids
+from workers.batch import make_plan
+from workers.batch_redis import RedisBatch
+from workers.context import JobReport, WorkerContext, stage_job
+from workers.write import finalize_batch
 
 STAGE = "chunk"
 
@@ -31,15 +35,6 @@ STAGE = "chunk"
 # (Only where each match ends counts; a leading character class scans faster than a lookbehind.)
 _BOUNDARIES = ((re.compile(r"\n\s*\n"), 3), (re.compile(r"\n"), 2), (re.compile(r"[.!?;:]\s+"), 1))
 _WORD = 0.5
-
-
-class Tokenizer(Protocol):
-    info: TokenizerInfo
-    ids_are_model_inputs: bool  # True: the model reads these IDs; False: it reads the text (an API)
-
-    def encode_batch(self, texts: list[str]) -> list[Tokens]: ...
-    def offsets(self, text: str) -> list[tuple[int, int]]: ...
-    def count(self, texts: list[str]) -> list[int]: ...
 
 
 def chunk_batch(docs: list[Document], tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
@@ -177,12 +172,11 @@ def _runs_by_document(chunks: list[Chunk]) -> list[list[Chunk]]:
     return runs
 
 
-def skip_unchanged(docs: list[Document], store: Any) -> tuple[list[Document], list[Document]]:
+def skip_unchanged(docs: list[Document], store: Store) -> tuple[list[Document], list[Document]]:
     """(changed or new, unchanged): a document whose text the store already holds under this
     embedding spec is not chunked, embedded or written again."""
     known = store.doc_hashes([d.id for d in docs])
     unchanged = [d for d in docs if known.get(d.id) == d.content_hash]
-    DOCUMENTS.labels(STAGE, "skipped").inc(len(unchanged))
     return [d for d in docs if known.get(d.id) != d.content_hash], unchanged
 
 
@@ -193,48 +187,47 @@ def without_metadata(chunks: list[Chunk]) -> list[Chunk]:
     return [replace(c, metadata={}) if c.metadata else c for c in chunks]
 
 
-def chunk_job(batch_id: str) -> dict[str, int]:
-    """rq job: chunk a loaded batch and enqueue one embed job per part."""
-    from shared import keys
-    from shared.messages import BatchPlan, decode_documents, pack
-    from workers.runtime import context, enqueue_next
+@dataclass(frozen=True)
+class PlannedBatch:
+    plan: BatchPlan
+    docs: list[Document]  # the documents chunked: new or changed
+    parts: list[list[Chunk]]  # embed parts, in order
 
-    ctx = context()
-    if ctx.batch_finalized(batch_id):
-        return {"skipped": 1}  # a redelivered job of a batch that is already complete
-    docs, unchanged = skip_unchanged(decode_documents(ctx.redis.get(keys.documents(batch_id))), ctx.store)
-    chunks = chunk_batch(docs, ctx.tokenizer, ctx.chunk_policy)
-    parts = pack_parts(chunks, ctx.settings.part_max_chunks, ctx.settings.part_max_tokens)
+    @property
+    def chunks(self) -> list[Chunk]:
+        return [c for part in self.parts for c in part]
+
+
+def plan_batch(
+    docs: list[Document], store: Store, tokenizer: Tokenizer, policy: ChunkPolicy, settings: Settings, spec: str
+) -> PlannedBatch:
+    """The chunk stage of a batch, in both runtimes: skip what the store holds unchanged, chunk the rest,
+    pack the chunks into embed parts (settings.part_max_chunks, part_max_tokens), and plan the batch."""
+    changed, unchanged = skip_unchanged(docs, store)
+    chunks = chunk_batch(changed, tokenizer, policy)
+    parts = pack_parts(chunks, settings.part_max_chunks, settings.part_max_tokens)
+    return PlannedBatch(make_plan(changed, unchanged, chunks, len(parts), spec), changed, parts)
+
+
+@stage_job(STAGE, check_spec=False)
+def chunk_job(ctx: WorkerContext, batch: RedisBatch) -> JobReport:
+    """rq job: chunk a loaded batch and enqueue one embed job per part."""
+    spec = ctx.spec.fingerprint
+    planned = plan_batch(batch.documents(), ctx.store, ctx.tokenizer, ctx.chunk_policy, ctx.settings, spec)
+    chunks = planned.chunks
     CHUNKS.inc(len(chunks))
     for c in chunks:
         CHUNK_TOKENS.observe(c.tokens)
-    DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
-    ttl = ctx.settings.payload_ttl_s
-    by_doc: dict[str, list[str]] = {d.id: [] for d in docs}
-    for c in chunks:
-        by_doc[c.doc_id].append(c.chunk_id)
-    plan = BatchPlan(len(parts), ctx.spec.fingerprint, by_doc).to_hash()
     with ctx.redis.pipeline() as pipe:
-        if unchanged:
-            ctx.ledger.clear_dead([d.id for d in unchanged], pipe=pipe)
-            ctx.ledger.incr(pipe=pipe, documents_skipped=len(unchanged))
-        pipe.delete(keys.batch_plan(batch_id))
-        pipe.hset(keys.batch_plan(batch_id), mapping=plan)
-        pipe.expire(keys.batch_plan(batch_id), ttl)
-        for p, part in enumerate(parts):
-            pipe.set(keys.chunks(batch_id, p), pack(without_metadata(part)), ex=ttl)
-        tokens = [sum(c.tokens for c in part) for part in parts]
-        enqueue_next(ctx, "embed", [(batch_id, p) for p in range(len(parts))], pipe, tokens)
-        if not parts:  # nothing to embed: the batch is complete now
-            pipe.set(keys.batch_finalized(batch_id), 1, ex=ttl)
-            pipe.delete(*keys.batch_keys(batch_id, 0))
+        batch.put_plan(planned.plan, [without_metadata(part) for part in planned.parts], pipe)
+        tokens = [sum(c.tokens for c in part) for part in planned.parts]
+        ctx.enqueue_next("embed", [(batch.id, p) for p in range(len(planned.parts))], pipe, tokens)
         pipe.execute()
-    log.info(
-        "chunk %s: %d documents -> %d chunks in %d parts; %d unchanged, skipped",
-        batch_id,
-        len(docs),
-        len(chunks),
-        len(parts),
-        len(unchanged),
-    )
-    return {"chunks": len(chunks), "parts": len(parts), "unchanged": len(unchanged)}
+    if not planned.parts:  # nothing to embed: the batch is complete now
+        finalize_batch(batch, ctx.store)
+    return {
+        "documents_ok": len(planned.docs),
+        "documents_skipped": len(planned.plan.unchanged),
+        "chunks": len(chunks),
+        "parts": len(planned.parts),
+    }

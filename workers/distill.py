@@ -11,6 +11,7 @@ own collection.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -69,8 +70,6 @@ def distill(source: str, out: Path, dims: int = DEFAULT_DIMS, force: bool = Fals
 
 
 def _hidden_size(path: Path) -> int:
-    import json
-
     config = path / "config.json"
     try:
         return int(json.loads(config.read_text()).get("hidden_size", 0)) if config.is_file() else 0

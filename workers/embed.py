@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from redis import Redis
+from rq import Retry
 
 from shared.cache import VectorCache, text_key
+from shared.embedding import Embedder
 from shared.errors import EmbedFailures, RateLimited
-from shared.messages import Chunk, DeadLetter, pack_vectors
+from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import (
     EMBED_CACHE,
     EMBED_JOB_SECONDS,
@@ -23,21 +26,23 @@ from shared.metrics import (
 from shared.models import is_api_model
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
-from workers.embedder import Embedder
+from workers.batch_redis import RedisBatch
+from workers.context import JobReport, WorkerContext, stage_job
+from workers.embed_api import ApiEmbedder
+from workers.embedder import LocalEmbedder
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
 
 
-def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
-    """The embedder the settings name: a local sentence-transformers model, or `openai:NAME` behind an
-    OpenAI-compatible API (whose rate budget is shared through `redis` when there is one)."""
+def make_embedder(settings: Settings, redis: Redis | None = None) -> Embedder:
+    """The embedder the settings name, not warmed up yet: a local sentence-transformers model, or
+    `openai:NAME` behind an OpenAI-compatible API (whose rate budget is shared through `redis` when
+    there is one)."""
     if is_api_model(settings.model):
-        from workers.embed_api import ApiEmbedder
-
-        return ApiEmbedder(settings, redis)  # type: ignore[return-value]
-    return Embedder(
+        return ApiEmbedder(settings, redis)
+    return LocalEmbedder(
         settings.model,
         settings.device,
         settings.batch_size,
@@ -47,14 +52,9 @@ def make_embedder(settings: Settings, redis: Any = None) -> Embedder:
     )
 
 
-def embed_batch(chunks: list[Chunk], embedder: Embedder, prefix: str = "") -> np.ndarray:
-    """One vector per chunk (of prefix + its text), in chunk order (each kind of embedder batches in its own way)."""
-    return embedder.embed_chunks(chunks, prefix)
-
-
 def embed_part(
     chunks: list[Chunk], embedder: Embedder, spec: EmbeddingSpec, cache: VectorCache | None
-) -> tuple[np.ndarray, dict[int, str], int]:
+) -> tuple[npt.NDArray[np.float32], dict[int, str], int]:
     """Vectors of a part: from the cache where the spec already embedded the same text, from the
     model otherwise (each distinct text once). Returns the vectors, {row: message} of chunks the
     model refused for good (their rows are zeros), and how many texts went to the model."""
@@ -72,7 +72,7 @@ def embed_part(
     failed_new: dict[int, str] = {}
     try:
         empty = np.zeros((0, embedder.dimension), dtype=np.float32)
-        new = embed_batch(batch, embedder, spec.prefix) if batch else empty
+        new = embedder.embed_chunks(batch, spec.prefix) if batch else empty
     except EmbedFailures as e:
         new, failed_new = np.asarray(e.vectors, dtype=np.float32), e.failed
     except RateLimited as e:  # keep what the API did embed: the part comes back later for the rest
@@ -99,13 +99,14 @@ def embed_part(
     return vectors, failed, len(rows)
 
 
-def model_error_letters(chunks: list[Chunk], failed: dict[int, str], docs: dict[str, Any]) -> list[DeadLetter]:
+def model_error_letters(chunks: list[Chunk], failed: dict[int, str], docs: list[Document]) -> list[DeadLetter]:
     """One dead letter per document with a chunk the model refused; its clean text kept for redrive."""
+    sources = {d.id: {"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs}
     messages: dict[str, str] = {}
     for row, message in sorted(failed.items()):
         messages.setdefault(chunks[row].doc_id, f"chunk {chunks[row].index}: {message}")
     return [
-        DeadLetter(doc_id, STAGE, "model_error", message, source=docs.get(doc_id))
+        DeadLetter(doc_id, STAGE, "model_error", message, source=sources.get(doc_id))
         for doc_id, message in sorted(messages.items())
     ]
 
@@ -113,40 +114,22 @@ def model_error_letters(chunks: list[Chunk], failed: dict[int, str], docs: dict[
 RATE_LIMIT_MAX_RESCHEDULES = 100_000  # rescheduled for a rate limit this often, a job fails (weeks of waiting)
 
 
-def embed_job(batch_id: str, part: int) -> Any:
+@stage_job(STAGE)
+def embed_job(ctx: WorkerContext, batch: RedisBatch, part: int) -> JobReport | Retry:
     """rq job: embed one part and hand the vectors to the write stage."""
-    from shared import keys
-    from shared.messages import decode_chunks, decode_documents
-    from workers.runtime import check_spec, context, enqueue_next
-
-    ctx = context()
-    if ctx.batch_finalized(batch_id):
-        return {"skipped": 1}  # a redelivered job of a batch that is already complete
-    check_spec(ctx, batch_id)
-    chunks = decode_chunks(ctx.redis.get(keys.chunks(batch_id, part)))
+    chunks = batch.chunks(part)
     started = time.perf_counter()
     try:
         vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
     except RateLimited as e:  # a rate limit delays the job, never fails it: rescheduled, retries unspent
-        from rq import Retry
-
         RATE_LIMIT_RESCHEDULES.labels(ctx.spec.model).inc()
-        log.warning("embed %s/%d: %s; back in %.0f s", batch_id, part, e, e.retry_in_s)
+        log.warning("embed %s/%d: %s; back in %.0f s", batch.id, part, e, e.retry_in_s)
         return Retry(max=RATE_LIMIT_MAX_RESCHEDULES, interval=max(1, math.ceil(e.retry_in_s)))
-    seconds = time.perf_counter() - started
-    EMBED_JOB_SECONDS.observe(seconds)
+    EMBED_JOB_SECONDS.observe(time.perf_counter() - started)
+    letters = model_error_letters(chunks, failed, batch.documents()) if failed else []
     with ctx.redis.pipeline() as pipe:
-        if failed:
-            docs = {d.id: d for d in decode_documents(ctx.redis.get(keys.documents(batch_id)))}
-            sources = {i: {"id": i, "text": d.text, "metadata": d.metadata} for i, d in docs.items()}
-            letters = model_error_letters(chunks, failed, sources)
-            ctx.ledger.add_dead(letters, pipe=pipe)
-            pipe.sadd(keys.docs_failed(batch_id), *[d.doc_id for d in letters])
-            pipe.expire(keys.docs_failed(batch_id), ctx.settings.payload_ttl_s)
-        pipe.set(
-            keys.vectors(batch_id, part), pack_vectors(vectors, ctx.spec.vector_dtype), ex=ctx.settings.payload_ttl_s
-        )
-        enqueue_next(ctx, "write", [(batch_id, part)], pipe)
+        batch.record_refused(letters, pipe)
+        batch.put_vectors(part, vectors, ctx.spec.vector_dtype, pipe)
+        ctx.enqueue_next("write", [(batch.id, part)], pipe)
         pipe.execute()
-    log.info("embed %s/%d: %d chunks in %.2f s, %d refused", batch_id, part, len(chunks), seconds, len(failed))
-    return {"chunks": len(chunks), "failed": len(failed)}
+    return {"chunks": len(chunks), "chunks_refused": len(failed)}

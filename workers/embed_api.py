@@ -40,6 +40,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from redis import Redis
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_before_delay
 
 from shared.errors import ConfigError, EmbedFailures, PermanentError, RateLimited, RetryableError
 from shared.messages import Chunk
@@ -52,7 +54,7 @@ from shared.metrics import (
     API_TOKENS,
     RETRIES,
 )
-from shared.ratelimit import Limits, make_budget
+from shared.ratelimit import Limits, LocalBudget, RedisBudget, make_budget
 from shared.settings import Settings, env_name
 from shared.tokenizer_api import ApiTokenizer, api_model_name
 from workers.api_protocol import cost_usd, duration_s, plan_requests, price_table, retry_after_s
@@ -100,10 +102,14 @@ class Usage:
 
 
 class ApiEmbedder:
-    """The embedder of `openai:NAME` models, with the interface of workers.embedder.Embedder."""
+    """The embedder of `openai:NAME` models (the Embedder protocol of shared/embedding.py)."""
 
     def __init__(
-        self, settings: Settings, redis: Any = None, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0
+        self,
+        settings: Settings,
+        redis: Redis | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.model_name = settings.model
@@ -118,7 +124,7 @@ class ApiEmbedder:
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self._redis = redis
         self._tokenizer: ApiTokenizer | None = None
-        self._budget: Any = None
+        self._budget: LocalBudget | RedisBudget | None = None
         self._native = 0  # the dimension the server returns
         self.dimension = 0
         self._unpriced_warned = False
@@ -224,10 +230,11 @@ class ApiEmbedder:
             try:
                 found, refused = asyncio.run(self._embed_requests(texts, tokens, requests))
             except RateLimited as e:  # the rows that did come back, as vectors in their places
-                if not self.dimension and e.vectors:
-                    self.dimension = len(next(iter(e.vectors.values())))  # type: ignore[attr-defined]
+                came_back = e.vectors if isinstance(e.vectors, dict) else {}
+                if not self.dimension and came_back:
+                    self.dimension = len(next(iter(came_back.values())))
                 vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
-                for row, vector in (e.vectors or {}).items():  # type: ignore[attr-defined]
+                for row, vector in came_back.items():
                     vectors[row] = vector
                 e.vectors = vectors
                 raise
@@ -290,9 +297,10 @@ class ApiEmbedder:
         fatal = [e for e in errors if not isinstance(e, RateLimited)]
         if fatal:
             raise fatal[0]
-        if errors:  # rate limited only: keep what came back, come back later for the rest
-            limited = max(errors, key=lambda e: e.retry_in_s)  # type: ignore[attr-defined]
-            raise RateLimited(str(limited), limited.retry_in_s, limited.quota, found, found)  # type: ignore[attr-defined]
+        limits = [e for e in errors if isinstance(e, RateLimited)]
+        if limits:  # rate limited only: keep what came back, come back later for the rest
+            limited = max(limits, key=lambda e: e.retry_in_s)
+            raise RateLimited(str(limited), limited.retry_in_s, limited.quota, found, found)
         if found:
             API_QUOTA_EXHAUSTED.labels(self.api_model).set(0)
         return found, failed
@@ -318,8 +326,6 @@ class ApiEmbedder:
         self, client: Any, semaphore: asyncio.Semaphore, inputs: list[str], tokens: int
     ) -> list[np.ndarray]:
         """One request, retried until it succeeds, fails for good or runs past the deadline."""
-        from tenacity import AsyncRetrying, retry_if_exception_type, stop_before_delay
-
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(ApiRetryable),
             wait=self._wait,

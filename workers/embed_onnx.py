@@ -8,17 +8,20 @@ MIN_COSINE from torch's on fixed texts.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from shared.errors import ConfigError
-from workers.embedder import CHECK_TEXTS, MIN_COSINE, load_sentence_transformer
+from workers.model_load import CHECK_TEXTS, MIN_COSINE, load_sentence_transformer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,6 @@ class OnnxModel:
 
     def __init__(self, model_dir: Path, file: Path, threads: int) -> None:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         self.pooling, self.normalize, transformer_dir = _onnx_compatible(model_dir)
         config = json.loads((model_dir / "sentence_bert_config.json").read_text())
@@ -125,9 +127,6 @@ def export_onnx(model_dir: Path, quantized: bool, cache_dir: Path) -> Path:
 def _export(model_dir: Path, quantized: bool, work: Path) -> float:
     """Export (and quantise) into work/model.onnx; return the smallest cosine to torch's vectors on
     CHECK_TEXTS (ConfigError if below MIN_COSINE)."""
-    import inspect
-    import warnings
-
     import torch
 
     st = load_sentence_transformer(model_dir, "cpu")

@@ -2,7 +2,7 @@
 ONNX Runtime, fed token-budget micro-batches of token IDs (or texts), halving its budget on CUDA out
 of memory. The embed stage (workers/embed.py) drives it; so do the embedded runtime, search and the probe.
 
-The model is loaded once per process by `Embedder.warm_up()`, never at import and never per job.
+The model is loaded once per process by `LocalEmbedder.warm_up()`, never at import and never per job.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ConfigError, DecodeError, EmbedFailures
-from shared.messages import Chunk, unpack_token_ids
+from shared.messages import Chunk
 from shared.metrics import (
     EMBED_MICRO_BATCH_LIMIT,
     EMBED_OOM_HALVINGS,
@@ -27,6 +27,9 @@ from shared.metrics import (
 )
 from shared.models import ModelTokenizer, model_kind, resolve_model_path
 from shared.settings import BACKENDS
+from shared.vectors import unpack_token_ids
+from workers.embed_onnx import OnnxModel
+from workers.model_load import CHECK_TEXTS, cpu_bf16, load_sentence_transformer
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,9 @@ STATIC_MICRO_BATCH_TOKENS = 1 << 20
 UNBOUNDED_TOKENS = 1 << 30  # the "max sequence length" of a model that reads any length
 REGROW_AFTER = 16  # successful micro-batches in a row before a halved budget grows again ...
 REGROW_FACTOR = 1.25  # ... by a quarter, up to the configured budget
-# Backends that change the arithmetic (bf16, ONNX) are checked when they load: their vectors must match
-# torch float32's on these texts (cosine), else the backend is refused.
-MIN_COSINE = 0.99
-CHECK_TEXTS = (
-    "Green tea is steeped at 80 °C for two minutes.",
-    "How do client and server agree on a secret key over an open network?",
-    " ".join(["The mitochondria regulate apoptosis through the release of cytochrome c."] * 20),
-)
 
 
-class Embedder:
+class LocalEmbedder:
     """A local sentence-transformers model. Parts are sorted by length, cut into micro-batches by a
     padded-token budget (at most batch_size texts each), and put back in their order. On CUDA out of
     memory the budget is halved and the micro-batch retried; a single text that still fails is
@@ -104,7 +99,7 @@ class Embedder:
     def ready(self) -> bool:
         return self._model is not None
 
-    def warm_up(self) -> Embedder:
+    def warm_up(self) -> LocalEmbedder:
         """Load the model (idempotent): CUDA with fp16 where present, else CPU."""
         if self._model is not None:
             return self
@@ -132,8 +127,6 @@ class Embedder:
         self._special = 0 if self._static else self._tokenizer.info.special_tokens
         self._max_len = self._tokenizer.info.max_seq_length or UNBOUNDED_TOKENS
         if self.backend.startswith("onnx"):
-            from workers.embed_onnx import OnnxModel
-
             self._model = OnnxModel.load(path, self.backend == "onnx-int8", threads, self.cache_dir)
             self._oom = ()
         else:
@@ -226,7 +219,7 @@ class Embedder:
 
     def _check_ready(self) -> None:
         if self._model is None:
-            raise RuntimeError("Embedder.embed() before warm_up(): the model is not loaded")
+            raise RuntimeError("LocalEmbedder.embed() before warm_up(): the model is not loaded")
 
     def _embed_all(self, texts: list[Any], lengths: list[int], encode: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
         """texts: texts or token-ID rows; lengths: the tokens the model reads of each; encode: one forward pass."""
@@ -319,55 +312,3 @@ class Embedder:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def load_sentence_transformer(path: Path, device: str, bf16: bool = False) -> Any:
-    """The model on `device`; on CUDA with fp16 weights (bf16 if asked)."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the CLI shows its own progress
-    try:
-        model = SentenceTransformer(str(path), device=device, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # an incomplete or foreign directory
-        raise ConfigError(f"cannot load the model at {path}: {type(e).__name__}: {str(e)[:300]}") from e
-    if device.startswith("cuda"):
-        model.to(torch.bfloat16 if bf16 else torch.float16)
-    else:
-        model.float()  # model2vec saves float16 vectors: float32 on the CPU (faster, and the mean exact)
-    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    model.dimension = int(dimension() or 0)
-    return model
-
-
-def native_bf16() -> list[str]:
-    """The CPU's native bfloat16 features torch knows of (AVX512_BF16, AMX); empty if none."""
-    import torch
-
-    return [f for f in ("avx512_bf16", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
-
-
-def cpu_bf16(model: Any) -> Callable[[], AbstractContextManager[Any]]:
-    """The context for bf16 forward passes on the CPU: autocast runs the matmuls in bfloat16 (float32
-    accumulation) and keeps layer norms, softmax and pooling in float32, with the float32 weights. Fast
-    only where the CPU multiplies bf16 natively (AVX512_BF16 or AMX); refused if its vectors drift below
-    MIN_COSINE from float32's on CHECK_TEXTS."""
-    import torch
-
-    native = native_bf16()
-    if not native:
-        log.warning("this CPU has no native bfloat16 (AVX512_BF16, AMX): torch-bf16 is likely slower than torch")
-
-    def autocast() -> AbstractContextManager[Any]:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
-    texts = list(CHECK_TEXTS)
-    want = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    with autocast():
-        got = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    cosine = float((want * np.asarray(got, dtype=np.float32)).sum(axis=1).min())
-    if cosine < MIN_COSINE:
-        raise ConfigError(f"bf16 vectors differ from float32 (cosine {cosine:.4f}); use backend torch")
-    log.info("bf16 on the CPU (%s): min cosine to float32 %.5f", ", ".join(native) or "emulated", cosine)
-    return autocast

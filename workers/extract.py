@@ -11,7 +11,12 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
+from charset_normalizer import from_bytes
+from pypdf import PdfReader
+from pypdf.errors import PdfReadError
+
 from shared.errors import DocumentError
+from workers.extract_html import html_to_text
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".csv", ".tsv", ".log", ".json", ""}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -68,14 +73,12 @@ def to_text(data: bytes, name: str, content_type: str = "", max_chars: int = 20_
         suffix if suffix in OFFICE_SUFFIXES else next((s for t, s in _OFFICE_TYPES.items() if t in content_type), "")
     )
     if office:
-        from workers.extract_office import office_to_text
+        from workers.extract_office import office_to_text  # the optional `office` extra
 
         return office_to_text(data, office, max_chars)
     if suffix in HTML_SUFFIXES or "html" in content_type or head.startswith((b"<!doctype html", b"<html")):
         if (tags := data.count(b"<")) > MAX_HTML_TAGS:
             raise DocumentError("too_large", f"HTML of {tags} tags is over the limit of {MAX_HTML_TAGS}")
-        from workers.extract_html import html_to_text
-
         meta = _META_CHARSET.search(data[:4096])
         return html_to_text(decode_bytes(data, declared or (meta.group(1).decode("ascii") if meta else "")))
     if suffix in TEXT_SUFFIXES or content_type.startswith("text/") or suffix not in _BINARY_SUFFIXES:
@@ -119,8 +122,6 @@ def _mostly_utf8(data: bytes) -> bool:
 
 
 def _detect(data: bytes, wide_only: bool = False) -> str:
-    from charset_normalizer import from_bytes
-
     matches = [m for m in from_bytes(data) if m.chaos <= MAX_CHAOS]
     if wide_only and not (matches and matches[0].encoding.startswith(("utf_16", "utf_32"))):
         raise DocumentError("unsupported_type", "binary content (NUL bytes)")
@@ -167,9 +168,6 @@ def _codec(label: str) -> str:
 
 def pdf_to_text(data: bytes, max_chars: int = 20_000_000) -> str:
     """The text of every page, until it passes max_chars (a 30 KB PDF may list one page 3,000 times)."""
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
-
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:

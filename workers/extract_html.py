@@ -14,8 +14,13 @@ and form elements: a short document is kept, never dropped.
 
 from __future__ import annotations
 
+import html as html_lib
 import re
 from typing import Any
+
+import trafilatura
+from lxml import etree
+from lxml import html as lxml_html
 
 from shared.errors import DocumentError
 
@@ -45,9 +50,6 @@ _DROP = (
 
 def html_to_text(html: str) -> str:
     """The main content of an HTML page as paragraphs; '' when it holds no text."""
-    import trafilatura
-    from lxml import etree
-
     try:
         doc = trafilatura.bare_extraction(
             html,
@@ -71,8 +73,6 @@ def html_to_text(html: str) -> str:
 
 
 def _whole_page(html: str) -> list[str]:
-    from lxml import html as lxml_html
-
     try:  # as bytes: lxml refuses a str that carries an XML encoding declaration
         root = lxml_html.document_fromstring(html.encode(), parser=lxml_html.HTMLParser(encoding="utf-8"))
     except lxml_html.etree.ParserError:  # nothing in it (whitespace, a comment)
@@ -188,7 +188,5 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 
 
 def _title(html: str) -> str:
-    import html as html_lib
-
     match = _TITLE.search(html, 0, 65536)
     return " ".join(html_lib.unescape(match.group(1)).split()) if match else ""

@@ -26,6 +26,7 @@ from shared import keys
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, SourceDoc, decode_inbox_message, safe_id
+from shared.queues import enqueue_batch
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,6 @@ class Inbox:
     def commit(self, raw: list[bytes]) -> int:
         """Enqueue the taken messages as a load batch (dead letters for undecodable ones) and let go of
         them, in one transaction; 0 if another janitor took them back meanwhile."""
-        from producer.submit import enqueue_batch
-
         if not raw:
             return 0
         sources, dead = decode_all(raw)

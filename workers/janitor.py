@@ -14,25 +14,28 @@ import logging
 import signal
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.job import Job
+from rq.registry import FailedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
-from producer.status import distributed_status, is_idle
 from shared import keys, metrics
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
-from shared.messages import DeadLetter
+from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
+from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue
 from shared.settings import STAGES, Settings
+from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
-from workers.runtime import JOB_FUNCTIONS, connect, queue, yield_cpu
-from workers.write import batch_accounted
+from workers.runtime import yield_cpu
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +159,6 @@ class Janitor:
 
 def export_state(redis: Redis, ledger: RedisLedger, status: dict[str, Any]) -> None:
     """The pipeline's state as Prometheus gauges: queues, workers, dead letters, the quality probe."""
-    from rq.utils import utcparse
-
     for stage, s in status["stages"].items():
         metrics.QUEUE_JOBS.labels(stage, "queued").set(s["queued"] + s["dequeuing"])
         metrics.QUEUE_JOBS.labels(stage, "running").set(s["running"])
@@ -185,8 +186,6 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
     previous = redis.set(keys.PROBE_REQUESTED, chunks_written, get=True)
     if previous == str(chunks_written).encode():
         return  # already requested for this state
-    from workers.runtime import enqueue_jobs
-
     with redis.pipeline() as pipe:
         enqueue_jobs(
             queue(redis, "embed"),
@@ -203,48 +202,31 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
 def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
     """Turn every job that failed for good (exception after its retries, timeout, abandoned by a
     killed worker, refused) into dead letters for each of its documents, then drop the job."""
-    from rq.registry import FailedJobRegistry
-
-    from workers.runtime import enqueue_jobs
-
     expanded = 0
     for stage in STAGES:
         registry = FailedJobRegistry(stage, connection=redis, serializer=JSONSerializer)
         for job_id in registry.get_job_ids():
-            letters, failed_part = dead_letters_of(redis, stage, job_id)
+            func, args, message = read_failed_job(redis, job_id)
+            batch_id = args[0] if args and isinstance(args[0], str) else None
+            batch = RedisBatch(redis, batch_id, ledger, settings.payload_ttl_s) if batch_id is not None else None
+            letters, failed_part = failed_job_letters(stage, job_id, func, args, message, batch)
             with redis.pipeline() as pipe:
                 ledger.add_dead(letters, pipe=pipe)
-                if failed_part:
-                    pipe.sadd(keys.parts_failed(failed_part[0]), failed_part[1])
-                    pipe.expire(keys.parts_failed(failed_part[0]), settings.payload_ttl_s)
+                if batch is not None and failed_part is not None:
+                    batch.record_failed_part(failed_part, pipe)
                 pipe.zrem(registry.key, job_id)
                 pipe.execute()
-            if failed_part and batch_accounted(redis, failed_part[0]):
+            if batch is not None and failed_part is not None and batch.accounted():
                 with redis.pipeline() as pipe:
-                    enqueue_jobs(queue(redis, "write"), settings, "finalize", [(failed_part[0],)], pipe)
+                    enqueue_jobs(queue(redis, "write"), settings, "finalize", [(batch.id,)], pipe)
                     pipe.execute()
             expanded += 1
             log.warning("job %s failed for good: %d dead letters", job_id, len(letters))
     return expanded
 
 
-def _batch_doc_ids(redis: Redis, batch_id: str) -> list[str]:
-    import msgpack
-
-    raw = redis.get(keys.batch_doc_ids(batch_id))
-    try:
-        ids = msgpack.unpackb(raw) if raw else []
-    except Exception:  # a corrupt index: no IDs to name
-        return []
-    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
-
-
-def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLetter], tuple[str, int] | None]:
-    """The documents a failed job carried, as dead letters with their sources (for redrive)."""
-    from rq.job import Job
-
-    from shared.messages import decode_chunks, decode_documents, decode_sources
-
+def read_failed_job(redis: Redis, job_id: str) -> tuple[str, list[Any], str]:
+    """The function, arguments and last error line of a failed job, whatever state its hash is in."""
     try:
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
         result = job.latest_result()
@@ -252,23 +234,38 @@ def dead_letters_of(redis: Redis, stage: str, job_id: str) -> tuple[list[DeadLet
         func, args = job.func_name, list(job.args)
     except Exception as e:  # a job we cannot even read (foreign serializer, corrupt hash)
         message, func, args = f"unreadable job: {type(e).__name__}: {e}", "", []
-    message = message.splitlines()[-1][:2000] if message else "failed"
-    batch_id = args[0] if args and isinstance(args[0], str) else None
-    if batch_id is None or func not in JOB_FUNCTIONS.values():
+    return func, args, message.splitlines()[-1][:2000] if message else "failed"
+
+
+class JobPayloads(Protocol):
+    """What a failed job's batch still holds (RedisBatch); a payload that expired raises DecodeError."""
+
+    def sources(self) -> list[dict[str, Any]]: ...
+    def documents(self) -> list[Document]: ...
+    def chunks(self, part: int) -> list[Chunk]: ...
+    def doc_ids(self) -> list[str]: ...
+
+
+def failed_job_letters(
+    stage: str, job_id: str, func: str, args: list[Any], message: str, batch: JobPayloads | None
+) -> tuple[list[DeadLetter], int | None]:
+    """The documents a failed job carried, as dead letters with their sources (for redrive), and the
+    part that failed with it (embed and write jobs), whose documents the batch's finalisation removes."""
+    if batch is None or func not in JOB_FUNCTIONS.values():
         return [DeadLetter(f"job:{job_id}", stage, "job_failed", f"{func or 'unknown function'}: {message}")], None
     try:
-        sources = {s.get("id"): s for s in decode_sources(redis.get(keys.sources(batch_id))) if isinstance(s, dict)}
+        sources = {s.get("id"): s for s in batch.sources() if isinstance(s, dict)}
         if func.endswith(("embed_job", "write_job")):
-            part = int(args[1])
-            ids = {c.doc_id for c in decode_chunks(redis.get(keys.chunks(batch_id, part)))}
+            part: int | None = int(args[1])
+            ids = {c.doc_id for c in batch.chunks(int(args[1]))}
         elif func.endswith("chunk_job"):
-            part, ids = None, {d.id for d in decode_documents(redis.get(keys.documents(batch_id)))}
+            part, ids = None, {d.id for d in batch.documents()}
         else:
             part, ids = None, set(sources)
     except DecodeError as e:  # the payloads expired before the batch completed: its documents by ID
-        ids, part = set(_batch_doc_ids(redis, batch_id)), None
-        if not ids:
-            return [DeadLetter(f"batch:{batch_id}", stage, "job_failed", f"{message} (and {e})")], None
-        return [DeadLetter(i, stage, "job_failed", f"{message} (and {e})") for i in sorted(ids)], None
+        known = batch.doc_ids()
+        if not known:
+            return [DeadLetter(f"batch:{args[0]}", stage, "job_failed", f"{message} (and {e})")], None
+        return [DeadLetter(i, stage, "job_failed", f"{message} (and {e})") for i in sorted(known)], None
     letters = [DeadLetter(i, stage, "job_failed", message, source=sources.get(i)) for i in sorted(ids) if i]
-    return letters, (batch_id, part) if part is not None else None
+    return letters, part

@@ -18,9 +18,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
 from redis import Redis
+from rq.executions import Execution
+from rq.job import Job
+from rq.worker import BaseWorker
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,9 @@ def give_up_s(lease_s: float) -> float:
 class JobLease:
     """Renews one running job's lease from a daemon thread, from `start()` until `stop()`."""
 
-    def __init__(self, worker: Any, job: Any, execution: Any, redis: Redis, lease_s: int, held_since: float) -> None:
+    def __init__(
+        self, worker: BaseWorker, job: Job, execution: Execution, redis: Redis, lease_s: int, held_since: float
+    ) -> None:
         self.worker, self.job, self.execution, self.redis = worker, job, execution, redis
         self.lease_s = lease_s
         self.registry = job.started_job_registry

@@ -9,18 +9,16 @@ a dead letter; the rest of its batch goes on.
 
 from __future__ import annotations
 
-import logging
 import re
 import unicodedata
 from typing import Any
 
 from shared.errors import DecodeError, DocumentError
 from shared.messages import DeadLetter, Document, SourceDoc, content_hash, safe_id
-from shared.metrics import DOCUMENTS
+from workers.batch_redis import RedisBatch
+from workers.context import JobReport, WorkerContext, stage_job
 from workers.extract import to_text
 from workers.fetch import FetchPolicy, fetch
-
-log = logging.getLogger(__name__)
 
 STAGE = "load"
 
@@ -101,24 +99,15 @@ def _keepable(raw: Any) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def load_job(batch_id: str) -> dict[str, int]:
+@stage_job(STAGE, check_spec=False)
+def load_job(ctx: WorkerContext, batch: RedisBatch) -> JobReport:
     """rq job: load a submitted batch and hand its documents to the chunk stage."""
-    from shared import keys
-    from shared.messages import decode_sources, pack
-    from workers.runtime import context, enqueue_next
-
-    ctx = context()
-    if ctx.batch_finalized(batch_id):
-        return {"skipped": 1}  # a redelivered job of a batch that is already complete
-    sources = decode_sources(ctx.redis.get(keys.sources(batch_id)))
-    docs, dead = load_batch(sources, ctx.settings.max_doc_bytes, FetchPolicy.parse(ctx.settings.fetch_allow))
+    policy = FetchPolicy.parse(ctx.settings.fetch_allow)
+    docs, dead = load_batch(batch.sources(), ctx.settings.max_doc_bytes, policy)
     with ctx.redis.pipeline() as pipe:
         ctx.ledger.add_dead(dead, pipe=pipe)
         if docs:
-            pipe.set(keys.documents(batch_id), pack(docs), ex=ctx.settings.payload_ttl_s)
-            enqueue_next(ctx, "chunk", [(batch_id,)], pipe)
+            batch.put_documents(docs, pipe)
+            ctx.enqueue_next("chunk", [(batch.id,)], pipe)
         pipe.execute()
-    DOCUMENTS.labels(STAGE, "ok").inc(len(docs))
-    DOCUMENTS.labels(STAGE, "failed").inc(len(dead))
-    log.info("load %s: %d documents, %d dead letters", batch_id, len(docs), len(dead))
-    return {"documents": len(docs), "dead": len(dead)}
+    return {"documents_ok": len(docs), "documents_failed": len(dead)}

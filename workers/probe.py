@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.embedding import Embedder
 from shared.errors import ConfigError
 from shared.quality import evaluate, load_beir
-from shared.store import Store
-from workers.embedder import Embedder
+from shared.store import Store, open_store
+from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,10 @@ def run_probe(store: Store, embedder: Embedder, eval_dir: str) -> dict[str, Any]
     return result
 
 
-def probe_job(eval_dir: str, chunks_written: int) -> dict[str, Any]:
+def probe_job(ctx: WorkerContext, eval_dir: str, chunks_written: int) -> dict[str, Any]:
     """rq job (embed queue): probe the store and record the result for the janitor to export."""
-    from shared.store import open_store
-    from workers.runtime import context
-
-    ctx = context()
-    if "store" not in ctx.resources:
-        ctx.resources["store"] = open_store(ctx.settings.store, ctx.spec)
+    if ctx.resources.store is None:  # the embed pool opens the store for its first probe only
+        ctx.resources.store = open_store(ctx.settings.store, ctx.spec)
     result = run_probe(ctx.store, ctx.embedder, eval_dir) | {"chunks_written": chunks_written}
     ctx.ledger.record_probe(result)
     ctx.store.record_probe(result)

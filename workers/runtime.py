@@ -1,7 +1,8 @@
 """The distributed runtime: one rq SimpleWorker per process on exactly one stage queue.
 
-The worker loads what its stage needs (tokenizer, model, store) once, before `work()`; the job
-functions reach it through `context()`. SimpleWorker runs jobs in this process: the default forking
+The worker loads what its stage needs (tokenizer, model, store) once, before `work()`, into a
+WorkerContext, and hands it to every job it runs (StageJob: the job's function is called with the
+context first, then the job's own arguments). SimpleWorker runs jobs in this process: the default forking
 Worker would reload the model for every job and could not use a CUDA context made in the parent.
 With a single queue rq dequeues with BLMOVE, so a job of a worker killed after the pop is recovered;
 a running job holds a lease that a heartbeat renews (workers/lease.py), so a job of a killed worker is
@@ -12,255 +13,101 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
-from rq import Queue, Retry, SimpleWorker
+from redis.exceptions import ConnectionError, TimeoutError
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from shared import keys
+from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.metrics import JOBS, LOOP, RETRIES, observe_stored, running_job, serve
+from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, queue
 from shared.settings import STAGES, Settings
+from shared.spec import chunk_policy, spec_for
+from shared.store import open_store
+from shared.tokenizers import load_tokenizer
+from workers.context import WorkerContext
+from workers.embed import make_embedder
+from workers.fetch import FetchPolicy
 from workers.lease import JobLease, beat_timeout_s
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTIONS = {
-    "load": "workers.load.load_job",
-    "chunk": "workers.chunk.chunk_job",
-    "embed": "workers.embed.embed_job",
-    "write": "workers.write.write_job",
-    "finalize": "workers.write.finalize_job",  # runs on the write queue: it needs the store
-    "prune": "workers.write.prune_job",  # write queue: the store
-    "probe": "workers.probe.probe_job",  # runs on the embed queue: it needs the model
-}
-QUEUE_OF = {"finalize": "write", "prune": "write", "probe": "embed"}
-# What each stage function takes: a job whose arguments do not match is refused, like a foreign function.
-ARGUMENTS: dict[str, tuple[type, ...]] = {
-    "load": (str,),
-    "chunk": (str,),
-    "embed": (str, int),
-    "write": (str, int),
-    "finalize": (str,),
-    "prune": (str,),
-    "probe": (str, int),
-}
-MAX_ARGUMENT_CHARS = 4096
-ALLOWED = {stage: {f for s, f in JOB_FUNCTIONS.items() if QUEUE_OF.get(s, s) == stage} for stage in STAGES}
-RETRY_INTERVALS_S = [5, 30, 120]
-RESULT_TTL_S = 3600
 # Liveness (/livez): on top of rq's own waits and timeouts, room for Redis's client retries (~35 s),
 # rq's reconnect sleeps (up to 60 s) and a slow host, so that only a wedged loop goes past it.
 LOOP_SLACK_S = 180
 
 
-def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None) -> Redis:
-    """A Redis client that retries transient connection errors with backoff (~25 s in all), saying so
-    in the log; the password comes from the environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL
-    in EMBEDPIPE_REDIS_URL, and is never logged. With `timeout_s`, every connect and read gives up
-    after that long (not for a client that dequeues: its reads block)."""
-    from redis.backoff import ExponentialBackoff, NoBackoff
-    from redis.exceptions import ConnectionError, TimeoutError
-    from redis.retry import Retry as RedisRetry
-
-    where = settings.redis_url_redacted
-
-    class LoggedRetry(RedisRetry):
-        def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-            def logged_fail(error: Exception, *rest: Any) -> Any:
-                log.warning("Redis at %s: %s; retrying with backoff", where, error)
-                RETRIES.labels("redis", "redis").inc()
-                return fail(error, *rest)
-
-            return super().call_with_retry(do, logged_fail, *args, **kwargs)
-
-    kwargs: dict[str, Any] = {
-        "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries) if retries else RedisRetry(NoBackoff(), 0),
-        "retry_on_error": [ConnectionError, TimeoutError],
-        "health_check_interval": 30,
-        "socket_connect_timeout": timeout_s or 10,
-    }
-    if timeout_s:
-        kwargs["socket_timeout"] = timeout_s
-    if settings.redis_password:
-        kwargs["password"] = settings.redis_password
-    return Redis.from_url(settings.redis_url, **kwargs)
-
-
-def queue(redis: Redis, stage: str) -> Queue:
-    return Queue(stage, connection=redis, serializer=JSONSerializer)
-
-
-@dataclass
-class WorkerContext:
-    settings: Settings
-    redis: Redis
-    ledger: RedisLedger
-    queues: dict[str, Queue]
-    resources: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._resource("tokenizer")
-
-    @property
-    def chunk_policy(self) -> Any:
-        return self._resource("chunk_policy")
-
-    @property
-    def embedder(self) -> Any:
-        return self._resource("embedder")
-
-    @property
-    def store(self) -> Any:
-        return self._resource("store")
-
-    @property
-    def spec(self) -> Any:
-        return self._resource("spec")
-
-    @property
-    def cache(self) -> Any:
-        return self._resource("cache")
-
-    def _resource(self, name: str) -> Any:
-        if name not in self.resources:
-            raise RuntimeError(f"this worker has no {name}: a job ran on the wrong pool")
-        return self.resources[name]
-
-    def batch_finalized(self, batch_id: str) -> bool:
-        return bool(self.redis.exists(keys.batch_finalized(batch_id)))
-
-
-_context: WorkerContext | None = None
-
-
-def context() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError("no worker context: stage jobs run inside `embedpipe worker STAGE`")
-    return _context
-
-
 def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> WorkerContext:
     """Load what the stage needs, once per process."""
-    global _context
     redis = redis or connect(settings)
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
     ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    loaded = ctx.resources
     if stage == "load":
-        from workers.fetch import FetchPolicy
-
         FetchPolicy.parse(settings.fetch_allow)  # a malformed allow list is a ConfigError at start
     else:
-        from shared.spec import spec_for
-
-        ctx.resources["spec"] = spec_for(settings)
+        loaded.spec = spec_for(settings)
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
-        from shared.store import open_store
-
-        ctx.resources["store"] = open_store(settings.store, ctx.resources["spec"])
+        loaded.store = open_store(settings.store, loaded.spec)
     if stage == "chunk":
-        from shared.models import load_tokenizer
-        from shared.spec import chunk_policy
-
-        tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
-        ctx.resources["tokenizer"] = tokenizer
-        ctx.resources["chunk_policy"] = chunk_policy(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        loaded.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
+        loaded.chunk_policy = chunk_policy(settings, loaded.tokenizer)
     elif stage == "embed":
-        from shared.cache import RedisVectorCache
-        from workers.embed import make_embedder
-
-        ctx.resources["embedder"] = make_embedder(settings, redis).warm_up()
-        ctx.resources["cache"] = RedisVectorCache(redis, settings.cache_ttl_s)
-    _context = ctx
+        loaded.embedder = make_embedder(settings, redis).warm_up()
+        loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s)
     return ctx
 
 
-def check_spec(ctx: WorkerContext, batch_id: str) -> None:
-    """Every stage of a batch must use the same embedding spec: a pool configured with another model
-    (or dimensions, prefix, chunker) fails the job rather than mixing vectors."""
-    planned = ctx.redis.hget(keys.batch_plan(batch_id), "spec")
-    if planned is not None and planned.decode() != ctx.spec.fingerprint:
-        raise ConfigError(
-            f"batch {batch_id} was chunked for embedding spec {planned.decode()}, but this worker uses "
-            f"{ctx.spec.fingerprint} ({ctx.spec.collection}): all pools need the same model settings"
-        )
+class StageJob(Job):
+    """An rq job whose function gets the worker's context first: `func(ctx, *args)`. rq stores and
+    shows the job as it was enqueued (function name and JSON arguments); only the call differs."""
 
+    context: WorkerContext | None = None
 
-def enqueue_next(
-    ctx: WorkerContext, stage: str, args_list: list[tuple[Any, ...]], pipe: Any, tokens: list[int] | None = None
-) -> None:
-    """Enqueue jobs of `stage` inside the caller's pipeline, so payloads and jobs land together."""
-    enqueue_jobs(ctx.queues[QUEUE_OF.get(stage, stage)], ctx.settings, stage, args_list, pipe, tokens)
-
-
-def job_id(stage: str, args: tuple[Any, ...]) -> str:
-    """Deterministic: a redelivered job enqueues the same next job, not a second one."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([stage, *map(str, args)]))  # what rq allows
-
-
-def enqueue_jobs(
-    q: Queue,
-    settings: Settings,
-    stage: str,
-    args_list: list[tuple[Any, ...]],
-    pipe: Any,
-    tokens: list[int] | None = None,
-    timeout_s: int | None = None,
-) -> None:
-    """One pipeline round trip for all jobs; `tokens` (per job) sizes embed timeouts."""
-    retry = Retry(max=settings.job_retries, interval=RETRY_INTERVALS_S) if settings.job_retries else None
-    timeout_stage = QUEUE_OF.get(stage, stage)
-    q.enqueue_many(
-        [
-            Queue.prepare_data(
-                JOB_FUNCTIONS[stage],
-                args=args,
-                job_id=job_id(stage, args),
-                timeout=timeout_s or settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
-                result_ttl=RESULT_TTL_S,
-                failure_ttl=settings.payload_ttl_s,
-                retry=retry,
-            )
-            for i, args in enumerate(args_list)
-        ],
-        pipeline=pipe,
-    )
+    def _execute(self) -> Any:
+        if self.context is None:
+            raise RuntimeError(f"job {self.id} has no worker context: stage jobs run inside `embedpipe worker STAGE`")
+        return self.func(self.context, *self.args, **self.kwargs)
 
 
 class StageWorker(SimpleWorker):
     """Runs only embedpipe's own stage function for its queue: a job naming any other function
-    (os.system, say) is refused and never imported or executed. A running job holds a lease of
-    `job_lease_s` that a side thread renews (workers/lease.py): the worker exits with code 75
-    (LEASE_LOST_EXIT_CODE) when it can no longer renew it, rather than run the job on unguarded."""
+    (os.system, say) is refused and never imported or executed. It hands its context to each job it
+    runs (StageJob). A running job holds a lease of `job_lease_s` that a side thread renews
+    (workers/lease.py): the worker exits with code 75 (LEASE_LOST_EXIT_CODE) when it can no longer
+    renew it, rather than run the job on unguarded."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        settings = context().settings
+    def __init__(self, queues: list[Queue], *, context: WorkerContext, **kwargs: Any) -> None:
+        super().__init__(queues, job_class=StageJob, **kwargs)
+        self.context = context
+        settings = self.settings = context.settings
         self.lease_s = settings.job_lease_s
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
 
-    def get_heartbeat_ttl(self, job: Any) -> int:
+    def get_heartbeat_ttl(self, job: Job) -> int:
         """The first registration of a job takes the lease too (SimpleWorker's: timeout + 60 s)."""
         return self.lease_s
 
-    def prepare_execution(self, job: Any) -> Any:
+    def prepare_execution(self, job: Job) -> Execution:
         held_since = time.monotonic()
         execution = super().prepare_execution(job)
         self._lease = JobLease(self, job, execution, self.lease_redis, self.lease_s, held_since).start()
         return execution
 
-    def handle_execution_ended(self, job: Any, queue: Queue, heartbeat_ttl: int) -> None:
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         self._end_lease()  # before rq removes the job's entries
         super().handle_execution_ended(job, queue, heartbeat_ttl)
 
@@ -274,7 +121,9 @@ class StageWorker(SimpleWorker):
             LOOP.begin("waiting for a job", self.dequeue_timeout + LOOP_SLACK_S)
         super().heartbeat(timeout, pipeline)
 
-    def execute_job(self, job: Any, queue: Queue) -> Any:
+    def execute_job(self, job: Job, queue: Queue) -> Any:
+        if isinstance(job, StageJob):
+            job.context = self.context
         refusal = refusal_of(job, queue.name)
         if refusal is not None:
             log.error("refused job %s: %s", job.id, refusal)
@@ -282,10 +131,10 @@ class StageWorker(SimpleWorker):
             job.func_name = "workers.runtime.refused_job"
             job.args, job.kwargs = (job.id, refusal), {}
             job.retries_left = 0
-        elif job.retries_left is not None and _context and job.retries_left < _context.settings.job_retries:
+        elif job.retries_left is not None and job.retries_left < self.settings.job_retries:
             RETRIES.labels(queue.name, "job").inc()
         queued_s = (rq_now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
-        stuck_s = context().settings.stuck_job_s or (job.timeout or Queue.DEFAULT_TIMEOUT) + LOOP_SLACK_S
+        stuck_s = self.settings.stuck_job_s or (job.timeout or Queue.DEFAULT_TIMEOUT) + LOOP_SLACK_S
         try:
             with running_job(queue.name, job.id, queued_s, stuck_s):
                 return super().execute_job(job, queue)
@@ -301,18 +150,18 @@ class StageWorker(SimpleWorker):
             self.pubsub_thread._running.clear()  # what stop() does, before its join
             self.pubsub_thread.join(timeout=1)
 
-    def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any) -> None:
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         JOBS.labels(queue.name, "ok").inc()
         if job.func_name == JOB_FUNCTIONS["write"]:
             observe_stored(job.args[0])
         super().handle_job_success(job, queue, started_job_registry)
 
-    def handle_job_failure(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> None:
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         JOBS.labels(queue.name, "failed").inc()
         super().handle_job_failure(job, queue, *args, **kwargs)
 
 
-def refusal_of(job: Any, queue_name: str) -> str | None:
+def refusal_of(job: Job, queue_name: str) -> str | None:
     """Why a job must not run on this queue's pool, or None. rq acts on more of a job than its function:
     it imports and calls callbacks, posts to webhooks, holds jobs for dependencies. A stage job has none
     of them, no keyword arguments, and exactly its function's positional arguments."""
@@ -326,14 +175,15 @@ def refusal_of(job: Any, queue_name: str) -> str | None:
     stage = next(s for s, f in JOB_FUNCTIONS.items() if f == job.func_name)
     kinds, args = ARGUMENTS[stage], list(job.args or ())
     fits = len(args) == len(kinds) and all(
-        type(a) is k and (k is not str or len(a) <= MAX_ARGUMENT_CHARS) for a, k in zip(args, kinds, strict=False)
+        type(a) is k and (not isinstance(a, str) or len(a) <= MAX_ARGUMENT_CHARS)
+        for a, k in zip(args, kinds, strict=False)
     )
     if job.kwargs or not fits:
         return f"{func} takes ({', '.join(k.__name__ for k in kinds)}), not these arguments"
     return None
 
 
-def disarm(job: Any) -> None:
+def disarm(job: Job) -> None:
     """Clear what rq would act on for a refused job, in memory and in its Redis hash."""
     job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
     job._success_callback = job._failure_callback = job._stopped_callback = None
@@ -343,7 +193,7 @@ def disarm(job: Any) -> None:
     )
 
 
-def refused_job(job_id: str, refusal: str = "") -> None:
+def refused_job(ctx: WorkerContext, job_id: str, refusal: str = "") -> None:
     raise PermissionError(f"job {job_id} refused: {refusal}")
 
 
@@ -360,8 +210,6 @@ def yield_cpu(settings: Settings) -> None:
 def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     """Work until SIGTERM (or an empty queue with `burst`). If Redis goes away for longer than the
     client's own retries, rq's loop quits: start a new worker with backoff instead of dying."""
-    from redis.exceptions import ConnectionError, TimeoutError
-
     ctx = init_context(settings, stage)
     if stage != "embed":
         yield_cpu(settings)
@@ -371,7 +219,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
         LOOP.begin("starting an rq worker", delay + LOOP_SLACK_S)
         worker = None
         try:
-            worker = StageWorker([ctx.queues[stage]], connection=ctx.redis, serializer=JSONSerializer)
+            worker = StageWorker([ctx.queues[stage]], context=ctx, connection=ctx.redis, serializer=JSONSerializer)
             log.info("%s worker %s on %s", stage, worker.name, settings.redis_url_redacted)
             worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
             delay = 1.0

@@ -1,0 +1,229 @@
+"""`embedpipe` commands of the light client (producer/client.py): enqueue, wait, status, failed, redrive.
+
+They load no model, torch or numpy: only `status --local` (which counts the local store) and
+`redrive --local` (which runs the embedded pipeline) import more, inside the command, when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from producer import client
+from producer.cli_options import (
+    CHUNKING,
+    JOBS,
+    MODEL,
+    REDIS,
+    exclude_option,
+    fail_clearly,
+    local_option,
+    open_ledger,
+    progress_option,
+    prune_option,
+    settings_options,
+    use_local,
+)
+from producer.sources import Listed, iter_sources, resolve
+from shared.errors import REASONS
+from shared.settings import Settings
+from shared.text import printable
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@exclude_option
+@progress_option
+@prune_option
+@click.option(
+    "--inbox",
+    "via_inbox",
+    is_flag=True,
+    help="Push the documents onto the inbox list for the janitor to batch, as any client may: all the "
+    "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
+)
+@settings_options(*REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
+@fail_clearly
+def enqueue(
+    paths: tuple[str, ...],
+    exclude: tuple[str, ...],
+    progress: bool | None,
+    prune: bool,
+    via_inbox: bool,
+    settings: Settings,
+) -> None:
+    """Submit PATHS (files, directories, globs, http(s) URLs, - for JSONL on stdin) to the
+    distributed pipeline. Local files are sent by content; URLs are fetched by the loaders.
+    Unchanged documents are skipped by the chunkers. By default batches and load jobs are written
+    directly (the `worker` or `admin` Redis user); --inbox goes through the inbox (`producer`)."""
+    if prune and via_inbox:
+        raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
+    inputs = resolve(list(paths), exclude, settings.id_prefix)
+    redis = client.connect(settings)
+    redis.ping()
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
+
+        def waiting(backlog: int) -> None:
+            bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
+
+        items = Listed(iter_sources(inputs, settings.max_doc_bytes))
+        send = client.push_to_inbox if via_inbox else client.submit
+        result = send(redis, settings, items, on_progress=bar.update, on_wait=waiting)
+    where = "pushed to the inbox" if via_inbox else "enqueued"
+    click.echo(
+        f"{where} {result.documents} documents in {result.batches} batches"
+        + (f"; {result.rejected} rejected (see `embedpipe failed`)" if result.rejected and not via_inbox else "")
+    )
+    if result.rejected and via_inbox:  # the inbox's user may record no dead letters: say them here
+        click.echo(f"{result.rejected} rejected here, not submitted:", err=True)
+        for letter in result.rejected_letters[:20]:
+            click.echo(f"  {printable(letter.doc_id)}: {letter.reason}: {printable(letter.message)}", err=True)
+    if prune:
+        client.submit_prune(redis, settings, items.ids)
+        click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
+
+
+@click.command()
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=0,
+    show_default=True,
+    help="Give up after S seconds (0: never); exit 1.",
+)
+@settings_options(*REDIS)
+@fail_clearly
+def wait(timeout_s: float, settings: Settings) -> None:
+    """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
+    scheduled for retry."""
+    if not client.wait(client.connect(settings), timeout_s):
+        raise click.ClickException(f"still busy after {timeout_s:g} s")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--watch",
+    "watch_s",
+    type=float,
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Redraw every S seconds (default 2) until Ctrl+C.",
+)
+@local_option
+@settings_options(*REDIS, "store")
+@fail_clearly
+def status(as_json: bool, watch_s: float | None, local: bool | None, settings: Settings) -> None:
+    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
+    failed (dead letters); the last quality probe."""
+    while True:
+        if watch_s:
+            click.clear()
+            click.echo(time.strftime("%H:%M:%S  ") + "embedpipe status (Ctrl+C to stop)")
+        _print_status(as_json, local, settings)
+        if not watch_s:
+            return
+        try:
+            time.sleep(watch_s)
+        except KeyboardInterrupt:
+            return
+
+
+def _status(local: bool, settings: Settings) -> dict[str, Any]:
+    if not local:
+        return client.status(client.connect(settings))
+    ledger = open_ledger(True, settings)
+    from shared.store import open_store  # the store's backend (numpy, lancedb): only the local status counts it
+
+    store = open_store(settings.store)
+    try:
+        return client.local_status(ledger, store.count())
+    finally:
+        store.close()
+
+
+def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None:
+    data = _status(use_local(local), settings)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    if data["mode"] == "distributed":
+        click.echo(f"inbox: {data['inbox']}")
+        header = ["stage", "queued", "running", "scheduled", "failed", "workers"]
+        click.echo("  ".join(f"{h:>9}" for h in header))
+        for stage, s in data["stages"].items():
+            row = [stage, s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
+            click.echo("  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
+    else:
+        click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
+    click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
+    if probe := data.get("probe"):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))
+        click.echo(f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} ({when})")
+
+
+stage_filter = click.option(
+    "--stage", help="Only dead letters of this stage (submit, inbox, load, chunk, embed, write)."
+)
+reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only dead letters with this reason.")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@stage_filter
+@reason_filter
+@local_option
+@settings_options(*REDIS, "store")
+@fail_clearly
+def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | None, settings: Settings) -> None:
+    """Failed documents (dead letters): document ID, stage, reason, message, attempts, time."""
+    ledger = client.local_ledger(settings) if use_local(local) else open_ledger(False, settings)
+    letters = client.failed(ledger, stage, reason) if ledger is not None else []
+    rows = [{k: v for k, v in asdict(d).items() if k != "source"} for d in letters]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no failed documents")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        doc_id, message = printable(r["doc_id"]), printable(r["message"])
+        click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
+
+
+@click.command()
+@stage_filter
+@reason_filter
+@click.option("--id", "ids", multiple=True, help="Only this document (repeatable).")
+@local_option
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS)
+@fail_clearly
+def redrive(
+    stage: str | None, reason: str | None, ids: tuple[str, ...], local: bool | None, settings: Settings
+) -> None:
+    """Submit dead letters again from the source each one kept. A document that succeeds leaves the
+    dead letters; one that fails again is listed again, with its attempts counted."""
+    local = use_local(local)
+    ledger = open_ledger(local, settings)
+    sources, skipped = client.redrive_sources(ledger, client.failed(ledger, stage, reason, ids))
+    if local:
+        from workers.embedded import run_embedded  # the embedded pipeline: the model, torch, the store
+
+        summary = run_embedded(settings, sources)
+        click.echo(f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again")
+    else:
+        result = client.submit(client.connect(settings), settings, sources)
+        click.echo(f"resubmitted {result.documents} documents in {result.batches} batches")
+    if skipped:
+        click.echo(
+            f"{len(skipped)} without a usable source (resubmit them by hand): {', '.join(skipped[:20])}", err=True
+        )

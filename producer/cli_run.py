@@ -1,0 +1,137 @@
+"""`embedpipe` commands that embed and search: run (the embedded mode: one process, no Redis) and
+search (any store). The pipeline, the model and the store are imported inside each command, when it
+runs: importing the CLI (for `embedpipe status`, say) must not load torch, numpy or lancedb."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from producer.cli_options import (
+    API,
+    CACHE,
+    CHUNKING,
+    MODEL,
+    exclude_option,
+    fail_clearly,
+    progress_option,
+    prune_option,
+    settings_options,
+)
+from producer.sources import Listed, iter_sources, resolve
+from shared.embedding import Embedder
+from shared.settings import Settings
+
+
+def _prune(store: str, kept: set[str]) -> dict[str, int]:
+    from shared.store import prune
+
+    return prune(store, kept)
+
+
+def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> dict[str, Any] | None:
+    """The quality probe after a run that changed the store (or of a collection never probed), recorded
+    with the collection and in the ledger beside the store."""
+    from shared.ledger import LocalLedger, local_ledger_path
+    from shared.spec import spec_for
+    from shared.store import open_store
+    from workers.probe import run_probe
+
+    store = open_store(settings.store, spec_for(settings))
+    try:
+        if not changed and any(c["name"] == store.collection and c.get("probe") for c in store.collections()):
+            return None
+        probe = run_probe(store, embedder, settings.probe_eval)
+        LocalLedger(local_ledger_path(settings.store_path)).record_probe(probe)
+        store.record_probe(probe)
+        return probe
+    finally:
+        store.close()
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@exclude_option
+@progress_option
+@prune_option
+@settings_options("store", "id_prefix", *MODEL, *CHUNKING, *CACHE, "probe_eval")
+@fail_clearly
+def run(
+    paths: tuple[str, ...],
+    as_json: bool,
+    exclude: tuple[str, ...],
+    progress: bool | None,
+    prune: bool,
+    settings: Settings,
+) -> None:
+    """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
+    one process with no Redis. Unchanged documents are skipped; unchanged chunks of edited ones come
+    from the embedding cache. Failed documents are listed by `embedpipe failed`."""
+    from workers.embed import make_embedder
+    from workers.embedded import run_embedded
+
+    inputs = resolve(list(paths), exclude, settings.id_prefix)
+    show = sys.stderr.isatty() if progress is None else progress
+    listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
+    embedder = make_embedder(settings)  # warmed up only if something must be embedded (or probed)
+    with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
+        summary = run_embedded(settings, listed, embedder=embedder, progress=bar)
+    pruned = _prune(settings.store, listed.ids) if prune else {}
+    probe = None
+    if settings.probe_eval:
+        probe = _probe_after_run(settings, embedder, changed=bool(summary.chunks or pruned))
+    if as_json:
+        click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {}) | {"pruned": pruned}))
+        return
+    click.echo(
+        f"{summary.documents} documents ({summary.documents_stored} stored, {summary.unchanged} unchanged, "
+        f"{summary.failed} failed), {summary.chunks} chunks ({summary.chunks_embedded} embedded, "
+        f"{summary.chunks_cached} from the cache), {summary.tokens} tokens in {summary.seconds:.1f} s"
+        + (f" (loading the model took {summary.model_load_seconds:.1f} s)" if summary.model_load_seconds else "")
+        + f"\nvectors: {summary.store} (collection {summary.collection})"
+    )
+    if any(pruned.values()):
+        click.echo(f"pruned (no longer in PATHS): {sum(pruned.values())} documents")
+    if probe:
+        click.echo(
+            f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} "
+            f"on {probe['queries']} queries of {probe['eval']}"
+        )
+    if summary.failed:
+        click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
+
+
+@click.command()
+@click.argument("query")
+@click.option("-k", "k", default=5, show_default=True, help="How many chunks to return.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of hits.")
+@click.option("--collection", default=None, help="Search this collection instead of the active one.")
+@settings_options("store", "device", "batch_size", *API)
+@fail_clearly
+def search(query: str, k: int, as_json: bool, collection: str | None, settings: Settings) -> None:
+    """Find the K chunks closest to QUERY in the store's active collection (document ID, chunk,
+    score, text). The query is embedded as that collection was: same model, dimensions, prefix."""
+    from producer.lifecycle import embedder_for
+    from shared.store import open_store
+
+    if "://" not in settings.store and not settings.store_path.is_dir():
+        raise click.ClickException(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
+    store = open_store(settings.store, collection=collection)
+    embedder = embedder_for(store, settings).warm_up()
+    vector = embedder.embed([store.spec.query_prefix + query])[0]
+    hits = store.search(vector, k)
+    store.close()
+    if as_json:
+        click.echo(json.dumps([{**asdict(h), "chunk": h.index} for h in hits]))
+        return
+    if not hits:
+        click.echo("no results: the store is empty")
+    for rank, h in enumerate(hits, 1):
+        text = " ".join(h.text.split())
+        click.echo(f"{rank}. {h.score:.3f}  {h.doc_id}  #{h.index}\n   {text[:300]}{'…' if len(text) > 300 else ''}")

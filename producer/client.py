@@ -1,0 +1,103 @@
+"""The light client: submit documents to the distributed pipeline and follow them, from Python or through
+`embedpipe enqueue`, `status`, `wait`, `failed` and `redrive`. It imports no stage, torch, numpy or
+lancedb (an import-linter contract in pyproject.toml keeps it so), so any service can embed it.
+
+    from producer.client import connect, failed, ledger_of, submit, wait
+    from shared.messages import SourceDoc
+    from shared.settings import Settings
+
+    settings = Settings.from_env()
+    redis = connect(settings)
+    submit(redis, settings, [SourceDoc("doc-1", text="Green tea is steeped at 80 °C.")])
+    wait(redis)
+    print(failed(ledger_of(redis, settings)))
+
+`status`, `failed` and `redrive` also read the embedded mode's ledger beside a local store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+
+from producer.status import local_status
+from producer.submit import SubmitResult, push_to_inbox, submit, submit_prune
+from shared.errors import DecodeError
+from shared.ledger import Ledger, LocalLedger, RedisLedger, local_ledger_path
+from shared.messages import DeadLetter, SourceDoc
+from shared.queues import connect, distributed_status, wait_until_idle
+from shared.settings import Settings
+
+__all__ = [
+    "SubmitResult",
+    "connect",
+    "failed",
+    "ledger_of",
+    "local_ledger",
+    "local_status",
+    "push_to_inbox",
+    "redrive",
+    "redrive_sources",
+    "status",
+    "submit",
+    "submit_prune",
+    "wait",
+]
+
+
+def status(redis: Redis) -> dict[str, Any]:
+    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed."""
+    return distributed_status(redis)
+
+
+def wait(redis: Redis, timeout_s: float = 0) -> bool:
+    """Block until the pipeline is idle (inbox and queues empty, nothing running or scheduled for retry);
+    False if `timeout_s` (0: never) passed first."""
+    return wait_until_idle(redis, timeout_s)
+
+
+def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:
+    """The distributed mode's dead letters and counters."""
+    return RedisLedger(redis, settings.dead_source_ttl_s)
+
+
+def local_ledger(settings: Settings) -> LocalLedger | None:
+    """The embedded mode's dead letters and counters beside the store; None where no run wrote any."""
+    path = local_ledger_path(settings.store_path)
+    return LocalLedger(path) if path.is_file() else None
+
+
+def failed(
+    ledger: Ledger, stage: str | None = None, reason: str | None = None, ids: tuple[str, ...] = ()
+) -> list[DeadLetter]:
+    """Dead letters, oldest first, optionally only those of a stage, a reason or some documents."""
+    return [
+        d
+        for d in ledger.dead()
+        if (stage is None or d.stage == stage)
+        and (reason is None or d.reason == reason)
+        and (not ids or d.doc_id in ids)
+    ]
+
+
+def redrive_sources(ledger: Ledger, letters: list[DeadLetter]) -> tuple[list[SourceDoc], list[str]]:
+    """The documents the dead letters kept, ready to submit again, and the IDs of those that kept none
+    (larger than the kept size, or expired: they must be resubmitted from where they came from)."""
+    sources, without = [], []
+    for letter in letters:
+        try:
+            sources.append(SourceDoc.from_dict(ledger.source(letter.doc_id)))
+        except DecodeError:
+            without.append(letter.doc_id)
+    return sources, without
+
+
+def redrive(
+    redis: Redis, settings: Settings, stage: str | None = None, reason: str | None = None, ids: tuple[str, ...] = ()
+) -> tuple[SubmitResult, list[str]]:
+    """Submit dead letters again from the documents they kept; a document that succeeds leaves the dead
+    letters. Returns what was submitted and the IDs that kept no document."""
+    ledger = ledger_of(redis, settings)
+    sources, without = redrive_sources(ledger, failed(ledger, stage, reason, ids))
+    return submit(redis, settings, sources), without
