@@ -339,7 +339,8 @@ def test_liveness_fails_while_a_job_blocks_the_loop_and_recovers(redis_url, tmp_
     proc, port = _start_loader(env, tmp_path / "loader.log")
     redis = Redis.from_url(redis_url)
     try:
-        assert _livez(port)[1].startswith("ok: waiting for a job")
+        # /livez answers from the start ("starting an rq worker"); the loop then reaches its wait
+        wait_until(lambda: _livez(port)[1].startswith("ok: waiting for a job"), 120, "the loader waiting for a job")
         embedpipe("enqueue", f"http://127.0.0.1:{page.server_port}/slow.txt", env=env)
         seen: list[tuple[int, str]] = []
         deadline = time.monotonic() + 30
