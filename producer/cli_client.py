@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -21,12 +23,14 @@ from producer.cli_options import (
     JOBS,
     MODEL,
     REDIS,
+    check_store,
     exclude_option,
     fail_clearly,
     local_option,
     open_ledger,
     progress_option,
     prune_option,
+    redis_for,
     settings_options,
     use_local,
 )
@@ -65,7 +69,7 @@ def enqueue(
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
     inputs = resolve(list(paths), exclude, settings.id_prefix)
-    redis = client.connect(settings)
+    redis = redis_for(settings)
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
@@ -104,8 +108,28 @@ def enqueue(
 def wait(timeout_s: float, settings: Settings) -> None:
     """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
     scheduled for retry."""
-    if not client.wait(client.connect(settings), timeout_s):
+    if not within(timeout_s, lambda: client.wait(redis_for(settings), timeout_s)):
         raise click.ClickException(f"still busy after {timeout_s:g} s")
+
+
+def within(timeout_s: float, waiting: Callable[[], bool]) -> bool:
+    """`waiting()`, or False once `timeout_s` (0: never) passed, even while it waits on Redis."""
+    outcome: list[bool | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(waiting())
+        except Exception as e:  # said by the command, in the main thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)  # left behind on a timeout: the process exits
+    thread.start()
+    thread.join(timeout_s or None)
+    if not outcome:
+        return False
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 @click.command()
@@ -140,7 +164,7 @@ def status(as_json: bool, watch_s: float | None, local: bool | None, settings: S
 
 def _status(local: bool, settings: Settings) -> dict[str, Any]:
     if not local:
-        return client.status(client.connect(settings))
+        return client.status(redis_for(settings))
     ledger = open_ledger(True, settings)
     from shared.store import open_store  # the store's backend (numpy, lancedb): only the local status counts it
 
@@ -218,10 +242,11 @@ def redrive(
     if local:
         from workers.embedded import run_embedded  # the embedded pipeline: the model, torch, the store
 
+        check_store(settings, write=True)
         summary = run_embedded(settings, sources)
         click.echo(f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again")
     else:
-        result = client.submit(client.connect(settings), settings, sources)
+        result = client.submit(redis_for(settings), settings, sources)
         click.echo(f"resubmitted {result.documents} documents in {result.batches} batches")
     if skipped:
         click.echo(

@@ -10,10 +10,19 @@ from collections.abc import Iterable
 import click
 from tqdm import tqdm
 
-from producer.cli_options import CACHE, CHUNKING, MODEL, REDIS, fail_clearly, progress_option, settings_options
+from producer.cli_options import (
+    CACHE,
+    CHUNKING,
+    MODEL,
+    REDIS,
+    check_store,
+    fail_clearly,
+    progress_option,
+    redis_for,
+    settings_options,
+)
 from producer.submit import submit
 from shared.messages import SourceDoc
-from shared.queues import connect
 from shared.settings import Settings
 
 
@@ -76,8 +85,9 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
         click.echo(_plan(stored_sources(store), settings))
         return
     show = sys.stderr.isatty() if progress is None else progress
+    check_store(settings, write=not distributed)
     if distributed:
-        result = submit(connect(settings), settings, stored_sources(store))
+        result = submit(redis_for(settings), settings, stored_sources(store))
         click.echo(
             f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
             f"settings (model, dimensions, prefix, chunking), or their chunkers find the documents unchanged in their "
@@ -124,6 +134,7 @@ def promote(name: str | None, force: bool, tolerance: float | None, settings: Se
     from shared.store import open_store
 
     target = name or spec_for(settings).collection
+    check_store(settings, write=True)
     store = open_store(settings.store)
     try:
         rows = store.collections()
@@ -151,6 +162,7 @@ def delete(ids: tuple[str, ...], settings: Settings) -> None:
     """Delete documents IDS and all their chunks from every collection of the store."""
     from shared.store import delete_documents
 
+    check_store(settings, write=True)
     removed = delete_documents(settings.store, list(ids))
     held = max(removed.values(), default=0)
     click.echo(f"deleted {held} of {len(ids)} documents (" + ", ".join(f"{k}: {v}" for k, v in removed.items()) + ")")

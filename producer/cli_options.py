@@ -5,18 +5,24 @@ instead of tracebacks. Command modules import this, never producer/cli.py (which
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis import Redis
+from redis.exceptions import RedisError
 
 from producer import client
 from shared.errors import EmbedpipeError
 from shared.ledger import Ledger
-from shared.settings import Settings, env_name, setting_fields
+from shared.queues import connect
+from shared.settings import Settings, env_name, redact_url, setting_fields
+
+# A user waits on an interactive command: an unreachable Redis or store is said within this long (workers
+# and the janitor keep their patient reconnect with backoff).
+INTERACTIVE_TIMEOUT_S = 5
 
 FIELDS = {f.name: f for f in setting_fields()}
 REDIS = ["redis_url"]
@@ -92,6 +98,8 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
                 settings = Settings.from_env(**given, log_level=ctx.find_root().params["log_level"])
             except EmbedpipeError as e:
                 raise click.UsageError(str(e)) from e
+            if "store" in names:
+                check_store(settings, write=False)
             return command(*args, settings=settings, **kwargs)
 
         for name in reversed(names):
@@ -120,12 +128,50 @@ def fail_clearly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except EmbedpipeError as e:
             raise click.ClickException(str(e)) from e
-        except (RedisConnectionError, ResponseError) as e:
+        except RedisError as e:
             settings = kwargs.get("settings")
             where = f" at {settings.redis_url_redacted}" if settings else ""
             raise click.ClickException(f"cannot use Redis{where}: {e}") from e
+        except Exception as e:
+            settings = kwargs.get("settings")
+            if settings is not None and type(e).__module__.split(".")[0] in ("psycopg", "psycopg_pool"):
+                raise click.ClickException(f"cannot use the store at {redact_url(settings.store)}: {e}") from e
+            raise
 
     return wrapper
+
+
+def one_line(error: BaseException) -> str:
+    """An unexpected error as one line: its kind and message (`embedpipe --debug` shows the traceback)."""
+    if isinstance(error, OSError) and error.strerror:
+        message = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        message = f"{type(error).__name__}: {error}"
+    return " ".join(message.split()) + " (--debug shows the traceback)"
+
+
+def redis_for(settings: Settings) -> Redis:
+    """The CLI's Redis client: no retries, and connecting or a reply gives up after INTERACTIVE_TIMEOUT_S
+    (no command of the CLI blocks on a read)."""
+    return connect(settings, retries=0, timeout_s=INTERACTIVE_TIMEOUT_S)
+
+
+def check_store(settings: Settings, write: bool) -> None:
+    """Say in one line, before anything touches it, that a local store cannot be used: its path is a
+    file, or (`write`) it or the directory it would be made in is read-only."""
+    if "://" in settings.store:
+        return
+    path = settings.store_path
+    if path.exists() and not path.is_dir():
+        raise click.ClickException(f"the store {path} is a file, not a store directory: name another (--store)")
+    if not write:
+        return
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise click.ClickException(f"cannot make the store {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system
+        what = f"the store {path} is" if existing == path else f"cannot make the store {path}: {existing} is"
+        raise click.ClickException(f"{what} read-only")
 
 
 exclude_option = click.option(
@@ -169,4 +215,4 @@ def open_ledger(local: bool, settings: Settings) -> Ledger:
                 f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode"
             )
         return ledger
-    return client.ledger_of(client.connect(settings), settings)
+    return client.ledger_of(redis_for(settings), settings)

@@ -17,6 +17,7 @@ from producer.cli_options import (
     CACHE,
     CHUNKING,
     MODEL,
+    check_store,
     exclude_option,
     fail_clearly,
     progress_option,
@@ -76,6 +77,7 @@ def run(
     from workers.embed import make_embedder
     from workers.embedded import run_embedded
 
+    check_store(settings, write=True)
     inputs = resolve(list(paths), exclude, settings.id_prefix)
     show = sys.stderr.isatty() if progress is None else progress
     listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
@@ -109,7 +111,7 @@ def run(
 
 @click.command()
 @click.argument("query")
-@click.option("-k", "k", default=5, show_default=True, help="How many chunks to return.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="How many chunks to return.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of hits.")
 @click.option("--collection", default=None, help="Search this collection instead of the active one.")
 @settings_options("store", "device", "batch_size", *API)

@@ -9,9 +9,8 @@ import time
 
 import click
 
-from producer.cli_options import CACHE, CHUNKING, JOBS, MODEL, REDIS, RUNTIME, fail_clearly, settings_options
+from producer.cli_options import CACHE, CHUNKING, JOBS, MODEL, REDIS, RUNTIME, fail_clearly, redis_for, settings_options
 from shared import keys
-from shared.queues import connect
 from shared.settings import STAGES, Settings
 
 
@@ -58,7 +57,7 @@ def health(stage: str, settings: Settings) -> None:
     """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason.
     The janitor is also unhealthy when its last round with every housekeeping step done is stale."""
     if stage != "embedded":
-        redis = connect(settings, retries=0)
+        redis = redis_for(settings)
         redis.ping()  # a probe answers now, it does not wait out an outage
         if stage == "janitor":
             from workers.janitor import STALE_TICK_S

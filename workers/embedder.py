@@ -108,6 +108,12 @@ class LocalEmbedder:
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not self.backend.startswith("onnx") else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device}: this torch sees no CUDA GPU (a CPU build, or no GPU visible); use auto or cpu"
+            )
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device mps: this torch has no Apple GPU (MPS); use auto or cpu")
         if self.backend.startswith("onnx") and device != "cpu":
             raise ConfigError(f"the {self.backend} backend runs on the CPU only; use torch on {device}")
         # Threads, deliberately: by default the CPUs this process may run on (its affinity mask, which
