@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from producer.cli_options import exclude_option, fail_clearly, settings_options
+from producer.cli_options import echo_json, exclude_option, fail_clearly, json_option, settings_options
 from producer.sources import iter_sources, resolve
 from shared.settings import Settings
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@json_option
 @exclude_option
 @settings_options(
     "model",
@@ -38,7 +36,7 @@ def estimate(paths: tuple[str, ...], as_json: bool, exclude: tuple[str, ...], se
         iter_sources(resolve(list(paths), exclude, settings.id_prefix), settings.max_doc_bytes), settings
     )
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        echo_json(result.to_dict())
         return
     click.echo(
         f"{result.documents} documents ({result.unreadable} unreadable), {result.chunks} chunks, "

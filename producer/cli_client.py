@@ -6,7 +6,6 @@ They load no model, torch or numpy: only `status --local` (which counts the loca
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -24,8 +23,10 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     check_store,
+    echo_json,
     exclude_option,
     fail_clearly,
+    json_option,
     local_option,
     open_ledger,
     progress_option,
@@ -42,6 +43,7 @@ from shared.text import printable
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
+@json_option
 @exclude_option
 @progress_option
 @prune_option
@@ -56,6 +58,7 @@ from shared.text import printable
 @fail_clearly
 def enqueue(
     paths: tuple[str, ...],
+    as_json: bool,
     exclude: tuple[str, ...],
     progress: bool | None,
     prune: bool,
@@ -80,6 +83,21 @@ def enqueue(
         items = Listed(iter_sources(inputs, settings.max_doc_bytes))
         send = client.push_to_inbox if via_inbox else client.submit
         result = send(redis, settings, items, on_progress=bar.update, on_wait=waiting)
+    if prune:
+        client.submit_prune(redis, settings, items.ids)
+    if as_json:
+        rejected = [{"doc_id": d.doc_id, "reason": d.reason, "message": d.message} for d in result.rejected_letters]
+        echo_json(
+            {
+                "documents": result.documents,
+                "batches": result.batches,
+                "batch_ids": result.batch_ids,  # empty with --inbox: the janitor batches the inbox
+                "rejected": rejected,
+                "inbox": via_inbox,
+                "prune": prune,
+            }
+        )
+        return
     where = "pushed to the inbox" if via_inbox else "enqueued"
     click.echo(
         f"{where} {result.documents} documents in {result.batches} batches"
@@ -90,7 +108,6 @@ def enqueue(
         for letter in result.rejected_letters[:20]:
             click.echo(f"  {printable(letter.doc_id)}: {letter.reason}: {printable(letter.message)}", err=True)
     if prune:
-        client.submit_prune(redis, settings, items.ids)
         click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
 
 
@@ -103,12 +120,28 @@ def enqueue(
     show_default=True,
     help="Give up after S seconds (0: never); exit 1.",
 )
+@click.option(
+    "--batch",
+    "batch_ids",
+    multiple=True,
+    metavar="ID",
+    help="Wait only for these batches (repeatable; `enqueue --json` prints their IDs).",
+)
+@json_option
 @settings_options(*REDIS)
 @fail_clearly
-def wait(timeout_s: float, settings: Settings) -> None:
-    """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
-    scheduled for retry."""
-    if not within(timeout_s, lambda: client.wait(redis_for(settings), timeout_s)):
+def wait(timeout_s: float, batch_ids: tuple[str, ...], as_json: bool, settings: Settings) -> None:
+    """Block until the distributed pipeline is idle (inbox and queues empty, nothing running or
+    scheduled for retry), or with --batch until those batches are settled: stored, or their documents
+    dead letters. Exit 1 if --timeout passes first."""
+    redis = redis_for(settings)
+    if batch_ids:
+        done = within(timeout_s, lambda: client.wait_for_batches(redis, list(batch_ids), timeout_s))
+    else:
+        done = within(timeout_s, lambda: client.wait(redis, timeout_s))
+    if as_json:
+        echo_json({"done": done, "batch_ids": list(batch_ids), "timeout_s": timeout_s})
+    if not done:
         raise click.ClickException(f"still busy after {timeout_s:g} s")
 
 
@@ -133,7 +166,7 @@ def within(timeout_s: float, waiting: Callable[[], bool]) -> bool:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.option(
     "--watch",
     "watch_s",
@@ -141,7 +174,7 @@ def within(timeout_s: float, waiting: Callable[[], bool]) -> bool:
     default=None,
     is_flag=False,
     flag_value=2.0,
-    help="Redraw every S seconds (default 2) until Ctrl+C.",
+    help="Redraw every S seconds (default 2) until Ctrl+C; with --json, one JSON line every S seconds (NDJSON).",
 )
 @local_option
 @settings_options(*REDIS, "store")
@@ -150,7 +183,7 @@ def status(as_json: bool, watch_s: float | None, local: bool | None, settings: S
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
     failed (dead letters); the last quality probe."""
     while True:
-        if watch_s:
+        if watch_s and not as_json:  # JSON lines go to a script: no screen codes, no header
             click.clear()
             click.echo(time.strftime("%H:%M:%S  ") + "embedpipe status (Ctrl+C to stop)")
         _print_status(as_json, local, settings)
@@ -178,7 +211,7 @@ def _status(local: bool, settings: Settings) -> dict[str, Any]:
 def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None:
     data = _status(use_local(local), settings)
     if as_json:
-        click.echo(json.dumps(data))
+        echo_json(data | {"at": time.time()})
         return
     if data["mode"] == "distributed":
         click.echo(f"inbox: {data['inbox']}")
@@ -202,7 +235,7 @@ reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only 
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@json_option
 @stage_filter
 @reason_filter
 @local_option
@@ -210,11 +243,10 @@ reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only 
 @fail_clearly
 def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | None, settings: Settings) -> None:
     """Failed documents (dead letters): document ID, stage, reason, message, attempts, time."""
-    ledger = client.local_ledger(settings) if use_local(local) else open_ledger(False, settings)
-    letters = client.failed(ledger, stage, reason) if ledger is not None else []
+    letters = client.failed(open_ledger(use_local(local), settings), stage, reason)
     rows = [{k: v for k, v in asdict(d).items() if k != "source"} for d in letters]
     if as_json:
-        click.echo(json.dumps(rows))
+        echo_json({"failed": rows})
         return
     if not rows:
         click.echo("no failed documents")
@@ -228,11 +260,17 @@ def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | N
 @stage_filter
 @reason_filter
 @click.option("--id", "ids", multiple=True, help="Only this document (repeatable).")
+@json_option
 @local_option
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *JOBS)
 @fail_clearly
 def redrive(
-    stage: str | None, reason: str | None, ids: tuple[str, ...], local: bool | None, settings: Settings
+    stage: str | None,
+    reason: str | None,
+    ids: tuple[str, ...],
+    as_json: bool,
+    local: bool | None,
+    settings: Settings,
 ) -> None:
     """Submit dead letters again from the source each one kept. A document that succeeds leaves the
     dead letters; one that fails again is listed again, with its attempts counted."""
@@ -244,10 +282,16 @@ def redrive(
 
         check_store(settings, write=True)
         summary = run_embedded(settings, sources)
-        click.echo(f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again")
+        report = {"redriven": len(sources), "stored": summary.documents_stored, "failed": summary.failed}
+        line = f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again"
     else:
         result = client.submit(redis_for(settings), settings, sources)
-        click.echo(f"resubmitted {result.documents} documents in {result.batches} batches")
+        report = {"redriven": result.documents, "batches": result.batches, "batch_ids": result.batch_ids}
+        line = f"resubmitted {result.documents} documents in {result.batches} batches"
+    if as_json:
+        echo_json(report | {"without_source": skipped})
+        return
+    click.echo(line)
     if skipped:
         click.echo(
             f"{len(skipped)} without a usable source (resubmit them by hand): {', '.join(skipped[:20])}", err=True

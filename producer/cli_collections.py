@@ -3,9 +3,9 @@ store and the pipeline are imported inside each command, when it runs."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -16,7 +16,9 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     check_store,
+    echo_json,
     fail_clearly,
+    json_option,
     progress_option,
     redis_for,
     settings_options,
@@ -27,7 +29,7 @@ from shared.settings import Settings
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @settings_options("store")
 @fail_clearly
 def collections(as_json: bool, settings: Settings) -> None:
@@ -39,7 +41,7 @@ def collections(as_json: bool, settings: Settings) -> None:
     rows = store.collections()
     store.close()
     if as_json:
-        click.echo(json.dumps(rows))
+        echo_json({"collections": rows})
         return
     if not rows:
         click.echo("no collections: run `embedpipe run PATH` first")
@@ -63,9 +65,12 @@ def collections(as_json: bool, settings: Settings) -> None:
     help="Submit to the distributed pipeline (Redis) instead; its pools must run with the new settings.",
 )
 @progress_option
+@json_option
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "max_backlog_jobs")
 @fail_clearly
-def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool | None, settings: Settings) -> None:
+def reembed(
+    source: str | None, dry_run: bool, distributed: bool, progress: bool | None, as_json: bool, settings: Settings
+) -> None:
     """Re-embed every document of the store under the current settings' embedding spec (a new model,
     dimensions, prefix or chunker), into that spec's own collection. The documents' text comes from
     the store: no sources needed. Search keeps using the active collection until `embedpipe promote`."""
@@ -77,17 +82,27 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
     store = open_store(settings.store, collection=source)
     if store.collection is None:
         raise click.ClickException("the store has no collection to re-embed: run `embedpipe run PATH` first")
+    report: dict[str, Any] = {"from": store.collection, "to": target.collection, "model": target.model}
     if store.collection == target.collection:
+        if as_json:
+            return echo_json(report | {"nothing_to_do": True})
         click.echo(f"nothing to do: {store.collection} already uses this embedding spec")
         return
-    click.echo(f"re-embedding {store.collection} -> {target.collection} ({target.model})")
+    if not as_json:
+        click.echo(f"re-embedding {store.collection} -> {target.collection} ({target.model})")
     if dry_run:
+        if as_json:
+            from producer.estimate import estimate
+
+            return echo_json(report | {"dry_run": estimate(stored_sources(store), settings).to_dict()})
         click.echo(_plan(stored_sources(store), settings))
         return
     show = sys.stderr.isatty() if progress is None else progress
     check_store(settings, write=not distributed)
     if distributed:
         result = submit(redis_for(settings), settings, stored_sources(store))
+        if as_json:
+            return echo_json(report | {"documents": result.documents, "batch_ids": result.batch_ids})
         click.echo(
             f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
             f"settings (model, dimensions, prefix, chunking), or their chunkers find the documents unchanged in their "
@@ -98,6 +113,10 @@ def reembed(source: str | None, dry_run: bool, distributed: bool, progress: bool
 
     with tqdm(total=0, unit="chunk", desc="re-embedding", disable=not show, dynamic_ncols=True) as bar:
         summary = run_embedded(settings, stored_sources(store), progress=bar)
+    if as_json:
+        return echo_json(
+            report | {"documents": summary.documents_stored, "chunks": summary.chunks, "failed": summary.failed}
+        )
     click.echo(
         f"{summary.documents_stored} documents, {summary.chunks} chunks into {target.collection} in "
         f"{summary.seconds:.1f} s; search still uses the active collection: `embedpipe promote` switches it"
@@ -123,9 +142,10 @@ def _plan(sources: Iterable[SourceDoc], settings: Settings) -> str:
 @click.option(
     "--tolerance", type=float, default=None, help="Allowed recall@10 drop [default: EMBEDPIPE_PROMOTE_TOLERANCE]."
 )
+@json_option
 @settings_options("store", *MODEL, *CHUNKING, "probe_eval", "promote_tolerance")
 @fail_clearly
-def promote(name: str | None, force: bool, tolerance: float | None, settings: Settings) -> None:
+def promote(name: str | None, force: bool, tolerance: float | None, as_json: bool, settings: Settings) -> None:
     """Make collection NAME (default: the current settings' spec's) the one search uses. Refused,
     unless --force, when it holds fewer documents than the active one or its recall@10 on the
     quality probe is lower by more than the tolerance. With --probe-eval DIR the probes run now."""
@@ -136,13 +156,16 @@ def promote(name: str | None, force: bool, tolerance: float | None, settings: Se
     target = name or spec_for(settings).collection
     check_store(settings, write=True)
     store = open_store(settings.store)
+    probes: dict[str, Any] = {}
     try:
         rows = store.collections()
         if settings.probe_eval:
             for c in rows:
                 if c["name"] == target or c["active"]:
                     result = probe_collection(settings.store, c["name"], settings.probe_eval, settings)
-                    click.echo(f"probe {c['name']}: recall@10 {result['recall_at_10']:.3f}")
+                    probes[c["name"]] = result
+                    if not as_json:
+                        click.echo(f"probe {c['name']}: recall@10 {result['recall_at_10']:.3f}")
             rows = store.collections()
         allowed = tolerance if tolerance is not None else settings.promote_tolerance
         decision = promotion(rows, target, allowed)
@@ -151,18 +174,23 @@ def promote(name: str | None, force: bool, tolerance: float | None, settings: Se
         store.activate(target)
     finally:
         store.close()
+    if as_json:
+        return echo_json({"active": target, "message": decision.message, "forced": force, "probes": probes})
     click.echo(f"{target} is now the active collection: {decision.message}" + (" (forced)" if force else ""))
 
 
 @click.command()
 @click.argument("ids", nargs=-1, required=True)
+@json_option
 @settings_options("store")
 @fail_clearly
-def delete(ids: tuple[str, ...], settings: Settings) -> None:
+def delete(ids: tuple[str, ...], as_json: bool, settings: Settings) -> None:
     """Delete documents IDS and all their chunks from every collection of the store."""
     from shared.store import delete_documents
 
     check_store(settings, write=True)
     removed = delete_documents(settings.store, list(ids))
     held = max(removed.values(), default=0)
+    if as_json:
+        return echo_json({"deleted": held, "requested": len(ids), "by_collection": removed})
     click.echo(f"deleted {held} of {len(ids)} documents (" + ", ".join(f"{k}: {v}" for k, v in removed.items()) + ")")

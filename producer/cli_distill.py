@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from producer.cli_options import fail_clearly
+from producer.cli_options import echo_json, fail_clearly, json_option
 
 
 @click.command()
@@ -22,7 +21,7 @@ from producer.cli_options import fail_clearly
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the static model to.")
 @click.option("--dims", default=256, show_default=True, help="Dimensions of its vectors (PCA); 0 = the source's.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was made as JSON.")
+@json_option
 @fail_clearly
 def distill(source: str, out: Path, dims: int, force: bool, as_json: bool) -> None:
     """Make a static embedding model (model2vec) from a local model, offline: one vector per token, so
@@ -33,7 +32,7 @@ def distill(source: str, out: Path, dims: int, force: bool, as_json: bool) -> No
 
     made = distill_model(source, out, dims, force)
     if as_json:
-        click.echo(json.dumps(made))
+        echo_json(made)
         return
     click.echo(
         f"static model {made['model']}: {made['dimensions']} dimensions, {made['vocabulary']} tokens, "

@@ -3,12 +3,20 @@ own eval set). The model and the store are imported inside each command, when it
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from producer import client
-from producer.cli_options import API, REDIS, fail_clearly, local_option, open_ledger, settings_options, use_local
+from producer.cli_options import (
+    API,
+    REDIS,
+    echo_json,
+    fail_clearly,
+    json_option,
+    local_option,
+    open_ledger,
+    settings_options,
+    use_local,
+)
 from shared.settings import Settings
 
 
@@ -20,7 +28,7 @@ from shared.settings import Settings
     type=click.Path(exists=True, file_okay=False),
     help="BEIR-layout eval set: queries.jsonl and qrels/test.tsv about documents in the store.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.option("--collection", default=None, help="Probe this collection instead of the active one.")
 @local_option
 @settings_options(*REDIS, "store", "device", "batch_size", *API)
@@ -41,7 +49,7 @@ def probe(eval_dir: str, as_json: bool, collection: str | None, local: bool | No
     if ledger is not None:
         ledger.record_probe(result)
     if as_json:
-        click.echo(json.dumps(result))
+        echo_json(result)
     else:
         click.echo(
             f"recall@10 {result['recall_at_10']:.3f}  nDCG@10 {result['ndcg_at_10']:.3f}  "
@@ -64,7 +72,7 @@ def probe(eval_dir: str, as_json: bool, collection: str | None, local: bool | No
     help="BEIR-layout eval set with its corpus.jsonl.",
 )
 @click.option("--max-docs", type=int, default=0, help="Embed only the relevant documents plus distractors up to N.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @settings_options("device", "batch_size")
 @fail_clearly
 def evaluate_models(models: str, eval_dir: str, max_docs: int, as_json: bool, settings: Settings) -> None:
@@ -74,7 +82,7 @@ def evaluate_models(models: str, eval_dir: str, max_docs: int, as_json: bool, se
 
     rows = compare([m.strip() for m in models.split(",") if m.strip()], eval_dir, max_docs, settings)
     if as_json:
-        click.echo(json.dumps(rows))
+        echo_json({"models": rows})
         return
     click.echo(f"{'model':<34}{'dims':>6}{'recall@10':>11}{'nDCG@10':>9}{'chunks/s':>10}{'cost $':>8}")
     for r in rows:

@@ -5,6 +5,7 @@ instead of tracebacks. Command modules import this, never producer/cli.py (which
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,18 @@ JOBS = [
     "stuck_job_s",
 ]
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_letters", "probe_eval", "support_nice"]
+
+
+# Every JSON output carries it; raised when a field is renamed or removed (added fields keep it).
+SCHEMA_VERSION = 1
+
+
+def echo_json(data: dict[str, Any]) -> None:
+    """One JSON object on one line (NDJSON when repeated), with the schema_version."""
+    click.echo(json.dumps({"schema_version": SCHEMA_VERSION, **data}))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (one object with a schema_version).")
 
 
 # Where a password goes instead of a flag (the command line shows in `ps` and in shell history).

@@ -4,7 +4,6 @@ runs: importing the CLI (for `embedpipe status`, say) must not load torch, numpy
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -18,8 +17,10 @@ from producer.cli_options import (
     CHUNKING,
     MODEL,
     check_store,
+    echo_json,
     exclude_option,
     fail_clearly,
+    json_option,
     progress_option,
     prune_option,
     settings_options,
@@ -57,7 +58,8 @@ def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> d
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
+@click.option("--fail-on-dead-letters", is_flag=True, help="Exit 1 when any document failed (a dead letter).")
 @exclude_option
 @progress_option
 @prune_option
@@ -66,6 +68,7 @@ def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> d
 def run(
     paths: tuple[str, ...],
     as_json: bool,
+    fail_on_dead_letters: bool,
     exclude: tuple[str, ...],
     progress: bool | None,
     prune: bool,
@@ -89,8 +92,16 @@ def run(
     if settings.probe_eval:
         probe = _probe_after_run(settings, embedder, changed=bool(summary.chunks or pruned))
     if as_json:
-        click.echo(json.dumps(summary.to_dict() | ({"probe": probe} if probe else {}) | {"pruned": pruned}))
-        return
+        echo_json(summary.to_dict() | ({"probe": probe} if probe else {}) | {"pruned": pruned})
+    else:
+        _print_summary(summary, pruned, probe)
+    if summary.failed and fail_on_dead_letters:
+        raise click.ClickException(f"{summary.failed} documents failed: see `embedpipe failed`")
+    if summary.failed and not as_json:
+        click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
+
+
+def _print_summary(summary: Any, pruned: dict[str, int], probe: dict[str, Any] | None) -> None:
     click.echo(
         f"{summary.documents} documents ({summary.documents_stored} stored, {summary.unchanged} unchanged, "
         f"{summary.failed} failed), {summary.chunks} chunks ({summary.chunks_embedded} embedded, "
@@ -105,14 +116,12 @@ def run(
             f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} "
             f"on {probe['queries']} queries of {probe['eval']}"
         )
-    if summary.failed:
-        click.echo(f"{summary.failed} failed: see `embedpipe failed`", err=True)
 
 
 @click.command()
 @click.argument("query")
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="How many chunks to return.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of hits.")
+@json_option
 @click.option("--collection", default=None, help="Search this collection instead of the active one.")
 @settings_options("store", "device", "batch_size", *API)
 @fail_clearly
@@ -130,7 +139,7 @@ def search(query: str, k: int, as_json: bool, collection: str | None, settings: 
     hits = store.search(vector, k)
     store.close()
     if as_json:
-        click.echo(json.dumps([{**asdict(h), "chunk": h.index} for h in hits]))
+        echo_json({"hits": [{**asdict(h), "chunk": h.index} for h in hits]})
         return
     if not hits:
         click.echo("no results: the store is empty")

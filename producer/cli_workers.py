@@ -9,7 +9,19 @@ import time
 
 import click
 
-from producer.cli_options import CACHE, CHUNKING, JOBS, MODEL, REDIS, RUNTIME, fail_clearly, redis_for, settings_options
+from producer.cli_options import (
+    CACHE,
+    CHUNKING,
+    JOBS,
+    MODEL,
+    REDIS,
+    RUNTIME,
+    echo_json,
+    fail_clearly,
+    json_option,
+    redis_for,
+    settings_options,
+)
 from shared import keys
 from shared.settings import STAGES, Settings
 
@@ -51,9 +63,10 @@ def janitor(burst: bool, settings: Settings) -> None:
     show_default=True,
     help="Which process is probed: all need Redis but embedded; write needs the store; chunk/embed the model.",
 )
+@json_option
 @settings_options(*REDIS, "store", "model")
 @fail_clearly
-def health(stage: str, settings: Settings) -> None:
+def health(stage: str, as_json: bool, settings: Settings) -> None:
     """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason.
     The janitor is also unhealthy when its last round with every housekeeping step done is stale."""
     if stage != "embedded":
@@ -77,4 +90,6 @@ def health(stage: str, settings: Settings) -> None:
         from shared.store import open_store
 
         open_store(settings.store).close()
+    if as_json:
+        return echo_json({"ok": True, "stage": stage})
     click.echo("ok")

@@ -17,16 +17,19 @@ lancedb (an import-linter contract in pyproject.toml keeps it so), so any servic
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import msgpack
 from redis import Redis
 
 from producer.status import local_status
 from producer.submit import SubmitResult, push_to_inbox, submit, submit_prune
-from shared.errors import DecodeError
+from shared import keys
+from shared.errors import ConfigError, DecodeError
 from shared.ledger import Ledger, LocalLedger, RedisLedger, local_ledger_path
-from shared.messages import DeadLetter, SourceDoc
-from shared.queues import connect, distributed_status, wait_until_idle
+from shared.messages import DeadLetter, SourceDoc, decode_dead_letter
+from shared.queues import connect, distributed_status, is_idle, wait_until_idle
 from shared.settings import Settings
 
 __all__ = [
@@ -42,7 +45,9 @@ __all__ = [
     "status",
     "submit",
     "submit_prune",
+    "unsettled",
     "wait",
+    "wait_for_batches",
 ]
 
 
@@ -55,6 +60,47 @@ def wait(redis: Redis, timeout_s: float = 0) -> bool:
     """Block until the pipeline is idle (inbox and queues empty, nothing running or scheduled for retry);
     False if `timeout_s` (0: never) passed first."""
     return wait_until_idle(redis, timeout_s)
+
+
+def unsettled(redis: Redis, batch_ids: list[str]) -> list[str]:
+    """The batches not settled yet: settled is finalised by a writer, or every document of it a dead
+    letter since it was enqueued (its load or chunk job failed for good). ConfigError for a batch
+    Redis knows nothing of (never enqueued, or its record expired)."""
+    left = []
+    for batch_id in batch_ids:
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.batch_finalized(batch_id))
+            pipe.get(keys.batch_doc_ids(batch_id))
+            final, raw_ids = pipe.execute()
+        if final:
+            continue
+        if raw_ids is None:
+            raise ConfigError(f"no batch {batch_id} in Redis: never enqueued, or its record expired")
+        try:
+            doc_ids = [str(i) for i in msgpack.unpackb(raw_ids)]
+            enqueued_at = int(batch_id.split("-")[0], 16) / 1000
+            letters = [decode_dead_letter(v) if v else None for v in redis.hmget(keys.DEAD, doc_ids)] if doc_ids else []
+        except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:  # nothing read from Redis is trusted
+            raise ConfigError(f"batch {batch_id}: unreadable record in Redis ({e})") from e
+        if not all(d is not None and d.at >= enqueued_at - 1 for d in letters):
+            left.append(batch_id)
+    return left
+
+
+def wait_for_batches(redis: Redis, batch_ids: list[str], timeout_s: float = 0, poll_s: float = 0.2) -> bool:
+    """Block until every batch is settled (see `unsettled`), or the whole pipeline is idle (twice in a row);
+    False if `timeout_s` (0: never) passed first."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    idle_rounds = 0
+    while True:
+        if not unsettled(redis, batch_ids):
+            return True
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis)) else 0
+        if idle_rounds == 2:
+            return True
+        if deadline and time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
 
 
 def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:

@@ -44,6 +44,7 @@ class SubmitResult:
     documents: int = 0
     rejected: int = 0
     rejected_letters: list[DeadLetter] = field(default_factory=list)  # what the client rejected itself
+    batch_ids: list[str] = field(default_factory=list)  # the load batches enqueued (`embedpipe wait --batch`)
 
 
 def wait_for_room(redis: Redis, settings: Settings, on_wait: Callable[[int], None] | None = None) -> None:
@@ -64,15 +65,18 @@ def submit(
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
     ledger = RedisLedger(redis, settings.dead_source_ttl_s)
+    batch_ids: list[str] = []
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         with redis.pipeline() as pipe:
             if sources:
-                enqueue_batch(redis, settings, sources, pipe)
+                batch_ids.append(enqueue_batch(redis, settings, sources, pipe))
             ledger.add_dead(rejected, pipe=pipe)
             pipe.execute()
 
-    return _in_groups(redis, settings, items, send, on_progress, on_wait)
+    result = _in_groups(redis, settings, items, send, on_progress, on_wait)
+    result.batch_ids = batch_ids
+    return result
 
 
 def push_to_inbox(

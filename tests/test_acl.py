@@ -94,7 +94,7 @@ def test_the_pools_run_as_the_worker_user_and_cannot_touch_the_server(acl_redis,
         embedpipe("enqueue", "--inbox", str(EXAMPLES / "docs"), env=producer_env)
         embedpipe("wait", "--timeout", "300", env=producer_env, timeout=330)  # a producer may watch
         status = json.loads(embedpipe("status", "--json", env=producer_env).stdout)
-        failed = json.loads(embedpipe("failed", "--json", "--redis", env=producer_env).stdout)
+        failed = json.loads(embedpipe("failed", "--json", "--redis", env=producer_env).stdout)["failed"]
     pool.assert_clean_exit()
     docs = len([p for p in (EXAMPLES / "docs").iterdir() if p.is_file()])
     assert failed == [] and status["documents_done"] == docs

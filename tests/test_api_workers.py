@@ -122,7 +122,7 @@ def test_two_embedder_processes_share_one_rate_budget(redis_url, tmp_path, fake_
             embedpipe("wait", "--timeout", "300", env=env, timeout=330)
             scraped = [_metrics(pool.metrics_ports[f"embed-{i}"]) for i in range(2)]
             status = json.loads(embedpipe("status", "--json", env=env).stdout)
-            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
     finally:
         redis.close()
     pool.assert_clean_exit()
@@ -201,7 +201,7 @@ def test_a_bad_key_in_a_worker_becomes_dead_letters_that_never_show_it(redis_url
         with worker_pool(env, tmp_path / "logs", redis) as pool:
             embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
             embedpipe("wait", "--timeout", "120", env=env, timeout=150)
-            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+            failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
             stored = _all_values(redis)
     finally:
         redis.close()
@@ -297,7 +297,7 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_distributed(tm
         with worker_pool(env, tmp_path / "logs", Redis.from_url(redis_url)) as pool:
             embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
             embedpipe("wait", "--timeout", "300", env=env, timeout=360)
-            letters = json.loads(embedpipe("failed", "--json", "--redis", env=env).stdout)
+            letters = json.loads(embedpipe("failed", "--json", "--redis", env=env).stdout)["failed"]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -336,7 +336,7 @@ def test_a_rate_limit_longer_than_the_deadline_delays_embed_jobs_and_spends_no_r
         embedpipe("enqueue", str(tmp_path / "corpus"), env=env)
         embedpipe("wait", "--timeout", "120", env=env, timeout=150)
         status = json.loads(embedpipe("status", "--json", env=env).stdout)
-        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
     pool.assert_clean_exit()
     assert failed == [] and status["documents_done"] == 8
     [embed_job] = Queue("embed", connection=redis, serializer=JSONSerializer).finished_job_registry.get_job_ids()

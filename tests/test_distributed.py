@@ -123,7 +123,7 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
         hits = store.search(embedder.embed(["how do I repair a punctured inner tube"])[0], 3)
         assert hits[0].doc_id == "docs/bicycle-flat-tyre.md"
 
-        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
         reasons = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
         assert reasons == {
             **{name: ("load", reason) for name, reason in BAD.items()},

@@ -76,10 +76,12 @@ def test_cli_run_search_status_failed(tmp_path, tokenizer):
         "chunks_embedded": 2,
     }
     assert summary["tokens"] == sum(tokenizer.count(texts))  # one chunk each: the whole text
-    hits = json.loads(embedpipe("search", "repair a punctured bicycle wheel", "-k", "2", "--json", env=env).stdout)
+    hits = json.loads(embedpipe("search", "repair a punctured bicycle wheel", "-k", "2", "--json", env=env).stdout)[
+        "hits"
+    ]
     assert [h["doc_id"] for h in hits] == ["bikes.txt", "coffee.md"]
     assert {"doc_id", "chunk_id", "score", "text"} <= set(hits[0]) and hits[0]["score"] > hits[1]["score"]
-    failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+    failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
     assert [(f["doc_id"], f["stage"], f["reason"]) for f in failed] == [("empty.txt", "load", "empty")]
     status = json.loads(embedpipe("status", "--json", env=env).stdout)
     assert Counter({k: status[k] for k in ("documents_done", "documents_failed", "chunks_stored")}) == Counter(
@@ -110,7 +112,7 @@ def test_run_probes_quality_and_eval_compares_configurations(tmp_path, scifact):
             "--json",
             env=env,
         ).stdout
-    )
+    )["models"]
     full, truncated = rows
     assert (full["dimensions"], truncated["dimensions"]) == (384, 96)
     assert full["documents"] == truncated["documents"] >= 300

@@ -139,7 +139,7 @@ def test_delete_and_prune_remove_documents_from_every_collection(tmp_path):
     assert summary["unchanged"] == len(ids) - 1 and summary["chunks"] == 0
     out = embedpipe("delete", ids[1], "no-such-document", env=env).stdout
     assert "deleted 1 of 2 documents" in out
-    for collection in json.loads(embedpipe("collections", "--json", env=env).stdout):
+    for collection in json.loads(embedpipe("collections", "--json", env=env).stdout)["collections"]:
         handle = open_store(str(store), collection=collection["name"])
         assert handle.doc_ids() == set(ids[2:]), collection["name"]
         assert handle.chunk_ids(ids[:2]) == {ids[0]: set(), ids[1]: set()}
@@ -153,7 +153,10 @@ def test_a_new_spec_fills_its_own_collection_and_promote_guards_quality(tmp_path
     eval_dir = str(EXAMPLES / "eval")
     embedpipe("run", str(EXAMPLES), "--probe-eval", eval_dir, env=env)
     embedpipe("run", str(EXAMPLES), "--dimensions", "128", env=env)
-    rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
+    rows = {
+        c["spec"]["dimensions"]: c
+        for c in json.loads(embedpipe("collections", "--json", env=env).stdout)["collections"]
+    }
     full, small = rows[0], rows[128]
     assert full["active"] and not small["active"] and full["chunks"] == small["chunks"] > 0
 
@@ -175,7 +178,7 @@ def test_a_new_spec_fills_its_own_collection_and_promote_guards_quality(tmp_path
     promoted = embedpipe("promote", small["name"], "--probe-eval", eval_dir, env=env)
     assert "is now the active collection" in promoted.stdout
     assert open_store(str(store)).collection == small["name"]
-    hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)
+    hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)["hits"]
     assert hits[0]["doc_id"] == "docs/bicycle-flat-tyre.md"
     forced = embedpipe("promote", "--dimensions", "4", "--force", env=env)
     assert "(forced)" in forced.stdout
@@ -199,7 +202,10 @@ def test_reembed_takes_the_text_from_the_store(tmp_path):
     }
     assert tokens["prefix"] == json.loads(estimate)["tokens"] > tokens["plain"]
     embedpipe("reembed", "--dimensions", "256", env=env)
-    rows = {c["spec"]["dimensions"]: c for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
+    rows = {
+        c["spec"]["dimensions"]: c
+        for c in json.loads(embedpipe("collections", "--json", env=env).stdout)["collections"]
+    }
     assert rows[256]["documents"] == rows[0]["documents"] == documents
     assert rows[256]["chunks"] == rows[0]["chunks"]
     assert Path(store / "store.json").is_file()

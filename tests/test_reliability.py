@@ -222,7 +222,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
         embedpipe("wait", "--timeout", "600", env=env, timeout=660)
         assert all(pool.alive().values()), "a worker crashed on bad input"
 
-        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)
+        failed = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
         got = {f["doc_id"]: (f["stage"], f["reason"]) for f in failed}
         inbox_ids = [k for k in got if k.startswith("inbox:")]
         assert len(inbox_ids) == 2
@@ -234,7 +234,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
             **dict.fromkeys(inbox_ids, ("inbox", "decode_error")),
         }
         assert all(f["message"] and f["attempts"] == 1 for f in failed)
-        only = json.loads(embedpipe("failed", "--json", "--reason", "source_error", env=env).stdout)
+        only = json.loads(embedpipe("failed", "--json", "--reason", "source_error", env=env).stdout)["failed"]
         assert [f["doc_id"] for f in only] == [url]
 
         store = open_store(env["EMBEDPIPE_STORE"])
@@ -259,7 +259,7 @@ def test_bad_input_becomes_exact_dead_letters_and_can_be_redriven(redis_url, tmp
             assert "resubmitted 1 documents" in out
             embedpipe("wait", "--timeout", "300", env=env, timeout=360)
         assert store.chunk_ids([url])[url]
-        assert url not in {f["doc_id"] for f in json.loads(embedpipe("failed", "--json", env=env).stdout)}
+        assert url not in {f["doc_id"] for f in json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]}
     pool.assert_clean_exit()
 
 

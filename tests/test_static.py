@@ -116,7 +116,7 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
     assert summary["failed"] == 0 and summary["chunks"] == summary["chunks_embedded"] > 50
     spec = spec_for(Settings.from_env(settings))
     assert summary["collection"] == spec.collection
-    hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)
+    hits = json.loads(embedpipe("search", "how do I fix a flat bicycle tyre", "--json", env=env).stdout)["hits"]
     assert hits[0]["doc_id"] == "docs/bicycle-flat-tyre.md"
 
     denv = cli_env(
