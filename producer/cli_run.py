@@ -118,31 +118,42 @@ def _print_summary(summary: Any, pruned: dict[str, int], probe: dict[str, Any] |
         )
 
 
+def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
+    where = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--where")
+        where[key] = value
+    return where
+
+
 @click.command()
 @click.argument("query")
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="How many chunks to return.")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only chunks of documents whose metadata field KEY is the string VALUE (repeatable: all must hold).",
+)
 @json_option
 @click.option("--collection", default=None, help="Search this collection instead of the active one.")
 @settings_options("store", "device", "batch_size", *API)
 @fail_clearly
-def search(query: str, k: int, as_json: bool, collection: str | None, settings: Settings) -> None:
+def search(
+    query: str, k: int, where: tuple[str, ...], as_json: bool, collection: str | None, settings: Settings
+) -> None:
     """Find the K chunks closest to QUERY in the store's active collection (document ID, chunk,
     score, text). The query is embedded as that collection was: same model, dimensions, prefix."""
-    from producer.lifecycle import embedder_for
-    from shared.store import open_store
+    from producer.search import search as search_store  # the model and the store's backend
 
-    if "://" not in settings.store and not settings.store_path.is_dir():
-        raise click.ClickException(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
-    store = open_store(settings.store, collection=collection)
-    embedder = embedder_for(store, settings).warm_up()
-    vector = embedder.embed([store.spec.query_prefix + query])[0]
-    hits = store.search(vector, k)
-    store.close()
+    hits = search_store(settings, query, k, parse_where(where), collection)
     if as_json:
         echo_json({"hits": [{**asdict(h), "chunk": h.index} for h in hits]})
         return
     if not hits:
-        click.echo("no results: the store is empty")
+        click.echo("no results: the store is empty" if not where else "no results: nothing matches --where")
     for rank, h in enumerate(hits, 1):
         text = " ".join(h.text.split())
         click.echo(f"{rank}. {h.score:.3f}  {h.doc_id}  #{h.index}\n   {text[:300]}{'…' if len(text) > 300 else ''}")

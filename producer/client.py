@@ -79,7 +79,8 @@ def unsettled(redis: Redis, batch_ids: list[str]) -> list[str]:
         try:
             doc_ids = [str(i) for i in msgpack.unpackb(raw_ids)]
             enqueued_at = int(batch_id.split("-")[0], 16) / 1000
-            letters = [decode_dead_letter(v) if v else None for v in redis.hmget(keys.DEAD, doc_ids)] if doc_ids else []
+            raw_letters: list[Any] = redis.hmget(keys.DEAD, doc_ids) if doc_ids else []
+            letters = [decode_dead_letter(v) if isinstance(v, bytes) else None for v in raw_letters]
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:  # nothing read from Redis is trusted
             raise ConfigError(f"batch {batch_id}: unreadable record in Redis ({e})") from e
         if not all(d is not None and d.at >= enqueued_at - 1 for d in letters):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from shared.errors import ConfigError
 from shared.messages import Chunk
 from shared.metrics import STORE_WRITES
 from shared.spec import EmbeddingSpec
-from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
+from shared.store_types import DocRecord, Hit, choose_collection, metadata_matches, stale_chunks
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +271,18 @@ class LanceStore:
                 yield DocRecord(r["doc_id"], r["content_hash"], r["chunks"], r["text"], json.loads(r["metadata"]))
 
     # --- reading -------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+    def search(self, vector: np.ndarray, k: int, where: Mapping[str, Any] | None = None) -> list[Hit]:
         table = self._table("")
         if table is None:
             return []
         query = table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
+        if where:  # metadata is a JSON string (sorted keys): LIKE narrows to a superset, checked below
+            pairs = [json.dumps({key: value}, sort_keys=True)[1:-1] for key, value in where.items()]
+            # `_` (any one character) for a backslash: LIKE's escape character never meets a JSON escape
+            like = " AND ".join("metadata LIKE '%" + p.replace("\\", "_").replace("'", "''") + "%'" for p in pairs)
+            query = query.where(like, prefilter=True).limit(2 * k)  # room for what LIKE's wildcards let in
         rows = query.select(["chunk_id", "doc_id", "idx", "text", "metadata", "_distance"]).to_list()
-        return [
+        hits = [
             Hit(
                 doc_id=r["doc_id"],
                 chunk_id=r["chunk_id"],
@@ -288,6 +293,7 @@ class LanceStore:
             )
             for r in rows
         ]
+        return [h for h in hits if metadata_matches(h.metadata, where)][:k]
 
     def count(self) -> int:
         table = self._table("")

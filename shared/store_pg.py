@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -238,16 +238,17 @@ class PgStore:
             conn.execute(f"UPDATE {REGISTRY} SET probe = %s WHERE name = %s", (json.dumps(result), self.collection))
 
     # --- reading -------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+    def search(self, vector: np.ndarray, k: int, where: Mapping[str, Any] | None = None) -> list[Hit]:
         if self._dim is None:
             return []
         query = np.asarray(vector, dtype=np.float32)
+        filtered = " WHERE metadata @> %s::jsonb" if where else ""  # containment: every field, that value
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, k)}")
             rows = conn.execute(
                 f"SELECT doc_id, chunk_id, idx, 1 - (embedding <=> %s) AS score, text, metadata FROM {self.table}"
-                " ORDER BY embedding <=> %s LIMIT %s",
-                (query, query, k),
+                f"{filtered} ORDER BY embedding <=> %s LIMIT %s",
+                (query, *([json.dumps(dict(where))] if where else []), query, k),
             ).fetchall()
         return [Hit(doc_id=r[0], chunk_id=r[1], index=r[2], score=float(r[3]), text=r[4], metadata=r[5]) for r in rows]
 

@@ -51,6 +51,8 @@ def test_embedded_run_for_scripts(tmp_path: Path) -> None:
     assert reported("status", env=env)["documents_done"] == 3
     hits = reported("search", "phases of the moon", "-k", "2", env=env)["hits"]
     assert len(hits) == 2 and hits[0]["doc_id"] == "moon-phases.md"
+    only = reported("search", "phases of the moon", "--where", "source=redis-basics.md", env=env)["hits"]
+    assert only and {h["doc_id"] for h in only} == {"redis-basics.md"}
     assert [c["active"] for c in reported("collections", env=env)["collections"]] == [True]
     assert reported("delete", "moon-phases.md", env=env)["deleted"] == 1
 
