@@ -47,7 +47,7 @@ def main() -> None:
         settings = Settings.from_env({}, store=store)
         from tqdm import tqdm
 
-        with tqdm(total=0, unit="chunk", desc="embedding") as bar:
+        with tqdm(total=0, unit="doc", desc="embedding") as bar:
             summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder, progress=bar)
         started = time.perf_counter()
         scores = evaluate(open_store(store), embedder, eval_set)

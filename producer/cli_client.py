@@ -23,6 +23,7 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     check_store,
+    document_bar,
     echo_json,
     exclude_option,
     fail_clearly,
@@ -35,8 +36,9 @@ from producer.cli_options import (
     settings_options,
     use_local,
 )
-from producer.sources import Listed, iter_sources, resolve
+from producer.sources import Listed, count_documents, iter_sources, resolve
 from shared.errors import REASONS
+from shared.ledger import RedisLedger
 from shared.settings import Settings
 from shared.text import printable
 
@@ -75,7 +77,7 @@ def enqueue(
     redis = redis_for(settings)
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(inputs), unit="doc", desc="enqueue", disable=not show) as bar:
+    with document_bar(count_documents(inputs), show, "enqueue") as bar:
 
         def waiting(backlog: int) -> None:
             bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
@@ -128,25 +130,53 @@ def enqueue(
     help="Wait only for these batches (repeatable; `enqueue --json` prints their IDs).",
 )
 @json_option
+@progress_option
 @settings_options(*REDIS)
 @fail_clearly
-def wait(timeout_s: float, batch_ids: tuple[str, ...], as_json: bool, settings: Settings) -> None:
+def wait(
+    timeout_s: float, batch_ids: tuple[str, ...], as_json: bool, progress: bool | None, settings: Settings
+) -> None:
     """Block until the distributed pipeline is idle (inbox and queues empty, nothing running or
     scheduled for retry), or with --batch until those batches are settled: stored, or their documents
     dead letters. Exit 1 if --timeout passes first."""
     redis = redis_for(settings)
-    if batch_ids:
-        done = within(timeout_s, lambda: client.wait_for_batches(redis, list(batch_ids), timeout_s))
-    else:
-        done = within(timeout_s, lambda: client.wait(redis, timeout_s))
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(bar_format="{desc}", disable=not show) as line:
+        counted = Counted(client.ledger_of(redis, settings), line) if show else None
+        if batch_ids:
+            done = within(timeout_s, lambda: client.wait_for_batches(redis, list(batch_ids), timeout_s), counted)
+        else:
+            done = within(timeout_s, lambda: client.wait(redis, timeout_s), counted)
+        if counted is not None:
+            counted()  # where it ended
     if as_json:
         echo_json({"done": done, "batch_ids": list(batch_ids), "timeout_s": timeout_s})
     if not done:
         raise click.ClickException(f"still busy after {timeout_s:g} s")
 
 
-def within(timeout_s: float, waiting: Callable[[], bool]) -> bool:
-    """`waiting()`, or False once `timeout_s` (0: never) passed, even while it waits on Redis."""
+class Counted:
+    """`wait --progress`: documents done and failed, and documents per second since the wait began,
+    from the pipeline's counters in Redis."""
+
+    def __init__(self, ledger: RedisLedger, line: tqdm) -> None:
+        self.ledger, self.line = ledger, line
+        self.started, self.done_before = time.monotonic(), ledger.counters().get("documents_done", 0)
+        self()
+
+    def __call__(self) -> None:
+        done = self.ledger.counters().get("documents_done", 0)
+        rate = (done - self.done_before) / max(time.monotonic() - self.started, 1e-9)
+        failed = self.ledger.dead_count()
+        self.line.set_description_str(f"waiting: {done} documents done, {failed} failed, {rate:.1f} documents/s")
+
+
+TICK_S = 0.5
+
+
+def within(timeout_s: float, waiting: Callable[[], bool], tick: Callable[[], None] | None = None) -> bool:
+    """`waiting()`, or False once `timeout_s` (0: never) passed, even while it waits on Redis; `tick`
+    is called every TICK_S meanwhile."""
     outcome: list[bool | Exception] = []
 
     def run() -> None:
@@ -157,7 +187,11 @@ def within(timeout_s: float, waiting: Callable[[], bool]) -> bool:
 
     thread = threading.Thread(target=run, daemon=True)  # left behind on a timeout: the process exits
     thread.start()
-    thread.join(timeout_s or None)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+        thread.join(TICK_S if deadline is None else min(TICK_S, max(0.0, deadline - time.monotonic())))
+        if tick is not None and thread.is_alive():
+            tick()
     if not outcome:
         return False
     if isinstance(outcome[0], Exception):

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from producer.cli_options import (
     CACHE,
@@ -16,6 +15,7 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     check_store,
+    document_bar,
     echo_json,
     fail_clearly,
     json_option,
@@ -111,7 +111,7 @@ def reembed(
         return
     from workers.embedded import run_embedded
 
-    with tqdm(total=0, unit="chunk", desc="re-embedding", disable=not show, dynamic_ncols=True) as bar:
+    with document_bar(len(store.doc_ids()), show, "reading") as bar:
         summary = run_embedded(settings, stored_sources(store), progress=bar)
     if as_json:
         return echo_json(

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import click
 from redis import Redis
 from redis.exceptions import RedisError
+from tqdm import tqdm
 
 from producer import client
 from shared.errors import EmbedpipeError
@@ -202,6 +203,19 @@ prune_option = click.option(
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
 )
+
+
+def document_bar(total: int | None, show: bool, desc: str) -> tqdm:
+    """A progress bar over documents; `total` counted up front (None: unknown, it grows as they come)."""
+    return tqdm(
+        total=total or 0,
+        unit="doc",
+        desc=desc,
+        disable=not show,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} documents "
+        "[{elapsed}<{remaining}, {rate_fmt}]",
+    )
 
 
 def use_local(local: bool | None) -> bool:

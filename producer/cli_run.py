@@ -9,7 +9,6 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from producer.cli_options import (
     API,
@@ -17,6 +16,7 @@ from producer.cli_options import (
     CHUNKING,
     MODEL,
     check_store,
+    document_bar,
     echo_json,
     exclude_option,
     fail_clearly,
@@ -25,7 +25,7 @@ from producer.cli_options import (
     prune_option,
     settings_options,
 )
-from producer.sources import Listed, iter_sources, resolve
+from producer.sources import Listed, count_documents, iter_sources, resolve
 from shared.embedding import Embedder
 from shared.settings import Settings
 
@@ -85,7 +85,7 @@ def run(
     show = sys.stderr.isatty() if progress is None else progress
     listed = Listed(iter_sources(inputs, settings.max_doc_bytes))
     embedder = make_embedder(settings)  # warmed up only if something must be embedded (or probed)
-    with tqdm(total=0, unit="chunk", desc="embedding", disable=not show, dynamic_ncols=True) as bar:
+    with document_bar(count_documents(inputs), show, "reading") as bar:
         summary = run_embedded(settings, listed, embedder=embedder, progress=bar)
     pruned = _prune(settings.store, listed.ids) if prune else {}
     probe = None

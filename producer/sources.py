@@ -149,6 +149,22 @@ def iter_sources(
             yield out
 
 
+def count_documents(inputs: list[Input]) -> int | None:
+    """How many items `iter_sources` yields for `inputs` (documents and dead letters), counted cheaply
+    up front for a progress bar's total: a file or URL is one, a JSONL file its non-blank lines; None
+    with stdin, which can be read only once."""
+    count = 0
+    for item in inputs:
+        if item.kind == "stdin":
+            return None
+        if item.kind == "file" and item.location.endswith(".jsonl"):
+            with open(item.location, "rb") as f:
+                count += sum(1 for line in f if line.strip())
+        else:
+            count += 1
+    return count
+
+
 def _read(item: Input, max_doc_bytes: int, stdin: IO[str] | None) -> Iterator[SourceDoc | DeadLetter]:
     if item.kind == "url":
         yield SourceDoc(id=item.doc_id, uri=item.location)

@@ -5,6 +5,7 @@ enqueue's batch IDs that `wait --batch` waits on, NDJSON from `status --watch --
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -86,8 +87,11 @@ def test_distributed_for_scripts(tmp_path: Path, redis_url: str) -> None:
     assert all(json.loads(line)["schema_version"] == 1 for line in lines)
 
     with worker_pool(env, tmp_path / "logs", Redis.from_url(redis_url)):
-        done = reported("wait", *batch_args, "--timeout", "300", env=env)
+        waited = embedpipe("wait", *batch_args, "--timeout", "300", "--json", "--progress", env=env)
+        done = json.loads(waited.stdout)
         assert done["done"] is True and done["batch_ids"] == sent["batch_ids"]
+        # the progress line, from the pipeline's counters: where it ended is the last one drawn
+        assert re.search(r"waiting: 3 documents done, 1 failed, [\d.]+ documents/s\s*$", waited.stderr), waited.stderr
         assert open_store(env["EMBEDPIPE_STORE"]).doc_ids() == {
             "redis-basics.md",
             "moon-phases.md",

@@ -8,11 +8,12 @@ as the distributed jobs keep it in Redis; dead letters and counters live beside 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from shared.tokenizers import load_tokenizer
 from workers.batch import MemoryBatch
 from workers.chunk import plan_batch
 from workers.embed import embed_part, make_embedder, model_error_letters
+from workers.embedder import LocalEmbedder
 from workers.fetch import FetchPolicy
 from workers.load import load_batch
 from workers.write import finalize_batch, write_part
@@ -43,12 +45,16 @@ _DONE = object()
 
 
 class Progress(Protocol):
-    """A tqdm-like bar: the chunks to embed grow as batches are chunked; embedded ones move it."""
+    """A tqdm-like bar over documents. Its total is counted up front by the caller (0: unknown, then it
+    grows batch by batch); a document with nothing to embed moves it when it is chunked, one with
+    chunks by its share of them as each micro-batch is embedded."""
 
     total: float | None
+    n: float
 
     def refresh(self) -> None: ...
     def update(self, n: float = 1) -> bool | None: ...
+    def set_description_str(self, desc: str | None = None, refresh: bool = True) -> None: ...
 
 
 @dataclass
@@ -112,6 +118,9 @@ class _Run:
         self.policy = chunk_policy(settings, self.tokenizer)
         self.fetch_policy = FetchPolicy.parse(settings.fetch_allow)
         self.progress = progress
+        self.growing = progress is not None and not progress.total  # no total counted up front
+        self.phase = ""
+        self.chunks_of: dict[str, int] = {}  # each document's chunks, for its share of the bar
         self.summary = RunSummary(store=str(settings.store_path.resolve()), collection=spec.collection)
         self.errors: list[BaseException] = []
         self.submitted: set[str] = set()
@@ -129,9 +138,12 @@ class _Run:
                 batch, number, part = item
                 if not embedder.ready:
                     loading = time.perf_counter()
+                    self._say("loading the model")
                     embedder.warm_up()
                     self.summary.model_load_seconds = round(time.perf_counter() - loading, 3)
-                vectors, refused, embedded_now = self._embed(part, embedder)
+                self._say("embedding")
+                with self._moving(part, embedder):
+                    vectors, refused, embedded_now = self._embed(part, embedder)
                 self.summary.chunks_embedded += embedded_now
                 self.summary.chunks_cached += len(part) - embedded_now
                 if refused:
@@ -147,6 +159,41 @@ class _Run:
         self.summary.seconds = round(time.perf_counter() - started, 3)
         self.summary.chunks_per_s = round(self.summary.chunks_embedded / max(self.summary.seconds, 1e-9), 2)
         return self.summary
+
+    def _say(self, phase: str) -> None:
+        if self.progress is not None and phase != self.phase:
+            self.phase = phase
+            self.progress.set_description_str(phase)
+
+    @contextlib.contextmanager
+    def _moving(self, part: list[Chunk], embedder: Embedder) -> Iterator[None]:
+        """Move the bar by the part's share of its documents: per micro-batch where the embedder says
+        them (the local model), the rest (cached chunks, an API model) once the part is embedded."""
+        if self.progress is None:
+            yield
+            return
+        progress, share = self.progress, sum(1 / self.chunks_of[c.doc_id] for c in part)
+        moved = 0.0
+
+        def advance(step: float) -> None:
+            nonlocal moved
+            moved += step
+            if not self.growing and progress.total:  # shares are floats: never past the total
+                step = min(step, progress.total - progress.n)
+            progress.update(step)
+
+        def micro_batch(texts: int) -> None:
+            advance(min(share - moved, share * texts / len(part)))
+
+        local = embedder if isinstance(embedder, LocalEmbedder) else None
+        if local is not None:
+            local.on_micro_batch = micro_batch
+        try:
+            yield
+        finally:
+            if local is not None:
+                local.on_micro_batch = None
+            advance(share - moved)
 
     def _embed(self, part: list[Chunk], embedder: Embedder) -> tuple[npt.NDArray[np.float32], dict[int, str], int]:
         """embed_part, waiting out rate limits here (what the distributed mode does by rescheduling);
@@ -180,9 +227,12 @@ class _Run:
             self.summary.unchanged += len(planned.plan.unchanged)
             self.summary.chunks += len(chunks)
             self.summary.tokens += sum(c.tokens for c in chunks)
+            for c in chunks:
+                self.chunks_of[c.doc_id] = self.chunks_of.get(c.doc_id, 0) + 1
             if self.progress is not None:
-                self.progress.total = (self.progress.total or 0) + len(chunks)
-                self.progress.refresh()
+                if self.growing:
+                    self.progress.total = (self.progress.total or 0) + len(group)
+                self.progress.update(len(group) - len({c.doc_id for c in chunks}))  # nothing to embed
             batch = MemoryBatch(planned.plan, planned.docs, self.ledger)
             if not planned.parts:  # nothing to embed: the batch is complete now
                 self._finish(batch)
@@ -194,8 +244,6 @@ class _Run:
         while (item := embedded.get()) is not _DONE:
             batch, number, part, vectors = item
             write_part(batch, self.store, number, part, vectors)
-            if self.progress is not None:
-                self.progress.update(len(part))
             if batch.accounted():
                 self._finish(batch)
 

@@ -94,6 +94,7 @@ class LocalEmbedder:
         self._pad_id = 0
         self._token_types = False  # the model takes token_type_ids (BERT)
         self.dimension = 0
+        self.on_micro_batch: Callable[[int], None] | None = None  # told the texts of each micro-batch done
 
     @property
     def ready(self) -> bool:
@@ -245,12 +246,16 @@ class LocalEmbedder:
                 if len(rows) == 1:
                     failed[rows[0]] = f"out of memory on one text of {lengths[rows[0]]} tokens: {e}"[:500]
                     i += 1
+                    if self.on_micro_batch:
+                        self.on_micro_batch(1)
                 else:
                     self._halve(len(rows) * lengths[rows[0]])
                 continue
             observe_micro_batch(time.perf_counter() - started, len(rows), [lengths[r] for r in rows])
             self._succeeded()
             i += count
+            if self.on_micro_batch:  # a progress bar moves per micro-batch, not per part
+                self.on_micro_batch(count)
         if failed:
             raise EmbedFailures(vectors, failed)
         return vectors
