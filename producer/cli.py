@@ -22,6 +22,9 @@ class Cli(click.Group):
     """The group that keeps every error to one line on stderr with a non-zero exit: usage errors
     without the usage text, unexpected errors without the traceback (unless --debug)."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order COMMANDS registers them, not alphabetical
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -85,24 +88,26 @@ def main(log_level: str, debug: bool) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# In the order a user meets them: the embedded mode, watching and fixing a run, the distributed mode,
+# then the model lifecycle and measuring.
 COMMANDS = (
     cli_run.run,
     cli_run.search,
-    cli_client.enqueue,
+    cli_api.estimate,
     cli_client.status,
     cli_client.failed,
     cli_client.redrive,
-    cli_client.wait,
-    cli_workers.worker,
     cli_workers.janitor,
+    cli_workers.worker,
+    cli_client.enqueue,
+    cli_client.wait,
     cli_workers.health,
-    cli_inspect.probe,
-    cli_inspect.evaluate_models,
     cli_collections.collections,
     cli_collections.reembed,
     cli_collections.promote,
     cli_collections.delete,
-    cli_api.estimate,
+    cli_inspect.probe,
+    cli_inspect.evaluate_models,
     cli_distill.distill,
 )
 for command in COMMANDS:

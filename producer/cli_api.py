@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from producer.cli_options import echo_json, exclude_option, fail_clearly, json_option, settings_options
+from producer.cli_options import SettingsCommand, echo_json, exclude_option, fail_clearly, json_option, settings_options
 from producer.sources import iter_sources, resolve
 from shared.settings import Settings
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("paths", nargs=-1, required=True)
 @json_option
 @exclude_option

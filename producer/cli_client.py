@@ -22,6 +22,7 @@ from producer.cli_options import (
     JOBS,
     MODEL,
     REDIS,
+    SettingsCommand,
     check_store,
     document_bar,
     echo_json,
@@ -43,7 +44,7 @@ from shared.settings import Settings
 from shared.text import printable
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("paths", nargs=-1, required=True)
 @json_option
 @exclude_option
@@ -113,7 +114,7 @@ def enqueue(
         click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option(
     "--timeout",
     "timeout_s",
@@ -199,7 +200,7 @@ def within(timeout_s: float, waiting: Callable[[], bool], tick: Callable[[], Non
     return outcome[0]
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @json_option
 @click.option(
     "--watch",
@@ -268,7 +269,7 @@ stage_filter = click.option(
 reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only dead letters with this reason.")
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @json_option
 @stage_filter
 @reason_filter
@@ -290,7 +291,7 @@ def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | N
         click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @stage_filter
 @reason_filter
 @click.option("--id", "ids", multiple=True, help="Only this document (repeatable).")

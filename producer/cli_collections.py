@@ -14,6 +14,7 @@ from producer.cli_options import (
     CHUNKING,
     MODEL,
     REDIS,
+    SettingsCommand,
     check_store,
     document_bar,
     echo_json,
@@ -28,7 +29,7 @@ from shared.messages import SourceDoc
 from shared.settings import Settings
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @json_option
 @settings_options("store")
 @fail_clearly
@@ -55,7 +56,7 @@ def collections(as_json: bool, settings: Settings) -> None:
         )
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option("--from", "source", default=None, help="Collection to read documents from (default: the active one).")
 @click.option("--dry-run", is_flag=True, help="Print documents, chunks, tokens (and API cost); embed nothing.")
 @click.option(
@@ -136,7 +137,7 @@ def _plan(sources: Iterable[SourceDoc], settings: Settings) -> str:
     return line + f", ${planned.cost_usd:.6f} at the API's price"
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Promote even if incomplete or worse on the quality probe.")
 @click.option(
@@ -179,7 +180,7 @@ def promote(name: str | None, force: bool, tolerance: float | None, as_json: boo
     click.echo(f"{target} is now the active collection: {decision.message}" + (" (forced)" if force else ""))
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("ids", nargs=-1, required=True)
 @json_option
 @settings_options("store")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from producer.cli_options import echo_json, fail_clearly, json_option
+from producer.cli_options import SettingsCommand, echo_json, fail_clearly, json_option
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option(
     "--from",
     "source",

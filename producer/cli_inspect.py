@@ -9,6 +9,7 @@ from producer import client
 from producer.cli_options import (
     API,
     REDIS,
+    SettingsCommand,
     echo_json,
     fail_clearly,
     json_option,
@@ -20,7 +21,7 @@ from producer.cli_options import (
 from shared.settings import Settings
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option(
     "--eval",
     "eval_dir",
@@ -57,7 +58,7 @@ def probe(eval_dir: str, as_json: bool, collection: str | None, local: bool | No
         )
 
 
-@click.command(name="eval")
+@click.command(cls=SettingsCommand, name="eval")
 @click.option(
     "--models",
     required=True,

@@ -75,6 +75,70 @@ JOBS = [
 ]
 RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_letters", "probe_eval", "support_nice"]
 
+# How --help groups the settings' flags, in this order. API and tuning are folded away (--help-all shows
+# them): a first read needs the model, the chunks, the store and Redis. A setting not named is tuning.
+HELP_GROUPS = {
+    "Model": ["model", "device", "backend", "dimensions", "doc_prefix", "query_prefix", "vector_dtype"],
+    "Chunking": ["chunk_tokens", "chunk_overlap", "id_prefix", "max_doc_bytes", "fetch_allow"],
+    "Store": ["store", "probe_eval", "promote_tolerance", "cache_ttl_s", "cache_max_entries"],
+    "Redis": ["redis_url"],
+    "API": API,
+    "Tuning": [],
+}
+FOLDED = ("API", "Tuning")
+GROUP_OF = {name: group for group, names in HELP_GROUPS.items() for name in names}
+
+
+def _help_all(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta["help_all"] = True
+        click.echo(ctx.get_help())
+        ctx.exit()
+
+
+class SettingsCommand(click.Command):
+    """A command whose --help lists its own options first, then its settings' flags by group, with the
+    API and tuning groups folded away unless --help-all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--help-all"],
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_help_all,
+                help="Show every setting, the API and tuning ones too, and exit.",
+            )
+        )
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        own: list[tuple[str, str]] = []
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.name in FIELDS:
+                grouped.setdefault(GROUP_OF.get(param.name, "Tuning"), []).append(record)
+            else:
+                own.append(record)
+        with formatter.section("Options"):
+            formatter.write_dl(own)
+        folded = 0
+        for group in HELP_GROUPS:
+            if not grouped.get(group):
+                continue
+            if group in FOLDED and not ctx.meta.get("help_all"):
+                folded += len(grouped[group])
+                continue
+            with formatter.section(f"{group} settings"):
+                formatter.write_dl(grouped[group])
+        if folded:
+            formatter.write_paragraph()
+            formatter.write_text(f"{folded} more settings ({', '.join(FOLDED)}): --help-all shows them.")
+
 
 # Every JSON output carries it; raised when a field is renamed or removed (added fields keep it).
 SCHEMA_VERSION = 1

@@ -15,6 +15,7 @@ from producer.cli_options import (
     CACHE,
     CHUNKING,
     MODEL,
+    SettingsCommand,
     check_store,
     document_bar,
     echo_json,
@@ -56,7 +57,7 @@ def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> d
         store.close()
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("paths", nargs=-1, required=True)
 @json_option
 @click.option("--fail-on-dead-letters", is_flag=True, help="Exit 1 when any document failed (a dead letter).")
@@ -128,7 +129,7 @@ def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
     return where
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("query")
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="How many chunks to return.")
 @click.option(

@@ -16,6 +16,7 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     RUNTIME,
+    SettingsCommand,
     echo_json,
     fail_clearly,
     json_option,
@@ -26,7 +27,7 @@ from shared import keys
 from shared.settings import STAGES, Settings
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.argument("stage", type=click.Choice(STAGES))
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit 0.")
 @settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, *JOBS, *RUNTIME)
@@ -41,7 +42,7 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
     run_worker(settings, stage, burst=burst)
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
 @settings_options(*REDIS, "batch_docs", "batch_bytes", "inbox_wait_s", *JOBS, *RUNTIME)
 @fail_clearly
@@ -55,7 +56,7 @@ def janitor(burst: bool, settings: Settings) -> None:
     Janitor(settings).run(burst=burst)
 
 
-@click.command()
+@click.command(cls=SettingsCommand)
 @click.option(
     "--stage",
     type=click.Choice(["janitor", *STAGES, "embedded"]),
