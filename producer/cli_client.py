@@ -75,7 +75,7 @@ def enqueue(
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
     inputs = resolve(list(paths), exclude, settings.id_prefix)
-    redis = redis_for(settings)
+    redis = redis_for(settings, sends_payloads=True)
     redis.ping()
     show = sys.stderr.isatty() if progress is None else progress
     with document_bar(count_documents(inputs), show, "enqueue") as bar:
@@ -320,7 +320,7 @@ def redrive(
         report = {"redriven": len(sources), "stored": summary.documents_stored, "failed": summary.failed}
         line = f"redrove {len(sources)}: {summary.documents_stored} stored, {summary.failed} failed again"
     else:
-        result = client.submit(redis_for(settings), settings, sources)
+        result = client.submit(redis_for(settings, sends_payloads=True), settings, sources)
         report = {"redriven": result.documents, "batches": result.batches, "batch_ids": result.batch_ids}
         line = f"resubmitted {result.documents} documents in {result.batches} batches"
     if as_json:

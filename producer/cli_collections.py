@@ -101,7 +101,7 @@ def reembed(
     show = sys.stderr.isatty() if progress is None else progress
     check_store(settings, write=not distributed)
     if distributed:
-        result = submit(redis_for(settings), settings, stored_sources(store))
+        result = submit(redis_for(settings, sends_payloads=True), settings, stored_sources(store))
         if as_json:
             return echo_json(report | {"documents": result.documents, "batch_ids": result.batch_ids})
         click.echo(

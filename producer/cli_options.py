@@ -25,6 +25,7 @@ from shared.settings import Settings, env_name, redact_url, setting_fields
 # A user waits on an interactive command: an unreachable Redis or store is said within this long (workers
 # and the janitor keep their patient reconnect with backoff).
 INTERACTIVE_TIMEOUT_S = 5
+SUBMIT_TIMEOUT_S = 60
 
 FIELDS = {f.name: f for f in setting_fields()}
 REDIS = ["redis_url"]
@@ -228,10 +229,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(message.split()) + " (--debug shows the traceback)"
 
 
-def redis_for(settings: Settings) -> Redis:
+def redis_for(settings: Settings, sends_payloads: bool = False) -> Redis:
     """The CLI's Redis client: no retries, and connecting or a reply gives up after INTERACTIVE_TIMEOUT_S
-    (no command of the CLI blocks on a read)."""
-    return connect(settings, retries=0, timeout_s=INTERACTIVE_TIMEOUT_S)
+    (no command of the CLI blocks on a read). A command that `sends_payloads` (batches of up to
+    batch_bytes) gives each send and reply SUBMIT_TIMEOUT_S: a slow link must not fail a large batch."""
+    timeout_s = SUBMIT_TIMEOUT_S if sends_payloads else INTERACTIVE_TIMEOUT_S
+    return connect(settings, retries=0, timeout_s=timeout_s, connect_timeout_s=INTERACTIVE_TIMEOUT_S)
 
 
 def check_store(settings: Settings, write: bool) -> None:

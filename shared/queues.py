@@ -56,11 +56,14 @@ RETRY_INTERVALS_S = [5, 30, 120]
 RESULT_TTL_S = 3600
 
 
-def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None) -> Redis:
+def connect(
+    settings: Settings, retries: int = 6, timeout_s: float | None = None, connect_timeout_s: float | None = None
+) -> Redis:
     """A Redis client that retries transient connection errors with backoff (~25 s in all), saying so
     in the log; the password comes from the environment (EMBEDPIPE_REDIS_PASSWORD[_FILE]) or the URL
     in EMBEDPIPE_REDIS_URL, and is never logged. With `timeout_s`, every connect and read gives up
-    after that long (not for a client that dequeues: its reads block)."""
+    after that long (not for a client that dequeues: its reads block); `connect_timeout_s`, if given,
+    bounds connecting instead."""
     where = settings.redis_url_redacted
 
     class LoggedRetry(RedisRetry):
@@ -76,7 +79,7 @@ def connect(settings: Settings, retries: int = 6, timeout_s: float | None = None
         "retry": LoggedRetry(ExponentialBackoff(cap=10, base=0.5), retries) if retries else RedisRetry(NoBackoff(), 0),
         "retry_on_error": [ConnectionError, TimeoutError],
         "health_check_interval": 30,
-        "socket_connect_timeout": timeout_s or 10,
+        "socket_connect_timeout": connect_timeout_s or timeout_s or 10,
     }
     if timeout_s:
         kwargs["socket_timeout"] = timeout_s
