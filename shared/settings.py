@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import ConfigError
+from shared.template import ChunkTemplate
 
 ENV_PREFIX = "EMBEDPIPE_"
 STAGES = ("load", "chunk", "embed", "write")
@@ -36,6 +37,9 @@ class Settings:
     batch_size: int = setting(256, "Most texts per forward pass; micro_batch_tokens usually cuts it first.")
     chunk_tokens: int = setting(0, "Max tokens per chunk; 0 = the model's limit less its special tokens.")
     chunk_overlap: float = setting(0.1, "Overlap between consecutive chunks, as a share of chunk_tokens.")
+    chunk_template: str = setting(
+        "", "Context the model reads before each chunk, e.g. '{title} > {heading}\\n{chunk}' (README: Chunk template)."
+    )
     # Work units: every batch and part costs a few fixed commits and round trips (an rq job per stage,
     # two LanceDB commits per part), so they are sized for a fast embedder: at 64 documents and 65,536
     # tokens a part the writer alone spent 0.32 CPU ms per chunk, at 256 and 131,072 0.12 (bench/fast.py).
@@ -149,6 +153,7 @@ class Settings:
             raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
+        ChunkTemplate.parse(self.chunk_template, env_name("chunk_template"))
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
