@@ -1,0 +1,85 @@
+"""The control plane stays bounded with a big backlog: `failed` lists a page of the newest dead letters and
+says how many there are, read page by page from Redis; a janitor round expands a bounded number of failed
+jobs. Real Redis; speed is measured in bench/control_plane.py, not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from redis import Redis
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from producer import client
+from producer.cli import main as cli
+from shared.ledger import READ_PAGE, RedisLedger
+from shared.messages import DeadLetter
+from shared.settings import Settings
+from workers.janitor import FAILED_JOBS_PER_ROUND, expand_failed_jobs
+
+
+def fill(redis: Redis, n: int) -> RedisLedger:
+    """n dead letters, one a second; every third an embed failure, the rest empty documents."""
+    ledger = RedisLedger(redis)
+    ledger.add_dead(
+        [
+            DeadLetter(
+                f"doc-{i:05d}",
+                "embed" if i % 3 == 0 else "load",
+                "model_error" if i % 3 == 0 else "empty",
+                "m",
+                at=1e9 + i,
+            )
+            for i in range(n)
+        ]
+    )
+    return ledger
+
+
+def test_failed_reads_the_newest_page_across_redis_pages_oldest_first(redis_url):
+    ledger = fill(Redis.from_url(redis_url), READ_PAGE * 2 + 500)
+    newest = client.failed(ledger, limit=3)
+    assert [d.doc_id for d in newest] == ["doc-02497", "doc-02498", "doc-02499"]
+    page = client.failed(ledger, limit=2, offset=READ_PAGE - 1)  # a page that straddles two Redis reads
+    assert [d.doc_id for d in page] == ["doc-01499", "doc-01500"]
+    embeds = client.failed(ledger, stage="embed", limit=700)  # from 2,100 letters: three Redis reads
+    assert len(embeds) == 700 and {d.stage for d in embeds} == {"embed"}
+    assert [d.at for d in embeds] == sorted(d.at for d in embeds) and embeds[-1].doc_id == "doc-02499"
+    everything = client.failed(ledger)
+    assert len(everything) == ledger.dead_count() == 2500 and everything == ledger.dead()
+
+
+def test_the_failed_command_lists_a_page_and_says_how_many_there_are(redis_url):
+    fill(Redis.from_url(redis_url), 250)
+    runner = CliRunner()
+    env = {"EMBEDPIPE_REDIS_URL": redis_url}
+    out = runner.invoke(cli, ["failed"], env=env)
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert len(lines) == 101 and lines[0].startswith("doc-00150 ") and lines[99].startswith("doc-00249 ")
+    assert "100 shown of 250 failed documents" in lines[-1] and "--offset 100" in lines[-1]
+
+    out = runner.invoke(cli, ["failed", "--json", "--limit", "20", "--offset", "240"], env=env)
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert [r["doc_id"] for r in rows] == [f"doc-{i:05d}" for i in range(0, 10)]  # the oldest ten are left
+    assert "10 shown of 250" in out.stderr
+
+    out = runner.invoke(cli, ["failed", "--limit", "0"], env=env)
+    assert out.output.count("\n") == 250  # every one, and no note
+
+
+def test_a_janitor_round_expands_at_most_a_bounded_number_of_failed_jobs(redis_url):
+    """10k jobs failed in an outage must not make one round last minutes (the inbox waits for it)."""
+    redis = Redis.from_url(redis_url)
+    registry = FailedJobRegistry("load", connection=redis, serializer=JSONSerializer)
+    failed_jobs = FAILED_JOBS_PER_ROUND + 50
+    redis.zadd(registry.key, {f"lost-{i}": 4e9 + i for i in range(failed_jobs)})  # jobs whose hashes are gone
+    settings, ledger = Settings.from_env({}, redis_url=redis_url), RedisLedger(redis)
+
+    assert expand_failed_jobs(redis, settings, ledger) == FAILED_JOBS_PER_ROUND
+    assert registry.get_job_count(cleanup=False) == 50 and ledger.dead_count() == FAILED_JOBS_PER_ROUND
+    assert "job:lost-0" in {d.doc_id for d in ledger.dead()}  # the oldest first
+    assert expand_failed_jobs(redis, settings, ledger) == 50
+    assert registry.get_job_count(cleanup=False) == 0 and ledger.dead_count() == failed_jobs
