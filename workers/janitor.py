@@ -43,6 +43,7 @@ CLEAN_INTERVAL_S = 5.0
 EXPORT_INTERVAL_S = 2.0
 IDLE_SLEEP_S = 0.25
 PROBE_TIMEOUT_S = 1800
+FAILED_JOBS_PER_ROUND = 200  # per stage: after an outage fails 10k jobs, the rounds (and the inbox) still come round
 
 
 # Housekeeping steps, each guarded on its own: one that fails (a corrupt key, a bug) is logged and
@@ -200,12 +201,13 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
 
 
 def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
-    """Turn every job that failed for good (exception after its retries, timeout, abandoned by a
-    killed worker, refused) into dead letters for each of its documents, then drop the job."""
+    """Turn jobs that failed for good (exception after its retries, timeout, abandoned by a killed
+    worker, refused) into dead letters for each of their documents, then drop the jobs: the oldest
+    FAILED_JOBS_PER_ROUND of each stage per round, the rest in the next rounds."""
     expanded = 0
     for stage in STAGES:
         registry = FailedJobRegistry(stage, connection=redis, serializer=JSONSerializer)
-        for job_id in registry.get_job_ids():
+        for job_id in registry.get_job_ids(0, FAILED_JOBS_PER_ROUND - 1):
             func, args, message = read_failed_job(redis, job_id)
             batch_id = args[0] if args and isinstance(args[0], str) else None
             batch = RedisBatch(redis, batch_id, ledger, settings.payload_ttl_s) if batch_id is not None else None
