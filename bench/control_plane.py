@@ -83,7 +83,8 @@ def child_inbox(redis_url: str, n: int, seconds: float, scifact: str) -> dict:
         redis.rpush(keys.INBOX, *msgs)
     fill_s = time.perf_counter() - started
     in_inbox = used_memory(redis) - empty
-    janitor = Janitor(Settings.from_env({}, redis_url=redis_url), redis)
+    # no workers here: a backlog limit would stop the batching at 2,000 load jobs (backpressure)
+    janitor = Janitor(Settings.from_env({}, redis_url=redis_url, max_backlog_jobs=10**9), redis)
     taken, rounds = 0, 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:

@@ -138,14 +138,15 @@ def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pi
     return batch_id
 
 
-def backlog(redis: Redis, settings: Settings) -> int:
-    """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
+def backlog(redis: Redis, settings: Settings, inbox: bool = True) -> int:
+    """Jobs waiting in the pipeline's queues, counting a full inbox batch as one job (unless `inbox` is
+    False: what the janitor checks before it turns the inbox into more jobs)."""
     pipe = redis.pipeline(transaction=False)
     for stage in STAGES:
         pipe.llen(queue(redis, stage).key)
     pipe.llen(keys.INBOX)
-    *queued, inbox = pipe.execute()
-    return sum(queued) + inbox // settings.batch_docs
+    *queued, waiting = pipe.execute()
+    return sum(queued) + (waiting // settings.batch_docs if inbox else 0)
 
 
 def distributed_status(redis: Redis) -> dict[str, Any]:

@@ -64,7 +64,9 @@ class Settings:
     stuck_job_s: int = setting(
         0, "A job running longer than this makes its worker's GET /livez answer 503; 0 = its rq timeout + 180 s."
     )
-    max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
+    max_backlog_jobs: int = setting(
+        2000, "The producer, and the janitor batching the inbox, wait while more jobs than this are queued."
+    )
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
     max_dead_letters: int = setting(100_000, "Most dead letters kept (distributed mode); the oldest go first.")

@@ -1,6 +1,7 @@
 """The control plane stays bounded with a big backlog: `failed` lists a page of the newest dead letters and
 says how many there are, read page by page from Redis; a janitor round expands a bounded number of failed
-jobs. Real Redis; speed is measured in bench/control_plane.py, not asserted here."""
+jobs; the janitor holds the inbox back while the queues are full. Real Redis; speed is measured in
+bench/control_plane.py, not asserted here."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from rq.serializers import JSONSerializer
 
 from producer import client
 from producer.cli import main as cli
+from shared import keys
 from shared.ledger import READ_PAGE, RedisLedger
 from shared.messages import DeadLetter
+from shared.queues import queue
 from shared.settings import Settings
-from workers.janitor import FAILED_JOBS_PER_ROUND, expand_failed_jobs
+from workers.janitor import FAILED_JOBS_PER_ROUND, Janitor, expand_failed_jobs
 
 
 def fill(redis: Redis, n: int) -> RedisLedger:
@@ -83,3 +86,19 @@ def test_a_janitor_round_expands_at_most_a_bounded_number_of_failed_jobs(redis_u
     assert "job:lost-0" in {d.doc_id for d in ledger.dead()}  # the oldest first
     assert expand_failed_jobs(redis, settings, ledger) == 50
     assert registry.get_job_count(cleanup=False) == 0 and ledger.dead_count() == failed_jobs
+
+
+def test_the_janitor_leaves_documents_in_the_inbox_while_the_queues_are_full(redis_url):
+    """Backpressure on the inbox, as on `enqueue`: a million pushed documents wait there, their smallest
+    form, instead of all becoming load jobs whose payloads grow at each stage."""
+    redis = Redis.from_url(redis_url)
+    settings = Settings.from_env({}, redis_url=redis_url, batch_docs=4, max_backlog_jobs=2)
+    redis.rpush(keys.INBOX, *[json.dumps({"v": 1, "id": f"doc-{i}", "text": "words"}) for i in range(16)])
+    janitor = Janitor(settings, redis)
+    load = queue(redis, "load")
+
+    while janitor.tick():
+        pass
+    assert load.count == 3 and redis.llen(keys.INBOX) == 4  # more than 2 jobs queued: the rest waits
+    load.empty()  # the loaders caught up
+    assert janitor.tick() == 4 and redis.llen(keys.INBOX) == 0

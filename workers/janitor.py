@@ -31,7 +31,7 @@ from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
-from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue
+from shared.queues import JOB_FUNCTIONS, backlog, connect, distributed_status, enqueue_jobs, is_idle, queue
 from shared.settings import STAGES, Settings
 from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
@@ -108,6 +108,10 @@ class Janitor:
 
     def _drain(self, now: float, flush: bool) -> int:
         waiting = self.redis.llen(keys.INBOX) > 0
+        if waiting and backlog(self.redis, self.settings, inbox=False) > self.settings.max_backlog_jobs:
+            # Backpressure, as for `enqueue`: documents wait in the inbox, their smallest form in Redis,
+            # not as claim checks that grow at each stage (~7x the message after the embed pool).
+            return 0
         if waiting and self._inbox_waiting_since is None:
             self._inbox_waiting_since = now
         due = self._inbox_waiting_since is not None and now - self._inbox_waiting_since >= self.settings.inbox_wait_s
