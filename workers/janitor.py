@@ -1,5 +1,5 @@
 """The janitor: one per deployment (several are safe). It turns the inbox into load batches
-(workers/inbox.py), runs rq's scheduler (retries with a delay need it) and runs rq's registry clean-up
+(workers/inbox.py) while the queues have room (EMBEDPIPE_MAX_BACKLOG_JOBS), runs rq's scheduler (retries with a delay need it) and runs rq's registry clean-up
 for every queue every few seconds, so a job of a killed worker is retried within CLEAN_INTERVAL_S of
 its lease running out (job_lease_s after its worker's last heartbeat: workers/lease.py), not when some
 idle worker next gets around to it (rq does that only every 10 minutes). Each housekeeping step is
