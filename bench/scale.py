@@ -11,7 +11,8 @@ Reported:
   throughput   documents stored per second in each tenth of the run (from the ledger's counters,
                sampled every 0.5 s), and the last tenth's over the first's: flat means >= 0.8
   memory       Redis's peak used_memory over the run (INFO), what is left in it at the end, and each
-               process's peak RSS (the process and its children, polled every 0.1 s)
+               process's peak RSS (the process and its children, polled every 0.1 s), in all and in
+               each phase (first run, re-run, prune)
   re-run       the same documents enqueued again: every one skipped as unchanged, 0 chunks written and
                0 embed jobs run (rq's finished-jobs registry of the embed queue)
   prune        `enqueue --prune` of the documents less every 100th: 1% deleted from the store (its rows
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     long_s = 7 * 86400
     try:
         monitors = tp.start_pools(tmp, env, env, 1, args.pools, procs)
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}  # each phase's peak RSS apart
         sampler = Sampler(redis)
         started = time.perf_counter()
         tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
@@ -173,10 +175,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "redis_peak_sampled_mb": round(max(s[3] for s in samples) / 2**20, 1) if samples else None,
             "redis_after_mb": round(int(memory["used_memory"]) / 2**20, 1),
             "redis_keys_after": int(redis.dbsize()),
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
         }
         print(f"first run: {json.dumps(result['first_run'])}", flush=True)
 
         embed_before = embed_jobs_run(redis)
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
         started = time.perf_counter()
         tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
         tp.embedpipe(env, "wait", timeout=long_s)
@@ -186,9 +190,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "documents_skipped": again.get("documents_skipped", 0) - first.get("documents_skipped", 0),
             "chunks_written": again.get("chunks_written", 0) - first.get("chunks_written", 0),
             "embed_jobs": embed_jobs_run(redis) - embed_before,
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
         }
         print(f"unchanged re-run: {json.dumps(result['rerun'])}", flush=True)
 
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
         started = time.perf_counter()
         tp.embedpipe(env, "enqueue", str(kept), "--prune", "--no-progress", timeout=long_s)
         tp.embedpipe(env, "wait", timeout=long_s)
@@ -200,6 +206,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "documents_skipped": pruned.get("documents_skipped", 0) - again.get("documents_skipped", 0),
             "store_rows_before": rows,
             "store_rows_after": after,
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
         }
         print(f"prune of 1%: {json.dumps(result['prune'])}", flush=True)
         result["redis_peak_mb"] = round(int(redis.info("memory")["used_memory_peak"]) / 2**20, 1)
