@@ -1,10 +1,10 @@
 """The janitor: one per deployment (several are safe). It turns the inbox into load batches
-(workers/inbox.py) while the queues have room (EMBEDPIPE_MAX_BACKLOG_JOBS), runs rq's scheduler (retries with a delay need it) and runs rq's registry clean-up
-for every queue every few seconds, so a job of a killed worker is retried within CLEAN_INTERVAL_S of
-its lease running out (job_lease_s after its worker's last heartbeat: workers/lease.py), not when some
-idle worker next gets around to it (rq does that only every 10 minutes). Each housekeeping step is
-guarded on its own; the last round with every step done is exported and kept in Redis for the health
-check.
+(workers/inbox.py) while the queues have room (EMBEDPIPE_MAX_BACKLOG_JOBS), runs rq's scheduler
+(retries with a delay need it) and runs rq's registry clean-up for every queue every few seconds, so
+a job of a killed worker is retried within CLEAN_INTERVAL_S of its lease running out (job_lease_s
+after its worker's last heartbeat: workers/lease.py), not when some idle worker next gets around to
+it (rq does that only every 10 minutes). Each housekeeping step is guarded on its own; the last round
+with every step done is exported and kept in Redis for the health check.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
-from shared.queues import JOB_FUNCTIONS, backlog, connect, distributed_status, enqueue_jobs, is_idle, queue
+from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue, queue_lengths
 from shared.settings import STAGES, Settings
 from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
@@ -107,8 +107,9 @@ class Janitor:
         return taken
 
     def _drain(self, now: float, flush: bool) -> int:
-        waiting = self.redis.llen(keys.INBOX) > 0
-        if waiting and backlog(self.redis, self.settings, inbox=False) > self.settings.max_backlog_jobs:
+        queued, inbox = queue_lengths(self.redis)
+        waiting = inbox > 0
+        if waiting and queued > self.settings.max_backlog_jobs:
             # Backpressure, as for `enqueue`: documents wait in the inbox, their smallest form in Redis,
             # not as claim checks that grow at each stage (~7x the message after the embed pool).
             return 0
