@@ -78,7 +78,7 @@ class Settings:
     dimensions: int = setting(0, "Keep N dimensions of each vector, re-normalised (Matryoshka); 0 = all.")
     doc_prefix: str = setting("", "Text put before every chunk when embedding (e.g. 'passage: ' for E5).")
     query_prefix: str = setting("", "Text put before every query when searching (e.g. 'query: ').")
-    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused.")
+    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     # --- throughput -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from redis import Redis
 from rq.registry import FailedJobRegistry
@@ -16,10 +17,14 @@ from producer import client
 from producer.cli import main as cli
 from shared import keys
 from shared.ledger import READ_PAGE, RedisLedger
-from shared.messages import DeadLetter
+from shared.messages import DeadLetter, Document
 from shared.queues import queue
 from shared.settings import Settings
+from shared.spec import chunk_policy
+from workers.chunk import chunk_batch
+from workers.embed import embed_part
 from workers.janitor import FAILED_JOBS_PER_ROUND, Janitor, expand_failed_jobs
+from workers.runtime import init_context
 
 
 def fill(redis: Redis, n: int) -> RedisLedger:
@@ -102,3 +107,16 @@ def test_the_janitor_leaves_documents_in_the_inbox_while_the_queues_are_full(red
     assert load.count == 3 and redis.llen(keys.INBOX) == 4  # more than 2 jobs queued: the rest waits
     load.empty()  # the loaders caught up
     assert janitor.tick() == 4 and redis.llen(keys.INBOX) == 0
+
+
+@pytest.mark.slow
+def test_a_cache_ttl_of_zero_keeps_no_vectors_in_redis(redis_url, tokenizer):
+    """At millions of chunks the embedding cache is most of Redis (1.4 KB a chunk): it can be turned off."""
+    redis = Redis.from_url(redis_url)
+    settings = Settings.from_env({}, redis_url=redis_url, cache_ttl_s=0)
+    ctx = init_context(settings, "embed", redis)
+    docs = [Document(f"d{i}", f"Green tea number {i} is steeped at 80 degrees.", f"d{i}") for i in range(3)]
+    chunks = chunk_batch(docs, tokenizer, chunk_policy(settings, tokenizer))
+    vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
+    assert len(vectors) == len(chunks) == 3 and not failed
+    assert not list(redis.scan_iter(keys.vector_cache("*")))
