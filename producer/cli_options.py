@@ -56,6 +56,7 @@ MODEL = [
 CHUNKING = [
     "chunk_tokens",
     "chunk_overlap",
+    "chunk_template",
     "batch_docs",
     "batch_bytes",
     "part_max_chunks",
@@ -80,7 +81,7 @@ RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_l
 # them): a first read needs the model, the chunks, the store and Redis. A setting not named is tuning.
 HELP_GROUPS = {
     "Model": ["model", "device", "backend", "dimensions", "doc_prefix", "query_prefix", "vector_dtype"],
-    "Chunking": ["chunk_tokens", "chunk_overlap", "id_prefix", "max_doc_bytes", "fetch_allow"],
+    "Chunking": ["chunk_tokens", "chunk_overlap", "chunk_template", "id_prefix", "max_doc_bytes", "fetch_allow"],
     "Store": ["store", "probe_eval", "promote_tolerance", "cache_ttl_s", "cache_max_entries"],
     "Redis": ["redis_url"],
     "API": API,
