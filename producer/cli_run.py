@@ -122,7 +122,7 @@ def search(query: str, k: int, as_json: bool, collection: str | None, settings: 
 
     if "://" not in settings.store and not settings.store_path.is_dir():
         raise click.ClickException(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
-    store = open_store(settings.store, collection=collection)
+    store = open_store(settings.store, collection=collection, settings=settings)
     embedder = embedder_for(store, settings).warm_up()
     vector = embedder.embed([store.spec.query_prefix + query])[0]
     hits = store.search(vector, k)

@@ -145,8 +145,8 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
             iter_sources(resolve([str(corpus)]), settings.max_doc_bytes),
             embedder=embedder,
         )
-        local = open_store(str(embedded_store)).vectors()
-        distributed = store.vectors()
+        local = dict(open_store(str(embedded_store)).vectors())
+        distributed = dict(store.vectors())
         assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
         for chunk, vector in local.items():
             np.testing.assert_allclose(vector, distributed[chunk], atol=1e-5)
