@@ -11,6 +11,8 @@ IVF_HNSW_SQ took minutes and IVF_PQ did not finish in 9 minutes at 600k (bench/R
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import threading
@@ -39,6 +41,8 @@ ANN_INDEX = "vector_idx"
 # (optimize), so partitions grow with the table. Retrain once it holds this many times the trained rows.
 ANN_RETRAIN_GROWTH = 4
 ANN_RETRY_S = 60.0  # wait after a failed build
+INDEX_CACHE_BYTES = 256 * 2**20  # IVF partitions and BTREE pages kept in memory per process
+METADATA_CACHE_BYTES = 64 * 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
 
 
@@ -68,7 +72,7 @@ class LanceStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         # read_consistency_interval=0: every read sees the latest commit of any writer process
-        self._db = lancedb.connect(str(path), read_consistency_interval=timedelta(0))
+        self._db = lancedb.connect(str(path), read_consistency_interval=timedelta(0), session=_session())
         manifest = self._manifest()
         self.collection = choose_collection(spec, collection, manifest["active"])
         known = manifest["collections"].get(self.collection or "")
@@ -362,12 +366,33 @@ class LanceStore:
         if self._writes - self._optimized_at_write < min_writes:
             return
         self._optimized_at_write = self._writes
-        for kind in ("", "__docs"):
-            table = self._table(kind)
-            if table is not None:
-                table.optimize()  # compaction, and the new fragments into every index
-        if self._table("") is not None:
-            self._maybe_build_ann()
+        docs = self._table("__docs")
+        if docs is not None:
+            _compact(docs, f"{self.collection}__docs")
+        table = self._table("")
+        if table is None:
+            return
+        # A compaction rewrites fragments that an index build in progress has read: whichever commits
+        # second loses. The build is the expensive one, so the chunks are not compacted meanwhile.
+        with self._index_lock() as free:
+            if free:
+                _compact(table, self.collection or "")
+            else:
+                log.info("%s: an index build is running; compaction left to the next optimize", self.collection)
+        self._maybe_build_ann()
+
+    @contextlib.contextmanager
+    def _index_lock(self) -> Iterator[bool]:
+        """The collection's index lock (a file lock: across processes), if free; yields whether it was."""
+        import fcntl
+
+        with open(self.path / f".{self.collection}.index.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # released as the file closes
 
     # --- indexes -------------------------------------------------------------------------------
     def _index_scalars(self, kind: str) -> None:
@@ -418,30 +443,28 @@ class LanceStore:
         self._ann.start()
 
     def _build_ann(self) -> None:
-        """Train and write the IVF_SQ index (replacing an older one), under the collection's build lock.
-        Runs beside the writes; its own handle on the table. A failure waits ANN_RETRY_S to be retried."""
-        import fcntl
-
-        import lancedb
-        from lancedb.index import IvfSq
+        """Build (or train again) the IVF_SQ index in a child process, holding the collection's index
+        lock meanwhile: the build reads every vector, and memory a process once held stays with it, so
+        the writer's own memory stays flat. A failure waits ANN_RETRY_S to be tried again."""
+        import subprocess
+        import sys
 
         name = self.collection or ""
         try:
-            with open(self.path / f".{name}.index.lock", "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return  # another process builds it
-                table = lancedb.connect(str(self.path)).open_table(name)
-                trained = self._manifest()["collections"].get(name, {}).get("ann_rows", 0)
-                rows = table.count_rows()
-                if trained and rows < trained * ANN_RETRAIN_GROWTH:
-                    return  # built by another process since we looked
+            with self._index_lock() as free:
+                if not free:
+                    return  # another process builds it (or compacts): the next write looks again
                 started = time.monotonic()
-                table.create_index("vector", config=IvfSq(distance_type="cosine"), name=ANN_INDEX, replace=True)
-                self._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
+                build = subprocess.run(
+                    [sys.executable, "-m", "shared.store_lance", str(self.path), name],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+            if build.returncode:
+                raise RuntimeError(build.stderr.strip().splitlines()[-1] if build.stderr.strip() else "no output")
             INDEX_BUILDS.labels("ok").inc()
-            log.info("ANN index of %s built over %d chunks in %.1f s", name, rows, time.monotonic() - started)
+            log.info("ANN index of %s: %s in %.1f s", name, build.stdout.strip(), time.monotonic() - started)
         except Exception as e:  # never the writer's failure: counted, logged, tried again later
             INDEX_BUILDS.labels("failed").inc()
             self._ann_next_check = time.monotonic() + ANN_RETRY_S
@@ -455,6 +478,30 @@ class LanceStore:
     def close(self) -> None:
         """LanceDB holds no connection; a running index build is let finish."""
         self.wait_for_index()
+
+
+@functools.cache
+def _session() -> Any:
+    """One LanceDB session per process, its caches bounded: LanceDB's defaults (6 GiB of index, 1 GiB
+    of metadata) let a process grow with the store it reads."""
+    import lancedb
+
+    return lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+
+
+def _compact(table: Any, name: str) -> None:
+    """Compact the table and add its new fragments to every index. A compaction loses the commit race to
+    an index build that commits first (LanceDB: "Retryable commit conflict ... preempted by
+    CreateIndex"): it is tried once more, then left to the next optimize, never failing the write."""
+    for attempt in (1, 2):
+        try:
+            table.optimize()
+            return
+        except RuntimeError as e:
+            if "commit conflict" not in str(e).lower():
+                raise
+            if attempt == 2:
+                log.warning("compaction of %s lost to a concurrent commit; left to the next one: %s", name, e)
 
 
 def _docs_schema() -> Any:
@@ -488,3 +535,26 @@ def _schema(dim: int) -> Any:
             pa.field("vector", pa.list_(pa.float32(), dim)),
         ]
     )
+
+
+def build_ann_index(path: Path, name: str) -> str:
+    """Train and write the collection's IVF_SQ index, replacing an older one, and note the rows it was
+    trained on in store.json (run by _build_ann in a child process, under the collection's index lock)."""
+    import lancedb
+    from lancedb.index import IvfSq
+
+    handle = LanceStore(path, collection=name)
+    table = lancedb.connect(str(path), session=_session()).open_table(name)
+    trained = handle._manifest()["collections"].get(name, {}).get("ann_rows", 0)
+    rows = table.count_rows()
+    if trained and rows < trained * ANN_RETRAIN_GROWTH:
+        return f"already trained over {trained} chunks"  # by another process since the writer looked
+    table.create_index("vector", config=IvfSq(distance_type="cosine"), name=ANN_INDEX, replace=True)
+    handle._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
+    return f"built over {rows} chunks"
+
+
+if __name__ == "__main__":  # python -m shared.store_lance STORE COLLECTION: the ANN build's child process
+    import sys
+
+    print(build_ann_index(Path(sys.argv[1]), sys.argv[2]))
