@@ -82,9 +82,10 @@ EMBED_CACHE = Counter(
 STORE_WRITES = Counter(
     "embedpipe_store_writes", "Write operations on the store, by kind (upsert, delete, documents).", ["op"]
 )
-INDEX_BUILDS = Counter(
-    "embedpipe_store_index_builds",
-    "ANN index builds of the store, by outcome (ok, failed: retried later; a write never waits on one).",
+MAINTENANCE = Counter(
+    "embedpipe_store_maintenance",
+    "Background maintenance runs of the LanceDB store (compaction, ANN index build) and pgvector HNSW builds,"
+    " by outcome (ok, failed: tried again later; a write never waits on one).",
     ["outcome"],
 )
 COLLECTION_CHUNKS = Gauge(
@@ -193,7 +194,7 @@ def serve(port: int, stage: str, model: str = "") -> None:
         for op in ("upsert", "delete", "documents"):
             STORE_WRITES.labels(op)
         for outcome in ("ok", "failed"):
-            INDEX_BUILDS.labels(outcome)
+            MAINTENANCE.labels(outcome)
     for layer in ("io", "job", "redis"):
         RETRIES.labels(stage, layer)
     for reason in REASONS:

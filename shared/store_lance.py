@@ -1,17 +1,16 @@
 """The embedded default store: LanceDB on local disk. Collections are tables; store.json lists them.
 
-At scale: BTREE indexes on chunk_id and doc_id (the merge and the `doc_id IN (...)` lookups use them;
-compaction, `optimize()`, indexes the fragments added since), and an IVF_SQ vector index once a collection
-holds `ann_min_rows` chunks. That index is built in a side thread of the writer, under a file lock (one
-build per collection at a time): a write never waits on it, and a failed build is logged, counted and
-tried again later. Search probes the index and scans the rows not yet in it (LanceDB's default), so
-it sees every row. IVF_SQ, because it builds fast: 4.5 s at 200k chunks of 384-d on 2 cores, where
-IVF_HNSW_SQ took minutes and IVF_PQ did not finish in 9 minutes at 600k (bench/README.md).
-"""
+At scale: BTREE indexes on chunk_id and doc_id (the merge and the `doc_id IN (...)` lookups use them),
+and an IVF_SQ vector index once a collection holds `ann_min_rows` chunks. Both are kept current by the
+collection's maintenance (optimize): compaction, which adds new fragments to every index, and the ANN
+index's build when due. It runs in a child process started by the writer, under a file lock (one per
+collection at a time, across processes): a write never waits on it nor grows with it, and a failed run
+is logged, counted and tried again later. Search probes the ANN index and scans the rows not yet in it
+(LanceDB's default), so it sees every row. IVF_SQ, because it builds fast: 4.5 s at 200k chunks of
+384-d on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not finish in 9 minutes at 600k."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -26,7 +25,7 @@ import numpy as np
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
-from shared.metrics import INDEX_BUILDS, STORE_WRITES
+from shared.metrics import MAINTENANCE, STORE_WRITES
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
@@ -41,6 +40,10 @@ ANN_INDEX = "vector_idx"
 # (optimize), so partitions grow with the table. Retrain once it holds this many times the trained rows.
 ANN_RETRAIN_GROWTH = 4
 ANN_RETRY_S = 60.0  # wait after a failed build
+# Compaction rewrites the fragments under 1M rows, so each one copies up to ~1.5 GB of 384-d vectors; the
+# versions it replaces stayed on disk for LanceDB's default 7 days (at 800k chunks: 7.4 GB on disk for
+# 1.3 GB of data). A reader of a version older than this (a whole-table stream running longer) fails.
+KEEP_VERSIONS = timedelta(minutes=10)
 INDEX_CACHE_BYTES = 256 * 2**20  # IVF partitions and BTREE pages kept in memory per process
 METADATA_CACHE_BYTES = 64 * 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
@@ -84,8 +87,8 @@ class LanceStore:
         self._optimized_at_write = 0  # self._writes at the last compaction
         self.settings = settings or Settings()
         self._indexed: set[str] = set()  # tables of this collection known to hold their scalar indexes
-        self._ann: threading.Thread | None = None  # the running ANN build
-        self._ann_next_check = 0.0  # after a failed build: monotonic time of the next try
+        self._maint: threading.Thread | None = None  # the running maintenance (see optimize)
+        self._retry_at = 0.0  # after a failed maintenance: monotonic time of the next index build
 
     # --- the manifest: collections and the active one -----------------------------------------
     def _manifest(self) -> dict[str, Any]:
@@ -213,10 +216,8 @@ class LanceStore:
         if complete:
             self._record(list(complete))
         self._writes += 1
-        if self._writes % OPTIMIZE_EVERY_WRITES == 0:
-            self.optimize()
         self._index_scalars("")
-        self._maybe_build_ann()
+        self.optimize(OPTIMIZE_EVERY_WRITES)
 
     def _holding_others(self, doc_ids: list[str], new: set[str]) -> list[str]:
         """Those of `doc_ids` with stored chunks other than `new` (stale ones, from an earlier version)."""
@@ -360,40 +361,6 @@ class LanceStore:
             flat = batch.column("vector").values.to_numpy(zero_copy_only=False).reshape(-1, dim)
             yield from zip(batch.column("chunk_id").to_pylist(), flat.astype(np.float32), strict=True)
 
-    def optimize(self, min_writes: int = 0) -> None:
-        """Compact the collection's tables (LanceDB adds a fragment per commit); with `min_writes`, only
-        once this handle committed that many writes since its last compaction."""
-        if self._writes - self._optimized_at_write < min_writes:
-            return
-        self._optimized_at_write = self._writes
-        docs = self._table("__docs")
-        if docs is not None:
-            _compact(docs, f"{self.collection}__docs")
-        table = self._table("")
-        if table is None:
-            return
-        # A compaction rewrites fragments that an index build in progress has read: whichever commits
-        # second loses. The build is the expensive one, so the chunks are not compacted meanwhile.
-        with self._index_lock() as free:
-            if free:
-                _compact(table, self.collection or "")
-            else:
-                log.info("%s: an index build is running; compaction left to the next optimize", self.collection)
-        self._maybe_build_ann()
-
-    @contextlib.contextmanager
-    def _index_lock(self) -> Iterator[bool]:
-        """The collection's index lock (a file lock: across processes), if free; yields whether it was."""
-        import fcntl
-
-        with open(self.path / f".{self.collection}.index.lock", "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True  # released as the file closes
-
     # --- indexes -------------------------------------------------------------------------------
     def _index_scalars(self, kind: str) -> None:
         """Create the table's BTREE indexes once it exists (cached per handle; optimize keeps them current)."""
@@ -428,55 +395,69 @@ class LanceStore:
             }
         return out
 
-    def _maybe_build_ann(self) -> None:
-        """Start the ANN index's build in a side thread once the collection is past `ann_min_rows`
-        chunks, and a retraining once it has grown ANN_RETRAIN_GROWTH times since. Cheap: the row count
-        from the table's metadata and store.json."""
-        min_rows = self.settings.ann_min_rows
-        if not min_rows or (self._ann is not None and self._ann.is_alive()) or time.monotonic() < self._ann_next_check:
+    def optimize(self, min_writes: int = 0) -> None:
+        """Start the collection's maintenance in the background: compaction (LanceDB adds a fragment per
+        commit; compacting adds the new ones to every index), and the ANN index's build once it is due.
+        With `min_writes`, compaction only once this handle committed that many writes since the last."""
+        if self._table("") is None or (self._maint is not None and self._maint.is_alive()):
             return
+        compact = self._writes - self._optimized_at_write >= min_writes
+        if not (compact or self._ann_due()):
+            return
+        if compact:
+            self._optimized_at_write = self._writes
+        self._maint = threading.Thread(target=self._maintain, name=f"maintain-{self.collection}", daemon=True)
+        self._maint.start()
+
+    def _ann_due(self) -> bool:
+        """Past `ann_min_rows` chunks with no index yet, or grown ANN_RETRAIN_GROWTH times since its
+        training. Cheap: the row count from the table's metadata, and store.json."""
+        min_rows = self.settings.ann_min_rows
+        if not min_rows or time.monotonic() < self._retry_at:
+            return False
         rows = self.count()
         trained = self._manifest()["collections"].get(self.collection or "", {}).get("ann_rows", 0)
-        if rows < min_rows or (trained and rows < trained * ANN_RETRAIN_GROWTH):
-            return
-        self._ann = threading.Thread(target=self._build_ann, name=f"ann-{self.collection}", daemon=True)
-        self._ann.start()
+        return rows >= min_rows and (not trained or rows >= trained * ANN_RETRAIN_GROWTH)
 
-    def _build_ann(self) -> None:
-        """Build (or train again) the IVF_SQ index in a child process, holding the collection's index
-        lock meanwhile: the build reads every vector, and memory a process once held stays with it, so
-        the writer's own memory stays flat. A failure waits ANN_RETRY_S to be tried again."""
+    def _maintain(self) -> None:
+        """Run the maintenance in a child process (python -m shared.store_lance): a compaction copies up
+        to a million rows and an index build reads every vector, and memory a process once held stays
+        with it, so the writer's own memory stays flat. A failure (never the writer's) is logged, counted,
+        and the index build tried again after ANN_RETRY_S."""
         import subprocess
         import sys
 
-        name = self.collection or ""
+        started = time.monotonic()
         try:
-            with self._index_lock() as free:
-                if not free:
-                    return  # another process builds it (or compacts): the next write looks again
-                started = time.monotonic()
-                build = subprocess.run(
-                    [sys.executable, "-m", "shared.store_lance", str(self.path), name],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-            if build.returncode:
-                raise RuntimeError(build.stderr.strip().splitlines()[-1] if build.stderr.strip() else "no output")
-            INDEX_BUILDS.labels("ok").inc()
-            log.info("ANN index of %s: %s in %.1f s", name, build.stdout.strip(), time.monotonic() - started)
-        except Exception as e:  # never the writer's failure: counted, logged, tried again later
-            INDEX_BUILDS.labels("failed").inc()
-            self._ann_next_check = time.monotonic() + ANN_RETRY_S
-            log.warning("ANN index build of %s failed (retried in %.0f s): %s", name, ANN_RETRY_S, e)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "shared.store_lance",
+                    str(self.path),
+                    self.collection or "",
+                    str(self.settings.ann_min_rows),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode:
+                raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
+            MAINTENANCE.labels("ok").inc()
+            log.info("%s: %s in %.1f s", self.collection, done.stdout.strip(), time.monotonic() - started)
+        except Exception as e:
+            MAINTENANCE.labels("failed").inc()
+            self._retry_at = time.monotonic() + ANN_RETRY_S
+            log.warning("maintenance of %s failed (index build retried in %.0f s): %s", self.collection, ANN_RETRY_S, e)
 
     def wait_for_index(self, timeout_s: float | None = None) -> None:
-        """Wait for this handle's running ANN build, if any (close() does, so a run ends indexed)."""
-        if self._ann is not None:
-            self._ann.join(timeout_s)
+        """Wait for this handle's running maintenance (compaction, index build), if any; close() does."""
+        if self._maint is not None:
+            self._maint.join(timeout_s)
 
     def close(self) -> None:
-        """LanceDB holds no connection; a running index build is let finish."""
+        """LanceDB holds no connection; a running maintenance is let finish (a run ends indexed)."""
         self.wait_for_index()
 
 
@@ -490,12 +471,12 @@ def _session() -> Any:
 
 
 def _compact(table: Any, name: str) -> None:
-    """Compact the table and add its new fragments to every index. A compaction loses the commit race to
-    an index build that commits first (LanceDB: "Retryable commit conflict ... preempted by
-    CreateIndex"): it is tried once more, then left to the next optimize, never failing the write."""
+    """Compact the table and add its new fragments to every index. A compaction can lose the commit race
+    to a writer updating rows it rewrote (LanceDB: "Retryable commit conflict"): it is tried once more,
+    then left to the next maintenance. (Index builds and compactions never race: one lock.)"""
     for attempt in (1, 2):
         try:
-            table.optimize()
+            table.optimize(cleanup_older_than=KEEP_VERSIONS)
             return
         except RuntimeError as e:
             if "commit conflict" not in str(e).lower():
@@ -537,24 +518,40 @@ def _schema(dim: int) -> Any:
     )
 
 
-def build_ann_index(path: Path, name: str) -> str:
-    """Train and write the collection's IVF_SQ index, replacing an older one, and note the rows it was
-    trained on in store.json (run by _build_ann in a child process, under the collection's index lock)."""
+def maintain(path: Path, name: str, ann_min_rows: int) -> str:
+    """The maintenance of one collection, in the child process optimize() starts, under the collection's
+    index lock (a file lock: one at a time across processes): the ANN index built (or trained again,
+    replacing the old one) when due, then both tables compacted, their new fragments into every index."""
+    import fcntl
+
     import lancedb
     from lancedb.index import IvfSq
 
     handle = LanceStore(path, collection=name)
-    table = lancedb.connect(str(path), session=_session()).open_table(name)
-    trained = handle._manifest()["collections"].get(name, {}).get("ann_rows", 0)
-    rows = table.count_rows()
-    if trained and rows < trained * ANN_RETRAIN_GROWTH:
-        return f"already trained over {trained} chunks"  # by another process since the writer looked
-    table.create_index("vector", config=IvfSq(distance_type="cosine"), name=ANN_INDEX, replace=True)
-    handle._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
-    return f"built over {rows} chunks"
+    db = lancedb.connect(str(path), session=_session())
+    with open(path / f".{name}.index.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "another process maintains it"
+        done = []
+        table = db.open_table(name)
+        rows = table.count_rows()
+        trained = handle._manifest()["collections"].get(name, {}).get("ann_rows", 0)
+        if ann_min_rows and rows >= ann_min_rows and (not trained or rows >= trained * ANN_RETRAIN_GROWTH):
+            started = time.monotonic()
+            table.create_index("vector", config=IvfSq(distance_type="cosine"), name=ANN_INDEX, replace=True)
+            handle._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
+            done.append(f"ANN index built over {rows} chunks in {time.monotonic() - started:.1f} s")
+        started = time.monotonic()
+        for kind in ("", "__docs"):
+            if name + kind in db.list_tables().tables:
+                _compact(db.open_table(name + kind), name + kind)
+        done.append(f"compacted in {time.monotonic() - started:.1f} s")
+        return ", ".join(done)
 
 
-if __name__ == "__main__":  # python -m shared.store_lance STORE COLLECTION: the ANN build's child process
+if __name__ == "__main__":  # python -m shared.store_lance STORE COLLECTION ANN_MIN_ROWS: optimize()'s child
     import sys
 
-    print(build_ann_index(Path(sys.argv[1]), sys.argv[2]))
+    print(maintain(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

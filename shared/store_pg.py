@@ -24,7 +24,7 @@ import numpy as np
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
-from shared.metrics import INDEX_BUILDS, STORE_WRITES
+from shared.metrics import MAINTENANCE, STORE_WRITES
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
@@ -332,10 +332,10 @@ class PgStore:
                 conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
                 conn.execute(f"SET maintenance_work_mem = '{BUILD_MEMORY}'")
                 conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {t} USING hnsw (embedding vector_cosine_ops)")
-            INDEX_BUILDS.labels("ok").inc()
+            MAINTENANCE.labels("ok").inc()
             log.info("HNSW index of %s built in %.1f s", t, time.monotonic() - started)
         except Exception as e:  # never the writer's failure: counted, logged, tried again later
-            INDEX_BUILDS.labels("failed").inc()
+            MAINTENANCE.labels("failed").inc()
             self._ann_next_check = time.monotonic() + ANN_RETRY_S
             log.warning("HNSW index build of %s failed (retried in %.0f s): %s", t, ANN_RETRY_S, e)
 

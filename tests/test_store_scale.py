@@ -12,9 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from shared import store_lance
 from shared.messages import Chunk
-from shared.metrics import INDEX_BUILDS
+from shared.metrics import MAINTENANCE
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store import DocRecord, open_store
@@ -43,7 +42,7 @@ def exact_top(store, query: np.ndarray, k: int) -> list[str]:
     return [ids[i] for i in np.argsort(-scores)[:k]]
 
 
-@pytest.mark.slow  # the index is built in a child process
+@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
 def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=2000))
     for p in range(3):  # 1,536 chunks: under the threshold, brute force only
@@ -66,6 +65,7 @@ def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
     assert store.index_stats()["vector_idx"]["unindexed"] == 512
     assert "LanceScan" in store.search_plan(clustered(1, 7)[0], 10)  # the scan of the unindexed rows
     store.optimize()
+    store.wait_for_index()
     stats = store.index_stats()
     assert stats["vector_idx"]["unindexed"] == 0 and stats["vector_idx"]["indexed"] == 2560
     assert stats["chunk_id_idx"]["unindexed"] == 0 and stats["doc_id_idx"]["unindexed"] == 0
@@ -78,7 +78,7 @@ def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
     store.close()
 
 
-@pytest.mark.slow  # the index is built in a child process
+@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
 def test_search_over_indexed_and_unindexed_rows_finds_the_planted_near_duplicates(tmp_path):
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=3000))
     query = clustered(2, 1234)
@@ -104,7 +104,7 @@ def test_search_over_indexed_and_unindexed_rows_finds_the_planted_near_duplicate
     store.close()
 
 
-@pytest.mark.slow  # the index is built in a child process
+@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
 def test_a_search_while_the_index_is_built_still_answers(tmp_path):
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=60_000))
     query = clustered(1, 4321)[0]
@@ -115,9 +115,9 @@ def test_a_search_while_the_index_is_built_still_answers(tmp_path):
             vectors[5] = query
         store.upsert(chunks, vectors)  # the last crosses 60,000: its build starts now
     answered_during_build, written = 0, 0
-    while store._ann is not None and store._ann.is_alive():
+    while store._maint is not None and store._maint.is_alive():
         assert store.search(query, 5)[0].chunk_id == "p3-5"
-        answered_during_build += store._ann.is_alive()
+        answered_during_build += store._maint.is_alive()
         if not written:  # writes and compaction go on beside the build; a lost commit race fails neither
             store.upsert(*part("during", 512, 9))
             store.optimize()
@@ -129,20 +129,19 @@ def test_a_search_while_the_index_is_built_still_answers(tmp_path):
     store.close()
 
 
-@pytest.mark.slow  # the index is built in a child process
-def test_a_failed_index_build_is_counted_never_fails_the_write_and_is_retried(tmp_path, monkeypatch):
+@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
+def test_a_failed_index_build_is_counted_never_fails_the_write_and_is_retried(tmp_path):
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=100))
-    failed = INDEX_BUILDS.labels("failed")._value.get()
+    failed = MAINTENANCE.labels("failed")._value.get()
     chunks = [Chunk(f"z{i}", f"z{i}", 0, "t", 1, 0, 1, {}) for i in range(300)]
     store.upsert(chunks, np.zeros((300, DIM), np.float32))  # nothing a cosine k-means can train on
     store.wait_for_index()
-    assert INDEX_BUILDS.labels("failed")._value.get() == failed + 1
+    assert MAINTENANCE.labels("failed")._value.get() == failed + 1
     assert store.count() == 300 and "vector_idx" not in store.index_stats()
     store.upsert(*part("p", 512, 1))  # within the retry wait: no new try
     store.wait_for_index()
-    assert INDEX_BUILDS.labels("failed")._value.get() == failed + 1
-    monkeypatch.setattr(store_lance, "ANN_RETRY_S", 0.0)
-    store._ann_next_check = 0.0  # the wait is over
+    assert MAINTENANCE.labels("failed")._value.get() == failed + 1
+    store._retry_at = 0.0  # the wait (ANN_RETRY_S) is over
     store.upsert(*part("q", 512, 2))
     store.wait_for_index()
     assert store.index_stats()["vector_idx"]["indexed"] == 1324
