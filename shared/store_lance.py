@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -424,9 +426,6 @@ class LanceStore:
         to a million rows and an index build reads every vector, and memory a process once held stays
         with it, so the writer's own memory stays flat. A failure (never the writer's) is logged, counted,
         and the index build tried again after ANN_RETRY_S."""
-        import subprocess
-        import sys
-
         started = time.monotonic()
         try:
             done = subprocess.run(
@@ -552,6 +551,4 @@ def maintain(path: Path, name: str, ann_min_rows: int) -> str:
 
 
 if __name__ == "__main__":  # python -m shared.store_lance STORE COLLECTION ANN_MIN_ROWS: optimize()'s child
-    import sys
-
     print(maintain(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
