@@ -180,6 +180,7 @@ BUILD = textwrap.dedent("""
         docs = [DocRecord(d, "0" * 40, 1, "document text " * 40, {"n": i}) for i, d in enumerate(ids)]
         store.upsert(chunks, rng.normal(size=(20_000, 64)).astype(np.float32), docs)
     store.optimize()
+    store.close()  # waits for the compaction
 """)
 DRAIN = textwrap.dedent("""
     import sys
