@@ -90,6 +90,9 @@ class Settings:
     search_nprobes: int = setting(20, "LanceDB ANN search: IVF partitions probed per query.")
     search_refine: int = setting(5, "LanceDB ANN search: re-rank k x this candidates on full vectors; 0 = off.")
     ef_search: int = setting(100, "pgvector ANN search: HNSW candidates per query (hnsw.ef_search, at least k).")
+    index_cache_mb: int = setting(
+        1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."
+    )
     # --- throughput -----------------------------------------------------------------------------
     backend: str = setting(
         "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."
@@ -143,7 +146,14 @@ class Settings:
 
     def validated(self) -> Settings:
         positive = ("batch_size", "batch_docs", "batch_bytes", "part_max_chunks", "part_max_tokens", "max_doc_bytes")
-        for name in (*positive, "dead_letter_ttl_s", "max_dead_letters", "search_nprobes", "ef_search"):
+        for name in (
+            *positive,
+            "dead_letter_ttl_s",
+            "max_dead_letters",
+            "search_nprobes",
+            "ef_search",
+            "index_cache_mb",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:

@@ -46,7 +46,6 @@ ANN_RETRY_S = 60.0  # wait after a failed build
 # versions it replaces stayed on disk for LanceDB's default 7 days (at 800k chunks: 7.4 GB on disk for
 # 1.3 GB of data). A reader of a version older than this (a whole-table stream running longer) fails.
 KEEP_VERSIONS = timedelta(minutes=10)
-INDEX_CACHE_BYTES = 256 * 2**20  # IVF partitions and BTREE pages kept in memory per process
 METADATA_CACHE_BYTES = 64 * 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
 
@@ -77,7 +76,10 @@ class LanceStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         # read_consistency_interval=0: every read sees the latest commit of any writer process
-        self._db = lancedb.connect(str(path), read_consistency_interval=timedelta(0), session=_session())
+        self.settings = settings or Settings()
+        self._db = lancedb.connect(
+            str(path), read_consistency_interval=timedelta(0), session=_session(self.settings.index_cache_mb)
+        )
         manifest = self._manifest()
         self.collection = choose_collection(spec, collection, manifest["active"])
         known = manifest["collections"].get(self.collection or "")
@@ -87,7 +89,6 @@ class LanceStore:
         self._tables: dict[str, Any] = {}
         self._writes = 0
         self._optimized_at_write = 0  # self._writes at the last compaction
-        self.settings = settings or Settings()
         self._indexed: set[str] = set()  # tables of this collection known to hold their scalar indexes
         self._maint: threading.Thread | None = None  # the running maintenance (see optimize)
         self._retry_at = 0.0  # after a failed maintenance: monotonic time of the next index build
@@ -461,12 +462,14 @@ class LanceStore:
 
 
 @functools.cache
-def _session() -> Any:
-    """One LanceDB session per process, its caches bounded: LanceDB's defaults (6 GiB of index, 1 GiB
-    of metadata) let a process grow with the store it reads."""
+def _session(index_cache_mb: int = 256) -> Any:
+    """One LanceDB session per process (and cache size), its caches bounded: LanceDB's defaults (6 GiB
+    of index, 1 GiB of metadata) let a process grow with the store it reads."""
     import lancedb
 
-    return lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+    return lancedb.Session(
+        index_cache_size_bytes=index_cache_mb * 2**20, metadata_cache_size_bytes=METADATA_CACHE_BYTES
+    )
 
 
 def _compact(table: Any, name: str) -> None:
