@@ -49,7 +49,7 @@ def open_store(
     With `spec`, the handle writes and reads the collection of that spec (created on the first
     write; the first collection of a store becomes the active one). With `collection`, that one.
     With neither, the active collection: the one search uses. `settings` tune the indexes and
-    search (ann_min_rows, search_nprobes, search_refine, ef_search); their defaults without."""
+    search (ann_min_rows, search_nprobes, search_refine, ef_search, index_cache_mb); defaults without."""
     if location.startswith(("postgresql://", "postgres://")):
         from shared.store_pg import PgStore
 
