@@ -68,7 +68,9 @@ class Settings:
     stuck_job_s: int = setting(
         0, "A job running longer than this makes its worker's GET /livez answer 503; 0 = its rq timeout + 180 s."
     )
-    max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
+    max_backlog_jobs: int = setting(
+        2000, "The producer, and the janitor batching the inbox, wait while more jobs than this are queued."
+    )
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
     max_dead_letters: int = setting(100_000, "Most dead letters kept (distributed mode); the oldest go first.")
@@ -80,7 +82,7 @@ class Settings:
     dimensions: int = setting(0, "Keep N dimensions of each vector, re-normalised (Matryoshka); 0 = all.")
     doc_prefix: str = setting("", "Text put before every chunk when embedding (e.g. 'passage: ' for E5).")
     query_prefix: str = setting("", "Text put before every query when searching (e.g. 'query: ').")
-    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused.")
+    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     # --- the store at scale ---------------------------------------------------------------------
