@@ -113,7 +113,7 @@ class Truncated:
     """The store's vectors and the query vectors cut to `dims` and re-normalised, searched exactly."""
 
     def __init__(self, store: object, embedder: object, dims: int) -> None:
-        vectors = store.vectors()  # type: ignore[attr-defined]
+        vectors = dict(store.vectors())  # type: ignore[attr-defined]
         self.ids = list(vectors)
         self.docs = {cid: did for did, cids in store.chunk_ids(sorted(store.doc_ids())).items() for cid in cids}  # type: ignore[attr-defined]
         self.matrix = self._cut(np.stack([vectors[i] for i in self.ids]), dims)

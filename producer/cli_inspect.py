@@ -42,7 +42,7 @@ def probe(eval_dir: str, as_json: bool, collection: str | None, local: bool | No
     from shared.store import open_store  # the store's backend
     from workers.probe import run_probe
 
-    store = open_store(settings.store, collection=collection)
+    store = open_store(settings.store, collection=collection, settings=settings)
     result = run_probe(store, embedder_for(store, settings), eval_dir)
     store.record_probe(result)
     store.close()

@@ -22,7 +22,7 @@ def search(
         raise ConfigError(f"k must be at least 1, got {k}")
     if "://" not in settings.store and not settings.store_path.is_dir():
         raise ConfigError(f"no store at {settings.store_path}: run `embedpipe run PATH` first")
-    store = open_store(settings.store, collection=collection)
+    store = open_store(settings.store, collection=collection, settings=settings)
     try:
         embedder = embedder_for(store, settings).warm_up()
         assert store.spec is not None  # embedder_for refuses a store without a collection

@@ -82,6 +82,12 @@ EMBED_CACHE = Counter(
 STORE_WRITES = Counter(
     "embedpipe_store_writes", "Write operations on the store, by kind (upsert, delete, documents).", ["op"]
 )
+MAINTENANCE = Counter(
+    "embedpipe_store_maintenance",
+    "Background maintenance runs of the LanceDB store (compaction, ANN index build) and pgvector HNSW builds,"
+    " by outcome (ok, failed: tried again later; a write never waits on one).",
+    ["outcome"],
+)
 COLLECTION_CHUNKS = Gauge(
     "embedpipe_collection_chunks",
     "Chunks stored per collection (one collection per embedding spec); active=1: the one search uses.",
@@ -187,6 +193,8 @@ def serve(port: int, stage: str, model: str = "") -> None:
     if stage == "write":
         for op in ("upsert", "delete", "documents"):
             STORE_WRITES.labels(op)
+        for outcome in ("ok", "failed"):
+            MAINTENANCE.labels(outcome)
     for layer in ("io", "job", "redis"):
         RETRIES.labels(stage, layer)
     for reason in REASONS:

@@ -85,6 +85,16 @@ class Settings:
     cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
+    # --- the store at scale ---------------------------------------------------------------------
+    ann_min_rows: int = setting(
+        50_000, "Build the ANN vector index once a collection holds this many chunks (off the write path); 0 = never."
+    )
+    search_nprobes: int = setting(20, "LanceDB ANN search: IVF partitions probed per query.")
+    search_refine: int = setting(5, "LanceDB ANN search: re-rank k x this candidates on full vectors; 0 = off.")
+    ef_search: int = setting(100, "pgvector ANN search: HNSW candidates per query (hnsw.ef_search, at least k).")
+    index_cache_mb: int = setting(
+        1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."
+    )
     # --- throughput -----------------------------------------------------------------------------
     backend: str = setting(
         "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."
@@ -138,7 +148,14 @@ class Settings:
 
     def validated(self) -> Settings:
         positive = ("batch_size", "batch_docs", "batch_bytes", "part_max_chunks", "part_max_tokens", "max_doc_bytes")
-        for name in (*positive, "dead_letter_ttl_s", "max_dead_letters"):
+        for name in (
+            *positive,
+            "dead_letter_ttl_s",
+            "max_dead_letters",
+            "search_nprobes",
+            "ef_search",
+            "index_cache_mb",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < 0.5:
@@ -156,6 +173,9 @@ class Settings:
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         ChunkTemplate.parse(self.chunk_template, env_name("chunk_template"))
+        for name in ("ann_min_rows", "search_refine"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)} must be >= 0, got {getattr(self, name)}")
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, Store, choose_collection, stale_chunks
 
@@ -34,23 +35,30 @@ __all__ = [
 # every batch) it is worth it only once a few commits went in. At 10,000 SciFact abstracts, compacting at
 # every drain made the writer spend 0.21 CPU ms per chunk against 0.10 without (bench/fast.py).
 OPTIMIZE_AFTER_DRAIN_WRITES = 10
+FORGET_SLICE = 1000  # documents per delete of a prune: a bounded `IN (...)` list
 
 
-def open_store(location: str, spec: EmbeddingSpec | None = None, collection: str | None = None) -> Store:
+def open_store(
+    location: str,
+    spec: EmbeddingSpec | None = None,
+    collection: str | None = None,
+    settings: Settings | None = None,
+) -> Store:
     """A postgresql:// URL opens the pgvector store; a directory path the embedded LanceDB store.
 
     With `spec`, the handle writes and reads the collection of that spec (created on the first
     write; the first collection of a store becomes the active one). With `collection`, that one.
-    With neither, the active collection: the one search uses."""
+    With neither, the active collection: the one search uses. `settings` tune the indexes and
+    search (ann_min_rows, search_nprobes, search_refine, ef_search, index_cache_mb); defaults without."""
     if location.startswith(("postgresql://", "postgres://")):
         from shared.store_pg import PgStore
 
-        return PgStore(location, spec, collection)
+        return PgStore(location, spec, collection, settings)
     if "://" in location:
         raise ConfigError(f"unsupported store {location!r}: use a directory path or a postgresql:// URL")
     from shared.store_lance import LanceStore
 
-    return LanceStore(Path(location).expanduser(), spec, collection)
+    return LanceStore(Path(location).expanduser(), spec, collection, settings)
 
 
 def each_collection(location: str) -> Iterator[Store]:
@@ -74,11 +82,14 @@ def delete_documents(location: str, doc_ids: list[str]) -> dict[str, int]:
 
 
 def prune(location: str, kept: set[str]) -> dict[str, int]:
-    """Sync: remove from every collection the documents not in `kept` (what the sources list now)."""
+    """Sync: remove from every collection the documents not in `kept` (what the sources list now).
+    The store's IDs are streamed past `kept`, never held as a set; the gone ones go in slices."""
     if not kept:
         raise ConfigError("--prune with no documents listed would empty the store: refused")
     removed = {}
     for store in each_collection(location):
-        gone = sorted(store.doc_ids() - kept)
-        removed[store.collection or ""] = store.forget_documents(gone) if gone else 0
+        gone = [d for d in store.doc_ids() if d not in kept]
+        removed[store.collection or ""] = sum(
+            store.forget_documents(gone[i : i + FORGET_SLICE]) for i in range(0, len(gone), FORGET_SLICE)
+        )
     return removed

@@ -4,13 +4,18 @@ active one. Idempotent upserts by chunk_id, pooled connections.
 
 Two writers upserting overlapping keys in different orders can deadlock: rows are sorted by chunk_id
 within every batch (and the writer's tenacity retry covers what remains). A new table is loaded
-without an index and indexed once, by `optimize()`: building HNSW after a bulk load is ~10x faster
-than inserting into an existing index.
+without the HNSW index and searched exactly; once a load has drained with `ann_min_rows` chunks in
+the table, the index is built (building HNSW after a bulk load is ~10x faster than inserting into an
+existing one), by `CREATE INDEX CONCURRENTLY` in a side thread of the writer: writes go on meanwhile,
+and PostgreSQL keeps the index current after. Lookups by chunk_id and doc_id use btree indexes (the primary keys and
+`<table>_doc_id`); the readers of whole tables stream through server-side cursors.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,11 +24,16 @@ import numpy as np
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
-from shared.metrics import STORE_WRITES
+from shared.metrics import MAINTENANCE, STORE_WRITES
+from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
 
-HNSW_EF_SEARCH = 100  # candidates per search: recall over speed, like a brute-force scan
+log = logging.getLogger(__name__)
+
+ANN_RETRY_S = 60.0  # wait after a failed index build
+BUILD_MEMORY = "512MB"  # maintenance_work_mem of the build: HNSW builds far faster while the graph fits
+STREAM_ROWS = 1000  # rows per fetch of the streaming readers
 REGISTRY = "embedpipe_registry"
 SCHEMA_LOCK = 0x656D6270  # an advisory lock key ("embp"): one process at a time changes the schema
 
@@ -36,10 +46,19 @@ def _lock_schema(conn: Any) -> None:
 
 
 class PgStore:
-    def __init__(self, url: str, spec: EmbeddingSpec | None = None, collection: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        spec: EmbeddingSpec | None = None,
+        collection: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
         from pgvector.psycopg import register_vector
         from psycopg_pool import ConnectionPool
 
+        self.settings = settings or Settings()
+        self._ann: threading.Thread | None = None  # the running HNSW build
+        self._ann_next_check = 0.0  # after a failed build: monotonic time of the next try
         self._pool = ConnectionPool(
             url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=register_vector, open=False
         )
@@ -193,19 +212,22 @@ class PgStore:
         STORE_WRITES.labels("delete").inc()
         return held
 
-    def doc_ids(self) -> set[str]:
-        if self._dim is None:
-            return set()
-        with self._pool.connection() as conn:
-            return {r[0] for r in conn.execute(f"SELECT doc_id FROM {self.docs}")}
+    def doc_ids(self) -> Iterator[str]:
+        for r in self._stream(f"SELECT doc_id FROM {self.docs}"):
+            yield r[0]
 
     def documents(self) -> Iterator[DocRecord]:
+        for r in self._stream(f"SELECT doc_id, content_hash, chunks, text, metadata FROM {self.docs} ORDER BY doc_id"):
+            yield DocRecord(r[0], r[1], r[2], r[3], r[4])
+
+    def _stream(self, sql: str) -> Iterator[Any]:
+        """The query's rows through a server-side cursor, STREAM_ROWS per fetch."""
         if self._dim is None:
             return
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor(name="embedpipe_documents") as cur:
-            cur.execute(f"SELECT doc_id, content_hash, chunks, text, metadata FROM {self.docs} ORDER BY doc_id")
-            for r in cur:
-                yield DocRecord(r[0], r[1], r[2], r[3], r[4])
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(name="embedpipe_stream") as cur:
+            cur.itersize = STREAM_ROWS
+            cur.execute(sql)
+            yield from cur
 
     # --- collections ---------------------------------------------------------------------------
     def collections(self) -> list[dict[str, Any]]:
@@ -239,18 +261,25 @@ class PgStore:
 
     # --- reading -------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int, where: Mapping[str, Any] | None = None) -> list[Hit]:
+        rows = self._search(vector, k, "", where)
+        return [Hit(doc_id=r[0], chunk_id=r[1], index=r[2], score=float(r[3]), text=r[4], metadata=r[5]) for r in rows]
+
+    def search_plan(self, vector: np.ndarray, k: int) -> str:
+        """PostgreSQL's plan of search(): an index scan of the HNSW index once it is there."""
+        return "\n".join(r[0] for r in self._search(vector, k, "EXPLAIN "))
+
+    def _search(self, vector: np.ndarray, k: int, explain: str, where: Mapping[str, Any] | None = None) -> list[Any]:
         if self._dim is None:
             return []
         query = np.asarray(vector, dtype=np.float32)
         filtered = " WHERE metadata @> %s::jsonb" if where else ""  # containment: every field, that value
         with self._pool.connection() as conn, conn.transaction():
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, k)}")
-            rows = conn.execute(
-                f"SELECT doc_id, chunk_id, idx, 1 - (embedding <=> %s) AS score, text, metadata FROM {self.table}"
-                f"{filtered} ORDER BY embedding <=> %s LIMIT %s",
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.settings.ef_search), k)}")
+            return conn.execute(
+                f"{explain}SELECT doc_id, chunk_id, idx, 1 - (embedding <=> %s) AS score, text, metadata"
+                f" FROM {self.table}{filtered} ORDER BY embedding <=> %s LIMIT %s",
                 (query, *([json.dumps(dict(where))] if where else []), query, k),
             ).fetchall()
-        return [Hit(doc_id=r[0], chunk_id=r[1], index=r[2], score=float(r[3]), text=r[4], metadata=r[5]) for r in rows]
 
     def count(self) -> int:
         if self._dim is None:
@@ -258,32 +287,63 @@ class PgStore:
         with self._pool.connection() as conn:
             return int(conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
 
-    def vectors(self) -> dict[str, np.ndarray]:
-        if self._dim is None:
-            return {}
-        with self._pool.connection() as conn:
-            return {
-                c: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, dtype=np.float32)
-                for c, v in conn.execute(f"SELECT chunk_id, embedding FROM {self.table}")
-            }
+    def vectors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for c, v in self._stream(f"SELECT chunk_id, embedding FROM {self.table}"):
+            yield c, np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, dtype=np.float32)
 
     def optimize(self, min_writes: int = 0) -> None:
-        """Build the HNSW index if the table has none yet: writers call this when a load has drained
-        (at once, whatever `min_writes`: the index is built once, and search needs it)."""
+        """Start the HNSW index's build in a side thread if the table holds `ann_min_rows` chunks and has
+        none yet. Writers call this when a load has drained (at once, whatever `min_writes`: the index is
+        built once), not while writing: every row written after the build pays its insertion into the
+        graph, 78x the cost of a part without it (bench/README.md), so a bulk load is indexed after."""
+        min_rows = self.settings.ann_min_rows
+        if self._dim is None or not min_rows or (self._ann is not None and self._ann.is_alive()) or self.has_index():
+            return
+        if time.monotonic() < self._ann_next_check:
+            return  # a build failed a moment ago
+        with self._pool.connection() as conn:
+            rows = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
+        if rows >= min_rows:
+            self._ann = threading.Thread(target=self._build_ann, name=f"hnsw-{self.collection}", daemon=True)
+            self._ann.start()
+
+    def _build_ann(self) -> None:
+        """CREATE INDEX CONCURRENTLY (writes go on), under an advisory lock: one build per table. An
+        interrupted concurrent build leaves an invalid index: dropped first. A failure is logged,
+        counted and retried after ANN_RETRY_S, at the next drain."""
         import psycopg
 
-        if self._dim is None or self.has_index():
-            return
-        t = self.table
+        t, index = self.table, f"{self.table}_hnsw"
         try:
-            with self._pool.connection() as conn:
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops)")
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            pass  # another writer built it at the same moment
+            with psycopg.connect(self._pool.conninfo, autocommit=True) as conn:
+                if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (index,)).fetchone()[0]:
+                    return  # another process builds it
+                if self.has_index():
+                    return
+                started = time.monotonic()
+                conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+                conn.execute(f"SET maintenance_work_mem = '{BUILD_MEMORY}'")
+                conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {t} USING hnsw (embedding vector_cosine_ops)")
+            MAINTENANCE.labels("ok").inc()
+            log.info("HNSW index of %s built in %.1f s", t, time.monotonic() - started)
+        except Exception as e:  # never the writer's failure: counted, logged, tried again later
+            MAINTENANCE.labels("failed").inc()
+            self._ann_next_check = time.monotonic() + ANN_RETRY_S
+            log.warning("HNSW index build of %s failed (retried in %.0f s): %s", t, ANN_RETRY_S, e)
 
     def has_index(self) -> bool:
+        """The HNSW index exists and is valid (a concurrent build in progress, or one that failed, is not)."""
         with self._pool.connection() as conn:
-            return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_hnsw",)).fetchone()[0]
+            row = conn.execute(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (f"{self.table}_hnsw",)
+            ).fetchone()
+        return bool(row and row[0])
+
+    def wait_for_index(self, timeout_s: float | None = None) -> None:
+        """Wait for this handle's running index build, if any (close() does)."""
+        if self._ann is not None:
+            self._ann.join(timeout_s)
 
     def close(self) -> None:
+        self.wait_for_index()
         self._pool.close()

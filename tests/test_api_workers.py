@@ -154,7 +154,7 @@ def test_two_embedder_processes_share_one_rate_budget(redis_url, tmp_path, fake_
     chunks = chunk_batch(docs, tok, chunk_policy(Settings(), tok))
     store = open_store(str(tmp_path / "store"))
     try:
-        stored = store.vectors()
+        stored = dict(store.vectors())
     finally:
         store.close()
     assert set(stored) == {c.chunk_id for c in chunks}
@@ -252,7 +252,7 @@ def _assert_refused_documents_are_dead_letters(
         message = d["message"] if isinstance(d, dict) else d.message
         assert reason == "model_error" and "maximum context length is 40 tokens" in message
     handle = open_store(store)
-    assert handle.doc_ids() == set(docs) - refused
+    assert set(handle.doc_ids()) == set(docs) - refused
     assert handle.chunk_ids(sorted(refused)) == {d: set() for d in refused}
     assert len(handle.chunk_ids(sorted(set(docs) - refused))) == 4
     assert counters == {"documents_done": 4, "chunks_written": handle.count(), "documents_skipped": 0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import msgpack
 import numpy as np
@@ -69,6 +70,7 @@ def pool(redis_url, tmp_path, store_location):
         EMBEDPIPE_STORE=store_location,
         EMBEDPIPE_INBOX_WAIT_S="0.2",
         EMBEDPIPE_LOG_LEVEL="INFO",
+        EMBEDPIPE_ANN_MIN_ROWS="1",  # the ANN index past a tiny threshold: built once the load drained
     )
     redis = Redis.from_url(redis_url)
     with worker_pool(env, tmp_path / "logs", redis) as workers:
@@ -118,7 +120,12 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
     try:
         assert store.chunk_ids(list(expected)) == expected
         assert store.count() == sum(map(len, expected.values()))  # no duplicates, nothing else
-        if hasattr(store, "has_index"):  # pgvector: the index was built once the load drained
+        if hasattr(
+            store, "has_index"
+        ):  # pgvector: the index is built (in the writer's side thread) once the load drained
+            deadline = time.monotonic() + 120
+            while not store.has_index() and time.monotonic() < deadline:
+                time.sleep(0.5)
             assert store.has_index()
         hits = store.search(embedder.embed(["how do I repair a punctured inner tube"])[0], 3)
         assert hits[0].doc_id == "docs/bicycle-flat-tyre.md"
@@ -145,8 +152,8 @@ def test_distributed_pipeline_stores_every_chunk_once_and_reports_bad_documents(
             iter_sources(resolve([str(corpus)]), settings.max_doc_bytes),
             embedder=embedder,
         )
-        local = open_store(str(embedded_store)).vectors()
-        distributed = store.vectors()
+        local = dict(open_store(str(embedded_store)).vectors())
+        distributed = dict(store.vectors())
         assert set(local) == set(distributed) - expected["inbox-json"] - expected["inbox-msgpack"]
         for chunk, vector in local.items():
             np.testing.assert_allclose(vector, distributed[chunk], atol=1e-5)

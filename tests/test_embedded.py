@@ -32,7 +32,7 @@ def test_sample_corpus_is_stored_completely_once_and_searchable(tmp_path, embedd
     # every document is there, none twice, and no chunk over the model's limit
     ids = store.chunk_ids([f"docs/{n}" for n in ("redis-basics.md", "vector-search.md")])
     assert all(len(v) >= 2 for v in ids.values())
-    vectors = store.vectors()
+    vectors = dict(store.vectors())
     assert len(vectors) == store.count()
 
     again = run_examples(tmp_path / "store", embedder)  # unchanged: skipped, nothing duplicated

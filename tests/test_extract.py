@@ -289,7 +289,7 @@ def test_stored_chunks_hold_the_faithful_text(tmp_path):
     assert summary["failed"] == 0 and summary["documents_stored"] == len(expected)
 
     store = open_store(str(tmp_path / "store"))
-    any_vector = np.asarray(next(iter(store.vectors().values())))
+    any_vector = np.asarray(next(store.vectors())[1])
     chunks = {(h.doc_id, h.index): h.text for h in store.search(any_vector, store.count())}
     assert {doc_id for doc_id, _ in chunks} == expected
     tls = [text for (doc_id, _), text in sorted(chunks.items()) if doc_id == "tls-certificates.html"]

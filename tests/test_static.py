@@ -129,8 +129,8 @@ def test_both_runtimes_embed_with_the_static_model_into_its_own_collection(dtype
     with worker_pool(denv, tmp_path / "logs", redis):
         embedpipe("enqueue", str(EXAMPLES), "--no-progress", env=denv)
         embedpipe("wait", "--timeout", "300", env=denv, timeout=330)
-    embedded = open_store(str(tmp_path / "embedded"), spec).vectors()
-    distributed = open_store(str(tmp_path / "distributed"), spec).vectors()
+    embedded = dict(open_store(str(tmp_path / "embedded"), spec).vectors())
+    distributed = dict(open_store(str(tmp_path / "distributed"), spec).vectors())
     assert embedded.keys() == distributed.keys() and len(embedded) == summary["chunks"]
     cosine = np.array([cos(embedded[k], distributed[k]) for k in embedded])
     assert cosine.min() >= (0.9999 if dtype == "float32" else 0.999)  # the same chunks, the same vectors

@@ -10,6 +10,7 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.messages import Chunk
+from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store import DocRecord, open_store
 
@@ -29,7 +30,7 @@ def chunks(doc: str, n: int, dim: int = 8, seed: int = 0) -> tuple[list[Chunk], 
 
 
 def test_upserts_are_idempotent_and_search_ranks_by_cosine(pg_url):
-    store = open_store(pg_url, spec())
+    store = open_store(pg_url, spec(), settings=Settings(ann_min_rows=10))
     a, va = chunks("a", 20)
     store.upsert(a, va)
     store.upsert(a, va)  # a redelivered part
@@ -41,12 +42,13 @@ def test_upserts_are_idempotent_and_search_ranks_by_cosine(pg_url):
 
     assert not store.has_index()
     store.optimize()  # builds the HNSW index after the load
+    store.wait_for_index()
     assert store.has_index()
     assert store.search(va[3], 1)[0].chunk_id == "a-3"
     assert store.chunk_ids(["a", "missing"]) == {"a": {f"a-{i}" for i in range(20)}, "missing": set()}
     store.delete_chunks(["a-0", "a-1"])
     assert store.count() == 18
-    np.testing.assert_allclose(store.vectors()["a-5"], va[5], atol=1e-6)
+    np.testing.assert_allclose(dict(store.vectors())["a-5"], va[5], atol=1e-6)
     store.close()
 
 
@@ -79,7 +81,7 @@ def test_each_spec_writes_its_own_collection_and_search_reads_the_active_one(pg_
     first.upsert(renamed, vectors, complete=[DocRecord("a", "h3", 2, "newer", {})])
     assert first.chunk_ids(["a"]) == {"a": {"a-new-0", "a-new-1"}} and first.doc_hashes(["a"]) == {"a": "h3"}
     assert first.forget_documents(["a"]) == 1
-    assert first.count() == 0 and first.doc_ids() == set()
+    assert first.count() == 0 and set(first.doc_ids()) == set()
     for s in (first, second, reader):
         s.close()
 
@@ -147,3 +149,75 @@ def test_processes_opening_new_databases_at_once_all_start(pg_server):
         store = open_store(url)
         assert store.count() > 0
         store.close()
+
+
+def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url):
+    store = open_store(pg_url, spec(), settings=Settings(ann_min_rows=2000, ef_search=40))
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 8))
+
+    def clustered(name: str, n: int) -> tuple[list[Chunk], np.ndarray]:
+        v = centres[rng.integers(0, 20, n)] + rng.normal(scale=0.3, size=(n, 8))
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        return [Chunk(f"{name}-{i}", f"{name}-d{i // 8}", i % 8, "t", 1, 0, 1, {}) for i in range(n)], v
+
+    store.upsert(*clustered("a", 1500))
+    store.optimize()  # a drained load under the threshold: searched exactly, no index
+    store.wait_for_index()
+    assert not store.has_index() and "hnsw" not in store.search_plan(np.ones(8), 10)
+    store.upsert(*clustered("b", 1500))
+    store.optimize()
+    store.wait_for_index()
+    assert store.has_index()
+    assert f"Index Scan using {store.table}_hnsw" in store.search_plan(np.ones(8), 10)
+    # rows written after the build are in the index (PostgreSQL keeps it current): a planted near-duplicate
+    query = np.asarray(centres[4] / np.linalg.norm(centres[4]), dtype=np.float32)
+    chunks, vectors = clustered("c", 200)
+    vectors[17] = query + 0.001
+    store.upsert(chunks, vectors)
+    exact = sorted(dict(store.vectors()).items(), key=lambda kv: -float(kv[1] @ query))
+    hits = [h.chunk_id for h in store.search(query, 10)]
+    assert exact[0][0] == "c-17" and hits[0] == "c-17"
+    assert len(set(hits) & {cid for cid, _ in exact[:10]}) >= 9
+    store.close()
+
+
+DRAIN = """
+import sys
+from shared.store import open_store
+def status_mb(field):
+    return int(next(x for x in open("/proc/self/status") if x.startswith(field + ":")).split()[1]) / 1024
+store = open_store(sys.argv[1])
+store.count(), store.doc_hashes(["x"])
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status_mb("VmRSS")
+n = sum(1 for _ in getattr(store, sys.argv[2])())
+print(n, before, status_mb("VmHWM"))
+"""
+
+
+def test_the_readers_of_whole_tables_stream_through_server_side_cursors(pg_url):
+    """200,000 documents and chunks with long IDs (put in by SQL: the store's own writes would take
+    minutes): draining doc_ids(), documents() or vectors() holds a fetch, not the table."""
+    import psycopg
+
+    store = open_store(pg_url, spec())
+    store.upsert(*chunks("seed", 1, dim=64))
+    store.close()
+    table, pad = store.table, "x" * 200
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {table}__docs SELECT '{pad}' || n, 'h', 1, repeat('document text ', 40), '{{}}', 0"
+            " FROM generate_series(1, 200000) n"
+        )
+        conn.execute(
+            f"INSERT INTO {table} SELECT '{pad}' || n || '#0', '{pad}' || n, 0, repeat('chunk ', 20), 1, 0, 1,"
+            " '{}', array_fill(0.5::real, ARRAY[64])::vector FROM generate_series(1, 200000) n"
+        )
+    for reader, rows in (("doc_ids", 200_000), ("documents", 200_000), ("vectors", 200_001)):
+        out = subprocess.run(
+            [sys.executable, "-c", DRAIN, pg_url, reader], check=True, timeout=600, capture_output=True, text=True
+        )
+        n, before, peak = out.stdout.split()
+        assert int(n) == rows
+        assert float(peak) - float(before) < 80, (reader, before, peak)

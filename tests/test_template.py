@@ -124,7 +124,7 @@ def test_the_model_reads_the_header_and_search_shows_the_chunk(tmp_path, embedde
     [loaded], _ = load_batch([source.to_dict()], settings.max_doc_bytes)  # cleaned as the run cleaned it
     expected = {c.chunk_id: c for c in chunk_batch([loaded], tokenizer, chunk_policy(settings, tokenizer))}
     store = open_store(settings.store)
-    vectors = store.vectors()
+    vectors = dict(store.vectors())
     assert set(vectors) == set(expected)
     ids = sorted(expected)
     stored = np.stack([vectors[i] for i in ids])

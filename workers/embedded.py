@@ -89,7 +89,7 @@ def run_embedded(
     if "://" in settings.store:
         raise ConfigError("the embedded mode writes a directory store; use the distributed mode for a server store")
     spec = spec_for(settings)
-    store = open_store(settings.store, spec)
+    store = open_store(settings.store, spec, settings=settings)
     cache = LocalVectorCache(
         settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
     )

@@ -50,7 +50,7 @@ def run_probe(store: Store, embedder: Embedder, eval_dir: str) -> dict[str, Any]
 def probe_job(ctx: WorkerContext, eval_dir: str, chunks_written: int) -> dict[str, Any]:
     """rq job (embed queue): probe the store and record the result for the janitor to export."""
     if ctx.resources.store is None:  # the embed pool opens the store for its first probe only
-        ctx.resources.store = open_store(ctx.settings.store, ctx.spec)
+        ctx.resources.store = open_store(ctx.settings.store, ctx.spec, settings=ctx.settings)
     result = run_probe(ctx.store, ctx.embedder, eval_dir) | {"chunks_written": chunks_written}
     ctx.ledger.record_probe(result)
     ctx.store.record_probe(result)

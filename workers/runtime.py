@@ -60,7 +60,7 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
     else:
         loaded.spec = spec_for(settings)
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
-        loaded.store = open_store(settings.store, loaded.spec)
+        loaded.store = open_store(settings.store, loaded.spec, settings=settings)
     if stage == "chunk":
         loaded.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
         loaded.chunk_policy = chunk_policy(settings, loaded.tokenizer)
