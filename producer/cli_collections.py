@@ -112,7 +112,8 @@ def reembed(
         return
     from workers.embedded import run_embedded
 
-    with document_bar(len(store.doc_ids()), show, "reading") as bar:
+    held = next((c["documents"] for c in store.collections() if c["name"] == store.collection), None)
+    with document_bar(held, show, "reading") as bar:
         summary = run_embedded(settings, stored_sources(store), progress=bar)
     if as_json:
         return echo_json(
