@@ -21,12 +21,13 @@ from producer.cli_options import (
     JOBS,
     MODEL,
     REDIS,
+    check_prune_flags,
     exclude_option,
     fail_clearly,
     local_option,
     open_ledger,
     progress_option,
-    prune_option,
+    prune_options,
     settings_options,
     use_local,
 )
@@ -40,7 +41,7 @@ from shared.text import printable
 @click.argument("paths", nargs=-1, required=True)
 @exclude_option
 @progress_option
-@prune_option
+@prune_options
 @click.option(
     "--inbox",
     "via_inbox",
@@ -48,13 +49,17 @@ from shared.text import printable
     help="Push the documents onto the inbox list for the janitor to batch, as any client may: all the "
     "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
 )
-@settings_options(*REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
+@settings_options(
+    *REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS, "prune_max_fraction"
+)
 @fail_clearly
 def enqueue(
     paths: tuple[str, ...],
     exclude: tuple[str, ...],
     progress: bool | None,
     prune: bool,
+    force_prune: bool,
+    prune_scope: str,
     via_inbox: bool,
     settings: Settings,
 ) -> None:
@@ -62,6 +67,7 @@ def enqueue(
     distributed pipeline. Local files are sent by content; URLs are fetched by the loaders.
     Unchanged documents are skipped by the chunkers. By default batches and load jobs are written
     directly (the `worker` or `admin` Redis user); --inbox goes through the inbox (`producer`)."""
+    check_prune_flags(prune, force_prune, prune_scope)
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
     inputs = resolve(list(paths), exclude, settings.id_prefix)
@@ -86,8 +92,9 @@ def enqueue(
         for letter in result.rejected_letters[:20]:
             click.echo(f"  {printable(letter.doc_id)}: {letter.reason}: {printable(letter.message)}", err=True)
     if prune:
-        client.submit_prune(redis, settings, items.ids)
-        click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
+        client.submit_prune(redis, settings, items.ids, prune_scope, force_prune)
+        under = f" under {prune_scope!r}" if prune_scope else ""
+        click.echo(f"prune enqueued: the writers delete every stored document{under} but these {len(items.ids)}")
 
 
 @click.command()
@@ -164,7 +171,7 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
             row = [stage, s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
             click.echo("  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
     else:
-        click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
+        click.echo(f"store: {settings.store_redacted} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
     if probe := data.get("probe"):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))

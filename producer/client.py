@@ -63,8 +63,8 @@ def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:
 
 
 def local_ledger(settings: Settings) -> LocalLedger | None:
-    """The embedded mode's dead letters and counters beside the store; None where no run wrote any."""
-    path = local_ledger_path(settings.store_path)
+    """The embedded mode's dead letters and counters (beside a directory store); None where no run wrote any."""
+    path = local_ledger_path(settings.local_state_dir)
     return LocalLedger(path) if path.is_file() else None
 
 

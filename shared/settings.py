@@ -8,6 +8,7 @@ named by `<NAME>_FILE`, so they never show in `ps`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class Settings:
     cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
+    prune_max_fraction: float = setting(
+        0.1, "--prune refuses to delete more than this share of a collection's documents (and over 10) unless forced."
+    )
     # --- throughput -----------------------------------------------------------------------------
     backend: str = setting(
         "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."
@@ -149,6 +153,8 @@ class Settings:
             raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
+        if not 0 <= self.prune_max_fraction <= 1:
+            raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -158,6 +164,21 @@ class Settings:
     @property
     def store_path(self) -> Path:
         return Path(self.store).expanduser()
+
+    @property
+    def local_state_dir(self) -> Path:
+        """Where the embedded runtime keeps its dead letters, counters and embedding cache: inside a
+        directory store; for a server store (postgresql://), a directory of this user's named after the
+        store's URL without its password: ~/.local/state/embedpipe/store-<hash>."""
+        if "://" not in self.store:
+            return self.store_path
+        digest = hashlib.blake2b(redact_url(self.store).encode(), digest_size=8).hexdigest()
+        return Path.home() / ".local" / "state" / "embedpipe" / f"store-{digest}"
+
+    @property
+    def store_redacted(self) -> str:
+        """The store as logs and summaries show it: a directory's absolute path, a URL without its password."""
+        return redact_url(self.store) if "://" in self.store else str(self.store_path.resolve())
 
     @property
     def redis_url_redacted(self) -> str:

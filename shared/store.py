@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PruneRefused
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, Store, choose_collection, stale_chunks
 
@@ -34,6 +34,8 @@ __all__ = [
 # every batch) it is worth it only once a few commits went in. At 10,000 SciFact abstracts, compacting at
 # every drain made the writer spend 0.21 CPU ms per chunk against 0.10 without (bench/fast.py).
 OPTIMIZE_AFTER_DRAIN_WRITES = 10
+# A prune of at most this many documents of a collection is never refused, whatever share they are.
+PRUNE_ALWAYS_ALLOWED = 10
 
 
 def open_store(location: str, spec: EmbeddingSpec | None = None, collection: str | None = None) -> Store:
@@ -73,12 +75,28 @@ def delete_documents(location: str, doc_ids: list[str]) -> dict[str, int]:
     return {store.collection or "": store.forget_documents(doc_ids) for store in each_collection(location)}
 
 
-def prune(location: str, kept: set[str]) -> dict[str, int]:
-    """Sync: remove from every collection the documents not in `kept` (what the sources list now)."""
-    if not kept:
-        raise ConfigError("--prune with no documents listed would empty the store: refused")
-    removed = {}
+def prune(
+    location: str, kept: set[str], *, scope: str = "", max_fraction: float = 0.1, force: bool = False
+) -> dict[str, int]:
+    """Sync: remove from every collection the documents under `scope` (an ID prefix; '' = all) that
+    are not in `kept` (what the sources list now): {collection: documents removed}. Guarded, because a
+    listing of an unmounted or half-copied directory looks like a mass deletion: unless `force`,
+    nothing is deleted if in any collection it would be more than `max_fraction` of its documents and
+    more than PRUNE_ALWAYS_ALLOWED (PruneRefused, with the numbers)."""
+    if not kept and not force:
+        raise PruneRefused("--prune with no documents listed would empty the store: refused")
+    doomed = {}
     for store in each_collection(location):
-        gone = sorted(store.doc_ids() - kept)
+        stored = store.doc_ids()
+        gone = doomed[store.collection or ""] = sorted(i for i in stored - kept if i.startswith(scope))
+        if not force and len(gone) > PRUNE_ALWAYS_ALLOWED and len(gone) > max_fraction * len(stored):
+            raise PruneRefused(
+                f"prune refused: it would delete {len(gone)} of the {len(stored)} documents of collection "
+                f"{store.collection} ({len(gone) / len(stored):.0%}), over EMBEDPIPE_PRUNE_MAX_FRACTION="
+                f"{max_fraction:g}; check what was listed, narrow it with --prune-scope, or pass --force-prune"
+            )
+    removed = {}
+    for store in each_collection(location):  # nothing deleted until every collection passed the guard
+        gone = doomed.get(store.collection or "", [])
         removed[store.collection or ""] = store.forget_documents(gone) if gone else 0
     return removed

@@ -251,7 +251,7 @@ def failed_job_letters(
 ) -> tuple[list[DeadLetter], int | None]:
     """The documents a failed job carried, as dead letters with their sources (for redrive), and the
     part that failed with it (embed and write jobs), whose documents the batch's finalisation removes."""
-    if batch is None or func not in JOB_FUNCTIONS.values():
+    if batch is None or func not in JOB_FUNCTIONS.values() or func == JOB_FUNCTIONS["prune"]:  # prune: no batch
         return [DeadLetter(f"job:{job_id}", stage, "job_failed", f"{func or 'unknown function'}: {message}")], None
     try:
         sources = {s.get("id"): s for s in batch.sources() if isinstance(s, dict)}
