@@ -111,7 +111,7 @@ def enqueue(
 def wait(timeout_s: float, settings: Settings) -> None:
     """Block until the distributed pipeline is idle: inbox and queues empty, nothing running or
     scheduled for retry."""
-    if not client.wait(client.connect(settings), timeout_s):
+    if not client.wait(client.connect(settings), settings, timeout_s):
         raise click.ClickException(f"still busy after {timeout_s:g} s")
 
 
@@ -147,7 +147,7 @@ def status(as_json: bool, watch_s: float | None, local: bool | None, settings: S
 
 def _status(local: bool, settings: Settings) -> dict[str, Any]:
     if not local:
-        return client.status(client.connect(settings))
+        return client.status(client.connect(settings), settings)
     ledger = open_ledger(True, settings)
     from shared.store import open_store  # the store's backend (numpy, lancedb): only the local status counts it
 

@@ -19,7 +19,7 @@ from shared.ledger import Ledger
 from shared.settings import Settings, env_name, setting_fields
 
 FIELDS = {f.name: f for f in setting_fields()}
-REDIS = ["redis_url"]
+REDIS = ["redis_url", "namespace"]
 API = [
     "openai_base_url",
     "api_concurrency",

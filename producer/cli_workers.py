@@ -10,7 +10,6 @@ import time
 import click
 
 from producer.cli_options import CACHE, CHUNKING, JOBS, MODEL, REDIS, RUNTIME, fail_clearly, settings_options
-from shared import keys
 from shared.queues import connect
 from shared.settings import STAGES, Settings
 
@@ -63,7 +62,7 @@ def health(stage: str, settings: Settings) -> None:
         if stage == "janitor":
             from workers.janitor import STALE_TICK_S
 
-            last = redis.get(keys.JANITOR_TICK)
+            last = redis.get(settings.keys.JANITOR_TICK)
             age = time.time() - float(last) if last is not None else None
             if age is None or age > STALE_TICK_S:
                 when = "never" if age is None else f"{age:.0f} s ago"

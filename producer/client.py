@@ -46,20 +46,21 @@ __all__ = [
 ]
 
 
-def status(redis: Redis) -> dict[str, Any]:
-    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed."""
-    return distributed_status(redis)
+def status(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed
+    (of the pipeline of settings.namespace)."""
+    return distributed_status(redis, settings.keys)
 
 
-def wait(redis: Redis, timeout_s: float = 0) -> bool:
-    """Block until the pipeline is idle (inbox and queues empty, nothing running or scheduled for retry);
-    False if `timeout_s` (0: never) passed first."""
-    return wait_until_idle(redis, timeout_s)
+def wait(redis: Redis, settings: Settings, timeout_s: float = 0) -> bool:
+    """Block until the pipeline (of settings.namespace) is idle (inbox and queues empty, nothing running
+    or scheduled for retry); False if `timeout_s` (0: never) passed first."""
+    return wait_until_idle(redis, settings.keys, timeout_s)
 
 
 def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:
     """The distributed mode's dead letters and counters."""
-    return RedisLedger(redis, settings.dead_source_ttl_s)
+    return RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
 
 
 def local_ledger(settings: Settings) -> LocalLedger | None:

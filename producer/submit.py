@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import msgpack
 from redis import Redis
 
-from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, PruneRequest, SourceDoc, batched, batched_by_size
@@ -63,7 +62,7 @@ def submit(
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
-    ledger = RedisLedger(redis, settings.dead_source_ttl_s)
+    ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         with redis.pipeline() as pipe:
@@ -88,7 +87,7 @@ def push_to_inbox(
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         if sources:
-            redis.rpush(keys.INBOX, *[msgpack.packb(s.to_dict(), use_bin_type=True) for s in sources])
+            redis.rpush(settings.keys.INBOX, *[msgpack.packb(s.to_dict(), use_bin_type=True) for s in sources])
 
     return _in_groups(redis, settings, items, send, on_progress, on_wait)
 
@@ -126,7 +125,7 @@ def submit_prune(redis: Redis, settings: Settings, kept: set[str], scope: str = 
     token = uuid.uuid4().hex
     request = PruneRequest(sorted(kept), scope, settings.prune_max_fraction, force)
     with redis.pipeline() as pipe:
-        pipe.set(keys.kept_ids(token), request.encode(), ex=settings.payload_ttl_s)
-        enqueue_jobs(queue(redis, "write"), settings, "prune", [(token,)], pipe)
+        pipe.set(settings.keys.kept_ids(token), request.encode(), ex=settings.payload_ttl_s)
+        enqueue_jobs(queue(redis, "write", settings.namespace), settings, "prune", [(token,)], pipe)
         pipe.execute()
     return token

@@ -286,7 +286,7 @@ class PruneRequest:
         return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
 
     @classmethod
-    def decode(cls, raw: bytes | None) -> PruneRequest:
+    def decode(cls, raw: bytes | str | None) -> PruneRequest:
         try:
             d = msgpack.unpackb(raw, raw=False) if raw is not None else None
         except Exception as e:  # msgpack raises several types on garbage

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import ConfigError
+from shared.keys import Keyspace, check_namespace
 
 ENV_PREFIX = "EMBEDPIPE_"
 STAGES = ("load", "chunk", "embed", "write")
@@ -31,6 +32,9 @@ def setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the queues (passwords only via the environment).")
+    namespace: str = setting(
+        "", "Key and queue prefix: pipelines with different namespaces share one Redis unseen by each other."
+    )
     model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
     store: str = setting("./embedpipe-store", "Vector store: a directory (LanceDB) or a postgresql:// URL (pgvector).")
     device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
@@ -155,6 +159,7 @@ class Settings:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if not 0 <= self.prune_max_fraction <= 1:
             raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
+        check_namespace(self.namespace)
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -164,6 +169,11 @@ class Settings:
     @property
     def store_path(self) -> Path:
         return Path(self.store).expanduser()
+
+    @property
+    def keys(self) -> Keyspace:
+        """This pipeline's Redis keys (its namespace's)."""
+        return Keyspace(self.namespace)
 
     @property
     def local_state_dir(self) -> Path:

@@ -74,7 +74,8 @@ def test_a_scoped_prune_deletes_only_under_its_prefix(tmp_path):
 def write_context(redis_url: str, location: str) -> WorkerContext:
     settings = Settings.from_env({}, store=location, redis_url=redis_url)
     redis = Redis.from_url(redis_url)
-    return WorkerContext(settings, redis, RedisLedger(redis), {s: queue(redis, s) for s in STAGES})
+    queues = {s: queue(redis, s, settings.namespace) for s in STAGES}
+    return WorkerContext(settings, redis, RedisLedger(redis, settings.keys), queues)
 
 
 def test_the_prune_job_records_a_refusal_as_a_dead_letter_and_obeys_a_forced_request(tmp_path, redis_url):
@@ -83,16 +84,16 @@ def test_the_prune_job_records_a_refusal_as_a_dead_letter_and_obeys_a_forced_req
     fill(location, ids)
     ctx = write_context(redis_url, location)
 
-    ctx.redis.set(keys.kept_ids("t1"), PruneRequest(ids[:20]).encode())
+    ctx.redis.set(keys.DEFAULT.kept_ids("t1"), PruneRequest(ids[:20]).encode())
     assert prune_job(ctx, "t1") == {"refused": 1}
     assert set(*stored(location).values()) == set(ids), "a refused prune job deleted something"
     (letter,) = ctx.ledger.dead()
     assert letter.doc_id == "prune:t1" and letter.stage == "write" and "delete 20 of the 40" in letter.message
-    assert ctx.redis.get(keys.kept_ids("t1")) is None
+    assert ctx.redis.get(keys.DEFAULT.kept_ids("t1")) is None
 
-    ctx.redis.set(keys.kept_ids("t2"), PruneRequest(ids[:15], scope="doc-01").encode())
+    ctx.redis.set(keys.DEFAULT.kept_ids("t2"), PruneRequest(ids[:15], scope="doc-01").encode())
     assert list(prune_job(ctx, "t2").values()) == [5]  # doc-015 .. doc-019: the scope's, few enough
-    ctx.redis.set(keys.kept_ids("t3"), PruneRequest(ids[:5], force=True).encode())
+    ctx.redis.set(keys.DEFAULT.kept_ids("t3"), PruneRequest(ids[:5], force=True).encode())
     assert list(prune_job(ctx, "t3").values()) == [30]
     assert set(*stored(location).values()) == set(ids[:5])
     assert len(ctx.ledger.dead()) == 1

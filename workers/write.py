@@ -18,7 +18,6 @@ import numpy.typing as npt
 from rq import Queue
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from shared import keys
 from shared.errors import DecodeError, PruneRefused
 from shared.messages import Chunk, DeadLetter, Document, PruneRequest
 from shared.metrics import COLLECTION_CHUNKS, count_retry
@@ -129,7 +128,7 @@ def export_collection(store: Store) -> None:
 def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
     """rq job (write queue): a sync removes the documents its sources no longer list, everywhere (under
     its scope). A prune the guard refuses is a dead letter `prune:<token>` with the numbers, not retried."""
-    request = PruneRequest.decode(ctx.redis.get(keys.kept_ids(token)))
+    request = PruneRequest.decode(ctx.redis.get(ctx.settings.keys.kept_ids(token)))
     try:
         removed = prune(
             ctx.settings.store,
@@ -142,6 +141,6 @@ def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
         log.warning("prune %s: %s", token, e)
         ctx.ledger.add_dead([DeadLetter(f"prune:{token}", STAGE, "job_failed", str(e))])
         removed = {"refused": 1}
-    ctx.redis.delete(keys.kept_ids(token))
+    ctx.redis.delete(ctx.settings.keys.kept_ids(token))
     log.info("prune %s: removed %s", token, removed)
     return removed
