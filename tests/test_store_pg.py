@@ -147,3 +147,18 @@ def test_processes_opening_new_databases_at_once_all_start(pg_server):
         store = open_store(url)
         assert store.count() > 0
         store.close()
+
+
+def test_a_switch_keeps_the_previous_collection_for_a_rollback(pg_url):
+    first, second = open_store(pg_url, spec("model-a")), open_store(pg_url, spec("model-b", dimensions=4))
+    first.upsert(*chunks("a", 2))
+    second.upsert(*chunks("a", 2, dim=4))
+    assert (first.active(), first.previous()) == (first.collection, None)
+    first.activate(second.collection)
+    first.activate(second.collection)  # again: no change, the previous one stays
+    assert (first.active(), first.previous()) == (second.collection, first.collection)
+    first.activate(first.previous())  # the rollback
+    rows = {c["name"]: (c["active"], c["previous"]) for c in first.collections()}
+    assert rows == {first.collection: (True, False), second.collection: (False, True)}
+    first.close()
+    second.close()
