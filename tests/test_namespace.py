@@ -61,6 +61,11 @@ def test_two_namespaces_on_one_redis_do_not_cross(tmp_path, redis_url):
         for ns in envs:
             embedpipe("wait", "--timeout", "600", env=envs[ns], timeout=660)
         statuses = {ns: json.loads(embedpipe("status", "--json", env=envs[ns]).stdout) for ns in envs}
+        # a sync of beta that lists a quarter of it: its writer refuses the prune (a dead letter, in beta only)
+        (tmp_path / "beta-part.jsonl").write_text("".join(json.dumps(d) + "\n" for d in sent["beta"][:5]))
+        embedpipe("enqueue", str(tmp_path / "beta-part.jsonl"), "--prune", env=envs["beta"])
+        embedpipe("wait", "--timeout", "600", env=envs["beta"], timeout=660)
+        refused = {ns: json.loads(embedpipe("failed", "--json", env=envs[ns]).stdout) for ns in envs}
         no_ns = {k: v for k, v in envs["beta"].items() if k != "EMBEDPIPE_NAMESPACE"}
         by_flag = json.loads(embedpipe("status", "--json", "--namespace", "beta", env=no_ns).stdout)
         default = json.loads(embedpipe("status", "--json", env=no_ns).stdout)
@@ -68,6 +73,8 @@ def test_two_namespaces_on_one_redis_do_not_cross(tmp_path, redis_url):
     alpha.assert_clean_exit()
     beta.assert_clean_exit()
 
+    ((letter,), none) = refused["beta"], refused["alpha"]
+    assert not none and letter["doc_id"].startswith("prune:") and "delete 15 of the 20 documents" in letter["message"]
     for ns in envs:
         assert open_store(envs[ns]["EMBEDPIPE_STORE"]).doc_ids() == {d["id"] for d in sent[ns]}, ns
         status = statuses[ns]
