@@ -367,6 +367,59 @@ def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return done.stdout
 
 
+def start_pools(
+    workdir: Path,
+    env: dict[str, str],
+    embed_env: dict[str, str],
+    embedders: int,
+    pools: dict[str, int],
+    procs: dict[str, subprocess.Popen],
+) -> dict[str, PeakRss]:
+    """The janitor, `embedders` embed workers and one worker per other pool (`pools` adds more), each
+    logging to workdir/NAME.log, added to `procs` as they start (the caller stops them, see stop_pools);
+    returns once every worker has registered with rq, with a peak-RSS monitor per process."""
+    counts = {"load": pools.get("load", 1), "chunk": pools.get("chunk", 1), "write": pools.get("write", 1)}
+    commands = {"janitor": ["janitor"]}
+    for stage in ("load", "chunk", "embed", "write"):
+        n = embedders if stage == "embed" else counts[stage]
+        commands.update(
+            {f"{stage}{i + 1}" if n > 1 or stage == "embed" else stage: ["worker", stage] for i in range(n)}
+        )
+    for proc_name, args in commands.items():
+        with open(workdir / f"{proc_name}.log", "w") as log:  # the child keeps its own descriptor
+            procs[proc_name] = subprocess.Popen(
+                [EMBEDPIPE, *args],
+                env=embed_env if proc_name.startswith("embed") else env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+    monitors = {n: PeakRss(p.pid) for n, p in procs.items()}
+    deadline = time.monotonic() + 300
+    while True:  # a worker registers with rq only after it has loaded its model/tokenizer/store
+        dead = [n for n, p in procs.items() if p.poll() is not None]
+        if dead:
+            log_text = (workdir / f"{dead[0]}.log").read_text()[-4000:]
+            raise RuntimeError(f"{dead} exited while starting:\n{log_text}")
+        stages = json.loads(embedpipe(env, "status", "--json"))["stages"]
+        if all(stages[s]["workers"] >= n for s, n in {**counts, "embed": embedders}.items()):
+            return monitors
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not ready after 300 s: {stages}")
+        time.sleep(1)
+
+
+def stop_pools(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM to every process (each finishes its job), then wait; kill what does not end in 60 s."""
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, pools: dict[str, int]) -> dict:
     """One worker per pool (`embedders` embed workers), a private Redis; CPU seconds of every process
     over the timed span, so the pipeline's own cost (everything but the embedders) can be read."""
@@ -388,35 +441,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
         embed_env = env
     procs: dict[str, subprocess.Popen] = {}
     try:
-        counts = {"load": pools.get("load", 1), "chunk": pools.get("chunk", 1), "write": pools.get("write", 1)}
-        commands = {"janitor": ["janitor"]}
-        for stage in ("load", "chunk", "embed", "write"):
-            n = embedders if stage == "embed" else counts[stage]
-            commands.update(
-                {f"{stage}{i + 1}" if n > 1 or stage == "embed" else stage: ["worker", stage] for i in range(n)}
-            )
-        for proc_name, args in commands.items():
-            with open(tmp / name / f"{proc_name}.log", "w") as log:  # the child keeps its own descriptor
-                procs[proc_name] = subprocess.Popen(
-                    [EMBEDPIPE, *args],
-                    env=embed_env if proc_name.startswith("embed") else env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-        monitors = {n: PeakRss(p.pid) for n, p in procs.items()}
-        deadline = time.monotonic() + 300
-        while True:  # a worker registers with rq only after it has loaded its model/tokenizer/store
-            dead = [n for n, p in procs.items() if p.poll() is not None]
-            if dead:
-                log_text = (tmp / name / f"{dead[0]}.log").read_text()[-4000:]
-                raise RuntimeError(f"{dead} exited while starting:\n{log_text}")
-            stages = json.loads(embedpipe(env, "status", "--json"))["stages"]
-            if all(stages[s]["workers"] >= n for s, n in {**counts, "embed": embedders}.items()):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready after 300 s: {stages}")
-            time.sleep(1)
+        monitors = start_pools(tmp / name, env, embed_env, embedders, pools, procs)
         pids = {**{n: p.pid for n, p in procs.items()}, "redis": redis.pid}
         cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
         started, wall0 = time.perf_counter(), time.time()
@@ -426,13 +451,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
         cpu = {n: round(cpu_seconds(pid) - cpu0[n], 2) for n, pid in pids.items()}
         status = json.loads(embedpipe(env, "status", "--json"))
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_pools(procs)
         redis.terminate()
         redis.wait(timeout=30)
     rss = {n: m.stop() for n, m in monitors.items()}

@@ -20,6 +20,7 @@ from shared.settings import Settings
     "id_prefix",
     "chunk_tokens",
     "chunk_overlap",
+    "chunk_template",
     "batch_docs",
     "batch_bytes",
     "max_doc_bytes",

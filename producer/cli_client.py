@@ -184,27 +184,59 @@ stage_filter = click.option(
 reason_filter = click.option("--reason", type=click.Choice(REASONS), help="Only dead letters with this reason.")
 
 
+FAILED_LIMIT = 100  # dead letters `failed` lists unless told otherwise: the newest, enough to see what goes wrong
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @stage_filter
 @reason_filter
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=FAILED_LIMIT,
+    show_default=True,
+    help="List the newest N matching dead letters (0: all of them).",
+)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, help="Skip the N newest matching ones (the next page)."
+)
 @local_option
 @settings_options(*REDIS, "store")
 @fail_clearly
-def failed(as_json: bool, stage: str | None, reason: str | None, local: bool | None, settings: Settings) -> None:
-    """Failed documents (dead letters): document ID, stage, reason, message, attempts, time."""
+def failed(
+    as_json: bool,
+    stage: str | None,
+    reason: str | None,
+    limit: int,
+    offset: int,
+    local: bool | None,
+    settings: Settings,
+) -> None:
+    """Failed documents (dead letters): document ID, stage, reason, message, attempts, time; the newest
+    --limit of them, oldest first, and how many there are in all."""
     ledger = client.local_ledger(settings) if use_local(local) else open_ledger(False, settings)
-    letters = client.failed(ledger, stage, reason) if ledger is not None else []
+    letters = client.failed(ledger, stage, reason, limit=limit or None, offset=offset) if ledger is not None else []
+    total = ledger.dead_count() if ledger is not None else 0
     rows = [{k: v for k, v in asdict(d).items() if k != "source"} for d in letters]
+    more = (
+        f"{len(rows)} shown of {total:,} failed documents in all; --offset {offset + len(rows)}: "
+        f"the next page (older ones), --limit 0: every one"
+    )
+    partial = offset > 0 or (limit and len(rows) == limit and total > len(rows))
     if as_json:
         click.echo(json.dumps(rows))
+        if partial:
+            click.echo(more, err=True)
         return
     if not rows:
-        click.echo("no failed documents")
+        click.echo("no failed documents" if not total else f"no failed documents here; {total:,} in all")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         doc_id, message = printable(r["doc_id"]), printable(r["message"])
         click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
+    if partial:
+        click.echo(more)
 
 
 @click.command()

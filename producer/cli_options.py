@@ -47,6 +47,7 @@ MODEL = [
 CHUNKING = [
     "chunk_tokens",
     "chunk_overlap",
+    "chunk_template",
     "batch_docs",
     "batch_bytes",
     "part_max_chunks",

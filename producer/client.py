@@ -17,6 +17,7 @@ lancedb (an import-linter contract in pyproject.toml keeps it so), so any servic
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from redis import Redis
@@ -70,16 +71,26 @@ def local_ledger(settings: Settings) -> LocalLedger | None:
 
 
 def failed(
-    ledger: Ledger, stage: str | None = None, reason: str | None = None, ids: tuple[str, ...] = ()
+    ledger: Ledger,
+    stage: str | None = None,
+    reason: str | None = None,
+    ids: tuple[str, ...] = (),
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[DeadLetter]:
-    """Dead letters, oldest first, optionally only those of a stage, a reason or some documents."""
-    return [
+    """Dead letters, oldest first, optionally only those of a stage, a reason or some documents. With
+    `limit`, only the newest `limit` of those (after skipping the `offset` newest), read newest first
+    without reading the rest: a listing stays quick with 100,000 dead letters."""
+    wanted = set(ids)
+    matching = (
         d
-        for d in ledger.dead()
+        for d in ledger.newest_dead()
         if (stage is None or d.stage == stage)
         and (reason is None or d.reason == reason)
-        and (not ids or d.doc_id in ids)
-    ]
+        and (not ids or d.doc_id in wanted)
+    )
+    page = list(itertools.islice(matching, offset, None if limit is None else offset + limit))
+    return page[::-1]
 
 
 def redrive_sources(ledger: Ledger, letters: list[DeadLetter]) -> tuple[list[SourceDoc], list[str]]:

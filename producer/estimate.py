@@ -57,7 +57,7 @@ def estimate(items: Iterable[SourceDoc | DeadLetter], settings: Settings) -> Est
         unreadable += len(group) - len(sources) + len(dead)
         chunks += len(cut)
         if settings.doc_prefix:  # the prefix goes with every chunk, and is billed with it
-            tokens += sum(tokenizer.count([settings.doc_prefix + c.text for c in cut]))
+            tokens += sum(tokenizer.count([c.model_text(settings.doc_prefix) for c in cut]))
         else:
             tokens += sum(c.tokens for c in cut)
     api = is_api_model(settings.model)

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,12 +28,14 @@ from shared.metrics import DEAD_LETTERS, RECENT_FAILURES_MAX
 # they came from); with the letters' count and age bounded below, a flood of bad input cannot fill Redis.
 MAX_KEPT_SOURCE_BYTES = 2_000_000
 EXPIRE_BATCH = 1000  # dead letters removed per janitor round at most
+READ_PAGE = 1000  # dead letters read per round trip when listing them
 
 
 class Ledger(Protocol):
     def add_dead(self, letters: list[DeadLetter]) -> None: ...
     def clear_dead(self, doc_ids: Iterable[str]) -> None: ...
     def dead(self) -> list[DeadLetter]: ...
+    def newest_dead(self) -> Iterator[DeadLetter]: ...
     def source(self, doc_id: str) -> dict[str, Any] | None: ...
     def dead_count(self) -> int: ...
     def incr(self, **counts: int) -> None: ...
@@ -111,6 +113,20 @@ class RedisLedger:
         letters = [decode_dead_letter(v) for v in self.redis.hvals(self.keys.DEAD)]
         return sorted((dataclasses.replace(d, attempts=attempts.get(d.doc_id, 1)) for d in letters), key=lambda d: d.at)
 
+    def newest_dead(self) -> Iterator[DeadLetter]:
+        """Dead letters, newest first, read READ_PAGE at a time (one round trip each): a listing that stops
+        early reads only what it shows, however many letters there are."""
+        start = 0
+        while ids := self.redis.zrevrange(self.keys.DEAD_BY_TIME, start, start + READ_PAGE - 1):
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(self.keys.DEAD, ids)
+                pipe.hmget(self.keys.DEAD_ATTEMPTS, ids)
+                letters, attempts = pipe.execute()
+            for raw, n in zip(letters, attempts, strict=True):
+                if raw is not None:  # cleared between the two reads
+                    yield dataclasses.replace(decode_dead_letter(raw), attempts=int(n or 1))
+            start += READ_PAGE
+
     def source(self, doc_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(self.keys.dead_source(doc_id))
         return msgpack.unpackb(raw, raw=False) if raw else None
@@ -158,6 +174,9 @@ class LocalLedger:
             rows = self._db.execute("SELECT letter, attempts FROM dead").fetchall()
         letters = (dataclasses.replace(decode_dead_letter(r[0]), attempts=r[1]) for r in rows)
         return sorted(letters, key=lambda d: d.at)
+
+    def newest_dead(self) -> Iterator[DeadLetter]:
+        return reversed(self.dead())  # one local file: reading it whole is cheap enough
 
     def source(self, doc_id: str) -> dict[str, Any] | None:
         with self._lock:

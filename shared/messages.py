@@ -211,6 +211,13 @@ class Chunk:
     # The model's token IDs of the text, special tokens excluded, as little-endian uint32 bytes (local
     # models; empty for API models, which read the text): the embed stage feeds them to the model as is.
     token_ids: bytes = b""
+    # EMBEDPIPE_CHUNK_TEMPLATE rendered for this chunk (its title, heading path...): the model reads
+    # header + text; the store keeps the text. Its tokens are counted in `tokens`.
+    header: str = ""
+
+    def model_text(self, prefix: str = "") -> str:
+        """The text the model reads: the spec's document prefix, the header, the chunk."""
+        return prefix + self.header + self.text
 
 
 @dataclass(frozen=True)
@@ -369,7 +376,15 @@ def _build(cls: type, items: list[Any], what: str) -> list[Any]:
 # Fields whose type a payload from Redis must have (the rest are checked where they are used).
 _FIELD_TYPES: dict[type, dict[str, type]] = {
     Document: {"id": str, "text": str, "content_hash": str, "metadata": dict},
-    Chunk: {"chunk_id": str, "doc_id": str, "text": str, "tokens": int, "metadata": dict, "token_ids": bytes},
+    Chunk: {
+        "chunk_id": str,
+        "doc_id": str,
+        "text": str,
+        "tokens": int,
+        "metadata": dict,
+        "token_ids": bytes,
+        "header": str,
+    },
 }
 
 

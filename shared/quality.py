@@ -39,13 +39,16 @@ def load_beir(directory: Path, split: str = "test") -> EvalSet:
     return EvalSet(queries, qrels, directory / "corpus.jsonl")
 
 
-def corpus_documents(eval_set: EvalSet, ids: set[str] | None = None) -> Iterator[SourceDoc]:
-    """The corpus as documents: title + " " + text, as MTEB embeds it."""
+def corpus_documents(eval_set: EvalSet, ids: set[str] | None = None, title: str = "text") -> Iterator[SourceDoc]:
+    """The corpus as documents. title: "text" puts it before the text (title + " " + text, as MTEB embeds
+    it), "metadata" keeps it apart as metadata "title" (for EMBEDPIPE_CHUNK_TEMPLATE), "none" drops it."""
     with open(eval_set.corpus_path) as f:
         for line in f:
             d = json.loads(line)
             if ids is None or d["_id"] in ids:
-                yield SourceDoc(id=d["_id"], text=(d.get("title", "") + " " + d["text"]).strip())
+                name = d.get("title", "")
+                text = (name + " " + d["text"]).strip() if title == "text" else d["text"]
+                yield SourceDoc(id=d["_id"], text=text, metadata={"title": name} if title == "metadata" else {})
 
 
 def rank_documents(hits: list[tuple[str, float]], k: int) -> list[str]:

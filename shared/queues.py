@@ -151,14 +151,20 @@ def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pi
     return batch_id
 
 
-def backlog(redis: Redis, settings: Settings) -> int:
-    """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
+def queue_lengths(redis: Redis, settings: Settings) -> tuple[int, int]:
+    """Jobs queued in all the stage queues, and messages in the inbox (of settings.namespace): one round trip."""
     pipe = redis.pipeline(transaction=False)
     for stage in STAGES:
         pipe.llen(queue(redis, stage, settings.namespace).key)
     pipe.llen(settings.keys.INBOX)
     *queued, inbox = pipe.execute()
-    return sum(queued) + inbox // settings.batch_docs
+    return sum(queued), inbox
+
+
+def backlog(redis: Redis, settings: Settings) -> int:
+    """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
+    queued, inbox = queue_lengths(redis, settings)
+    return queued + inbox // settings.batch_docs
 
 
 def distributed_status(redis: Redis, ks: Keyspace) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import ConfigError
 from shared.keys import Keyspace, check_namespace
+from shared.template import ChunkTemplate
 
 ENV_PREFIX = "EMBEDPIPE_"
 STAGES = ("load", "chunk", "embed", "write")
@@ -41,6 +42,9 @@ class Settings:
     batch_size: int = setting(256, "Most texts per forward pass; micro_batch_tokens usually cuts it first.")
     chunk_tokens: int = setting(0, "Max tokens per chunk; 0 = the model's limit less its special tokens.")
     chunk_overlap: float = setting(0.1, "Overlap between consecutive chunks, as a share of chunk_tokens.")
+    chunk_template: str = setting(
+        "", "Context the model reads before each chunk, e.g. '{title} > {heading}\\n{chunk}' (README: Chunk template)."
+    )
     # Work units: every batch and part costs a few fixed commits and round trips (an rq job per stage,
     # two LanceDB commits per part), so they are sized for a fast embedder: at 64 documents and 65,536
     # tokens a part the writer alone spent 0.32 CPU ms per chunk, at 256 and 131,072 0.12 (bench/fast.py).
@@ -69,7 +73,9 @@ class Settings:
     stuck_job_s: int = setting(
         0, "A job running longer than this makes its worker's GET /livez answer 503; 0 = its rq timeout + 180 s."
     )
-    max_backlog_jobs: int = setting(2000, "The producer waits while more jobs than this are queued.")
+    max_backlog_jobs: int = setting(
+        2000, "The producer, and the janitor batching the inbox, wait while more jobs than this are queued."
+    )
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
     max_dead_letters: int = setting(100_000, "Most dead letters kept (distributed mode); the oldest go first.")
@@ -81,7 +87,7 @@ class Settings:
     dimensions: int = setting(0, "Keep N dimensions of each vector, re-normalised (Matryoshka); 0 = all.")
     doc_prefix: str = setting("", "Text put before every chunk when embedding (e.g. 'passage: ' for E5).")
     query_prefix: str = setting("", "Text put before every query when searching (e.g. 'query: ').")
-    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused.")
+    cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     prune_max_fraction: float = setting(
@@ -160,6 +166,7 @@ class Settings:
         if not 0 <= self.prune_max_fraction <= 1:
             raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
         check_namespace(self.namespace)
+        ChunkTemplate.parse(self.chunk_template, env_name("chunk_template"))
         if self.chunk_tokens < 0:
             raise ConfigError(f"{env_name('chunk_tokens')} must be >= 0")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):

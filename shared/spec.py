@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.models import STATIC_CHUNK_TOKENS, is_api_model, model_kind, resolve_model_path
 from shared.settings import Settings
+from shared.template import NO_TEMPLATE, ChunkTemplate
 from shared.tokenizers import Tokenizer, load_tokenizer
 
 # Bump when a change to workers/chunk.py or workers/load.py changes the chunks of a document.
@@ -30,20 +31,24 @@ class ChunkPolicy:
 
     max_tokens: int  # content tokens per chunk, special tokens excluded
     overlap_tokens: int
+    template: ChunkTemplate = NO_TEMPLATE  # context the model reads before each chunk (its tokens count)
 
     @classmethod
-    def for_model(cls, max_content_tokens: int, chunk_tokens: int, overlap: float) -> ChunkPolicy:
+    def for_model(cls, max_content_tokens: int, chunk_tokens: int, overlap: float, template: str = "") -> ChunkPolicy:
         """max_content_tokens: the model's limit (0 = none: a static model, STATIC_CHUNK_TOKENS by default)."""
         size = chunk_tokens or max_content_tokens or STATIC_CHUNK_TOKENS
         if max_content_tokens:
             size = min(size, max_content_tokens)
-        return cls(max_tokens=size, overlap_tokens=int(size * overlap))
+        return cls(max_tokens=size, overlap_tokens=int(size * overlap), template=ChunkTemplate.parse(template))
 
 
 def chunk_policy(settings: Settings, tokenizer: Tokenizer) -> ChunkPolicy:
     """The one recipe: how the model of `tokenizer` is chunked under these settings (EMBEDPIPE_CHUNK_TOKENS,
     EMBEDPIPE_CHUNK_OVERLAP). Every runtime, the spec and the cost planner cut with it."""
-    return ChunkPolicy.for_model(tokenizer.info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap)
+    info = tokenizer.info
+    return ChunkPolicy.for_model(
+        info.max_content_tokens, settings.chunk_tokens, settings.chunk_overlap, settings.chunk_template
+    )
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,14 @@ class EmbeddingSpec:
     backend: str = "torch"  # bf16 and int8 ONNX compute other vectors than float32 torch
     vector_dtype: str = "float32"  # float16: vectors rounded to half precision as they travel and are kept
     query_prefix: str = ""  # put before queries: changes no stored vector, so not in the fingerprint
+    chunk_template: str = ""  # EMBEDPIPE_CHUNK_TEMPLATE: context the model reads before each chunk
 
     @property
     def fingerprint(self) -> str:
         fields = asdict(self)
         fields.pop("query_prefix")
+        if not fields["chunk_template"]:  # added later: collections made without one keep their names
+            fields.pop("chunk_template")
         return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).hexdigest()
 
     @property
@@ -111,6 +119,7 @@ def spec_for(settings: Settings) -> EmbeddingSpec:
         backend="api" if is_api_model(settings.model) else settings.backend,
         vector_dtype=settings.vector_dtype,
         query_prefix=settings.query_prefix,
+        chunk_template=policy.template.text,
     )
 
 

@@ -95,7 +95,7 @@ def assert_nothing_lost(env: dict[str, str], expected: dict[str, set[str]]) -> d
     """Each document is either stored with exactly its chunks, or a dead letter: never both, never neither."""
     store = open_store(env["EMBEDPIPE_STORE"])
     stored = store.chunk_ids(list(expected))
-    dead = {d["doc_id"] for d in json.loads(embedpipe("failed", "--json", env=env).stdout)}
+    dead = {d["doc_id"] for d in json.loads(embedpipe("failed", "--json", "--limit", "0", env=env).stdout)}
     complete = {d for d, ids in stored.items() if ids == expected[d]}
     partial = {d for d, ids in stored.items() if ids and ids != expected[d]}
     lost = set(expected) - complete - dead

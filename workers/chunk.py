@@ -50,18 +50,21 @@ def chunk_document(doc: Document, tokenizer: Tokenizer, policy: ChunkPolicy) -> 
 
 
 def _chunks(doc: Document, tokens: Tokens, tokenizer: Tokenizer, policy: ChunkPolicy) -> list[Chunk]:
-    cuts = _cuts(doc.text, tokens, policy)
+    template = policy.template
+    room = policy.max_tokens - (_header_tokens(doc, tokenizer, policy) if template else 0)
+    cuts = _cuts(doc.text, tokens, replace(policy, max_tokens=room))
     spans = [tokens.span(a, b) for a, b in cuts]
-    if tokenizer.ids_are_model_inputs:  # the model reads the slice itself: it is never over the limit
+    headers = _fit_headers(template.headers(doc.text, doc.metadata, [s for s, _ in spans]), tokenizer, policy)
+    if tokenizer.ids_are_model_inputs and not template:  # the model reads the slice itself: never over
         ids = [pack_token_ids(tokens.ids[a:b]) for a, b in cuts]
         counts = [b - a for a, b in cuts]
-    else:  # the model re-tokenises the chunk's text, which can come out a few tokens longer
-        spans = _fit(doc.text, spans, tokenizer, policy.max_tokens)
+    else:  # the model tokenises header + text, which can come out a few tokens longer than the slice
+        spans = _fit(doc.text, spans, headers, tokenizer, policy.max_tokens)
         ids = [b""] * len(spans)
-        counts = tokenizer.count([doc.text[s:e] for s, e in spans])
+        counts = tokenizer.count([h + doc.text[s:e] for h, (s, e) in zip(headers, spans, strict=True)])
     seen: dict[str, int] = {}
     chunks = []
-    for index, ((start, end), token_ids, count) in enumerate(zip(spans, ids, counts, strict=True)):
+    for index, ((start, end), token_ids, count, header) in enumerate(zip(spans, ids, counts, headers, strict=True)):
         text = doc.text[start:end]
         occurrence = seen.get(text, 0)
         seen[text] = occurrence + 1
@@ -76,6 +79,7 @@ def _chunks(doc: Document, tokens: Tokens, tokenizer: Tokenizer, policy: ChunkPo
                 char_end=end,
                 metadata=doc.metadata,
                 token_ids=token_ids,
+                header=header,
             )
         )
     return chunks
@@ -119,18 +123,40 @@ def _cuts(text: str, tokens: Tokens, policy: ChunkPolicy) -> list[tuple[int, int
         start = back + int(np.argmax(strength[back:end])) if overlap and back < end else end
 
 
-def _fit(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer, max_tokens: int) -> list[tuple[int, int]]:
-    """Re-tokenising a chunk on its own can give a few more tokens than its slice of the document
-    (word pieces at the edges): shrink any chunk that ends up over the limit."""
-    counts = tokenizer.count([text[s:e] for s, e in spans])
+def _fit(
+    text: str, spans: list[tuple[int, int]], headers: list[str], tokenizer: Tokenizer, max_tokens: int
+) -> list[tuple[int, int]]:
+    """Tokenising a chunk (after its header) on its own can give a few more tokens than its slice of
+    the document (word pieces at the edges): shrink any chunk that ends up over the limit."""
+    counts = tokenizer.count([h + text[s:e] for h, (s, e) in zip(headers, spans, strict=True)])
     fitted = []
-    for (start, end), count in zip(spans, counts, strict=True):
+    for (start, end), header, count in zip(spans, headers, counts, strict=True):
         while count > max_tokens:
             offsets = tokenizer.offsets(text[start:end])
-            end = start + offsets[max_tokens - (count - max_tokens) - 1][1]
-            count = tokenizer.count([text[start:end]])[0]
+            keep = max(len(offsets) - (count - max_tokens), 1)
+            end = start + offsets[keep - 1][1]
+            count = tokenizer.count([header + text[start:end]])[0]
+            if keep == 1:
+                break
         fitted.append((start, end))
     return fitted
+
+
+def _header_tokens(doc: Document, tokenizer: Tokenizer, policy: ChunkPolicy) -> int:
+    """The tokens to keep free in each chunk of `doc` for its header: its longest one (at most a quarter
+    of a chunk; _fit_headers cuts longer ones)."""
+    longest = max(tokenizer.count(policy.template.all_headers(doc.text, doc.metadata)), default=0)
+    return min(longest + 1, policy.max_tokens // 4)  # +1: a header and a chunk can tokenise into one more
+
+
+def _fit_headers(headers: list[str], tokenizer: Tokenizer, policy: ChunkPolicy) -> list[str]:
+    """Headers cut to a quarter of a chunk's tokens at most (a title of a thousand words is no context)."""
+    if not policy.template:
+        return headers
+    limit = policy.max_tokens // 4 - 1
+    counts = tokenizer.count(headers)
+    cut = {h: h[: tokenizer.offsets(h)[limit - 1][1]] + "\n" for h, n in zip(headers, counts, strict=True) if n > limit}
+    return [cut.get(h, h) for h in headers]
 
 
 def pack_parts(chunks: list[Chunk], max_chunks: int, max_tokens: int) -> list[list[Chunk]]:

@@ -84,8 +84,8 @@ class WorkerContext:
         return _loaded(self.resources.embedder, "model")
 
     @property
-    def cache(self) -> VectorCache:
-        return _loaded(self.resources.cache, "embedding cache")
+    def cache(self) -> VectorCache | None:
+        return self.resources.cache  # None: no embedding cache (EMBEDPIPE_CACHE_TTL_S=0)
 
     def batch(self, batch_id: str) -> RedisBatch:
         return RedisBatch(self.redis, batch_id, self.ledger, self.settings.payload_ttl_s)

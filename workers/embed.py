@@ -58,7 +58,7 @@ def embed_part(
     """Vectors of a part: from the cache where the spec already embedded the same text, from the
     model otherwise (each distinct text once). Returns the vectors, {row: message} of chunks the
     model refused for good (their rows are zeros), and how many texts went to the model."""
-    texts = [spec.prefix + c.text for c in chunks]
+    texts = [c.model_text(spec.prefix) for c in chunks]
     keys = [text_key(spec.fingerprint, t) for t in texts]
     found = cache.get_many(sorted(set(keys)), embedder.dimension) if cache is not None and embedder.dimension else {}
     todo: dict[str, int] = {}  # distinct key -> first row that needs it

@@ -197,7 +197,7 @@ class ApiEmbedder:
     def embed_chunks(self, chunks: list[Chunk], prefix: str = "") -> np.ndarray:
         """One row per chunk (of prefix + its text: the API reads text), in order. Chunks that fail for
         good raise EmbedFailures, which carries the vectors of all the others."""
-        vectors, failed = self._embed_texts([prefix + c.text for c in chunks])
+        vectors, failed = self._embed_texts([c.model_text(prefix) for c in chunks])
         if failed:
             raise EmbedFailures(vectors, failed)
         return vectors

@@ -176,7 +176,7 @@ class LocalEmbedder:
         head = self._prefix_as_ids(prefix) if chunks and all(c.token_ids for c in chunks) else None
         if head is None:
             lengths = [self._seen(c.tokens) for c in chunks]
-            return self._embed_all([prefix + c.text for c in chunks], lengths, self._encode)
+            return self._embed_all([c.model_text(prefix) for c in chunks], lengths, self._encode)
         rows = [self._model_input(head, self._checked_ids(c)) for c in chunks]
         return self._embed_all(rows, [len(r) for r in rows], self._encode_ids)
 

@@ -1,10 +1,10 @@
 """The janitor: one per deployment (several are safe). It turns the inbox into load batches
-(workers/inbox.py), runs rq's scheduler (retries with a delay need it) and runs rq's registry clean-up
-for every queue every few seconds, so a job of a killed worker is retried within CLEAN_INTERVAL_S of
-its lease running out (job_lease_s after its worker's last heartbeat: workers/lease.py), not when some
-idle worker next gets around to it (rq does that only every 10 minutes). Each housekeeping step is
-guarded on its own; the last round with every step done is exported and kept in Redis for the health
-check.
+(workers/inbox.py) while the queues have room (EMBEDPIPE_MAX_BACKLOG_JOBS), runs rq's scheduler
+(retries with a delay need it) and runs rq's registry clean-up for every queue every few seconds, so
+a job of a killed worker is retried within CLEAN_INTERVAL_S of its lease running out (job_lease_s
+after its worker's last heartbeat: workers/lease.py), not when some idle worker next gets around to
+it (rq does that only every 10 minutes). Each housekeeping step is guarded on its own; the last round
+with every step done is exported and kept in Redis for the health check.
 """
 
 from __future__ import annotations
@@ -31,7 +31,16 @@ from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
-from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue, queue_name
+from shared.queues import (
+    JOB_FUNCTIONS,
+    connect,
+    distributed_status,
+    enqueue_jobs,
+    is_idle,
+    queue,
+    queue_lengths,
+    queue_name,
+)
 from shared.settings import STAGES, Settings
 from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
@@ -43,6 +52,7 @@ CLEAN_INTERVAL_S = 5.0
 EXPORT_INTERVAL_S = 2.0
 IDLE_SLEEP_S = 0.25
 PROBE_TIMEOUT_S = 1800
+FAILED_JOBS_PER_ROUND = 200  # per stage: after an outage fails 10k jobs, the rounds (and the inbox) still come round
 
 
 # Housekeeping steps, each guarded on its own: one that fails (a corrupt key, a bug) is logged and
@@ -107,7 +117,12 @@ class Janitor:
         return taken
 
     def _drain(self, now: float, flush: bool) -> int:
-        waiting = self.redis.llen(self.keys.INBOX) > 0
+        queued, inbox = queue_lengths(self.redis, self.settings)
+        waiting = inbox > 0
+        if waiting and queued > self.settings.max_backlog_jobs:
+            # Backpressure, as for `enqueue`: documents wait in the inbox, their smallest form in Redis,
+            # not as claim checks that grow at each stage (~7x the message after the embed pool).
+            return 0
         if waiting and self._inbox_waiting_since is None:
             self._inbox_waiting_since = now
         due = self._inbox_waiting_since is not None and now - self._inbox_waiting_since >= self.settings.inbox_wait_s
@@ -202,12 +217,13 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
 
 
 def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) -> int:
-    """Turn every job that failed for good (exception after its retries, timeout, abandoned by a
-    killed worker, refused) into dead letters for each of its documents, then drop the job."""
+    """Turn jobs that failed for good (exception after its retries, timeout, abandoned by a killed
+    worker, refused) into dead letters for each of their documents, then drop the jobs: the oldest
+    FAILED_JOBS_PER_ROUND of each stage per round, the rest in the next rounds."""
     expanded = 0
     for stage in STAGES:
         registry = FailedJobRegistry(queue_name(stage, settings.namespace), connection=redis, serializer=JSONSerializer)
-        for job_id in registry.get_job_ids():
+        for job_id in registry.get_job_ids(0, FAILED_JOBS_PER_ROUND - 1):
             func, args, message = read_failed_job(redis, job_id)
             batch_id = args[0] if args and isinstance(args[0], str) else None
             batch = RedisBatch(redis, batch_id, ledger, settings.payload_ttl_s) if batch_id is not None else None

@@ -66,7 +66,8 @@ def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> 
         loaded.chunk_policy = chunk_policy(settings, loaded.tokenizer)
     elif stage == "embed":
         loaded.embedder = make_embedder(settings, redis).warm_up()
-        loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s)
+        # 0: none (at millions of chunks the cache is most of Redis: deploy/README.md, Sizing Redis)
+        loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s) if settings.cache_ttl_s else None
     return ctx
 
 

@@ -1,0 +1,250 @@
+"""Millions of documents through the distributed pools: does the pipeline stay flat as the store grows?
+
+    python bench/scale.py [--docs 1000000] [--model DIR] [--pools chunk=2] [--out FILE.json]
+
+--docs documents (default 1,000,000; on 2 shared cores use ~50,000: see bench/README.md), each a few
+hundred tokens of SciFact sentences picked by a generator seeded with the document's number (the same
+corpus on every machine and run), through a private redis-server, the janitor and one worker per pool
+(more with --pools) with a static model (bench/fast.py's: `embedpipe distill` once, or --model DIR).
+Reported:
+
+  throughput   documents stored per second in each tenth of the run (from the ledger's counters,
+               sampled every 0.5 s), and the last tenth's over the first's: flat means >= 0.8
+  memory       Redis's peak used_memory over the run (INFO), what is left in it at the end, and each
+               process's peak RSS (the process and its children, polled every 0.1 s), in all and in
+               each phase (first run, re-run, prune)
+  re-run       the same documents enqueued again: every one skipped as unchanged, 0 chunks written and
+               0 embed jobs run (rq's finished-jobs registry of the embed queue)
+  prune        `enqueue --prune` of the documents less every 100th: 1% deleted from the store (its rows
+               counted before and after), the other 99% skipped
+
+The CPU is printed first: name it with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import fast  # noqa: E402  (bench/fast.py: cpu_name, static_model)
+import throughput as tp  # noqa: E402  (bench/throughput.py: the pools, clean_env, embedpipe)
+
+SENTENCES_PER_DOC = (8, 16)  # SciFact sentences average ~25 tokens: a few hundred tokens a document
+
+
+def scifact_sentences(scifact: Path) -> list[str]:
+    out = []
+    with (scifact / "corpus.jsonl").open() as f:
+        for line in f:
+            d = json.loads(line)
+            out += [s.strip().rstrip(".") + "." for s in f"{d['title']}. {d['text']}".split(". ") if len(s) > 20]
+    return out
+
+
+def write_corpus(n: int, path: Path, scifact: Path) -> dict:
+    """n documents of SciFact sentences, document i's chosen by random.Random(i): deterministic."""
+    sentences = scifact_sentences(scifact)
+    chars = 0
+    with path.open("w") as f:
+        for i in range(n):
+            rng = random.Random(i)
+            text = " ".join(rng.choice(sentences) for _ in range(rng.randint(*SENTENCES_PER_DOC)))
+            chars += len(text)
+            f.write(json.dumps({"id": f"scale-{i:07d}", "text": text}) + "\n")
+    return {"documents": n, "mean_chars": round(chars / n), "sentences": len(sentences)}
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 s: the ledger's counters, the dead letters and Redis's used memory."""
+
+    def __init__(self, redis) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.samples, self._stop_event = redis, [], threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        from shared import keys
+
+        while not self._stop_event.is_set():
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.DEFAULT.COUNTERS)
+                pipe.hlen(keys.DEFAULT.DEAD)
+                pipe.info("memory")
+                counters, dead, memory = pipe.execute()
+            c = {k.decode(): int(v) for k, v in counters.items()}
+            self.samples.append((time.perf_counter(), c, int(dead), int(memory["used_memory"])))
+            self._stop_event.wait(0.5)
+
+    def stop(self) -> list:
+        self._stop_event.set()
+        self.join()
+        return self.samples
+
+
+def tenths(samples: list, started: float, n: int) -> list[float]:
+    """Documents per second in each tenth of the run: when the stored (or failed) documents passed each
+    tenth of n, interpolated between the samples around it."""
+    points = [(started, 0)] + [(at, c.get("documents_done", 0) + dead) for at, c, dead, _ in samples]
+    crossings = [started]
+    for k in range(1, 11):
+        target = k * n / 10
+        for (t0, d0), (t1, d1) in itertools.pairwise(points):
+            if d1 >= target > d0 or (d1 >= target and d0 == d1):
+                crossings.append(t0 + (t1 - t0) * (target - d0) / max(d1 - d0, 1))
+                break
+    return [round((n / 10) / max(b - a, 1e-9)) for a, b in itertools.pairwise(crossings)]
+
+
+def store_rows(store: Path) -> dict[str, int]:
+    import lancedb
+
+    db = lancedb.connect(str(store))
+    listed = db.list_tables()
+    names = listed.tables if hasattr(listed, "tables") else list(db.table_names())
+    return {t: db.open_table(t).count_rows() for t in names}
+
+
+def embed_jobs_run(redis) -> int:
+    return int(redis.zcard("rq:finished:embed"))  # rq's registry of the embed queue's finished jobs
+
+
+def counters_of(redis) -> dict[str, int]:
+    from shared import keys
+
+    return {k.decode(): int(v) for k, v in redis.hgetall(keys.DEFAULT.COUNTERS).items()}
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict:
+    from redis import Redis
+
+    from tests.servers import start_redis
+
+    corpus, kept = tmp / "corpus.jsonl", tmp / "kept.jsonl"
+    started = time.perf_counter()
+    result: dict = {"corpus": write_corpus(args.docs, corpus, args.scifact)}
+    with corpus.open() as src, kept.open("w") as out:
+        out.writelines(line for i, line in enumerate(src) if i % 100 != 99)  # every 100th goes
+    print(f"corpus: {result['corpus']} written in {time.perf_counter() - started:.1f} s", flush=True)
+
+    redis_proc, port = start_redis(tmp)
+    redis = Redis(port=port)
+    store = tmp / "store"
+    env = tp.clean_env(
+        EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(store), EMBEDPIPE_LOG_LEVEL="WARNING"
+    )
+    procs: dict = {}
+    monitors: dict = {}
+    long_s = 7 * 86400
+    try:
+        monitors = tp.start_pools(tmp, env, env, 1, args.pools, procs)
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}  # each phase's peak RSS apart
+        sampler = Sampler(redis)
+        started = time.perf_counter()
+        tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
+        enqueued_s = time.perf_counter() - started
+        tp.embedpipe(env, "wait", timeout=long_s)
+        seconds = time.perf_counter() - started
+        samples = sampler.stop()
+        first = counters_of(redis)
+        memory = redis.info("memory")
+        rows = store_rows(store)
+        per_tenth = tenths(samples, started, args.docs)
+        result["first_run"] = {
+            "seconds": round(seconds, 1),
+            "enqueue_s": round(enqueued_s, 1),
+            "documents_per_s": round(args.docs / seconds),
+            "chunks_per_s": round(first.get("chunks_written", 0) / seconds),
+            "documents_per_s_by_tenth": per_tenth,
+            "last_over_first_tenth": round(per_tenth[-1] / per_tenth[0], 2) if len(per_tenth) == 10 else None,
+            "counters": first,
+            "dead_letters": int(redis.hlen("embedpipe:dead")),
+            "store_rows": rows,
+            "redis_peak_mb": round(int(memory["used_memory_peak"]) / 2**20, 1),
+            "redis_peak_sampled_mb": round(max(s[3] for s in samples) / 2**20, 1) if samples else None,
+            "redis_after_mb": round(int(memory["used_memory"]) / 2**20, 1),
+            "redis_keys_after": int(redis.dbsize()),
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
+        }
+        print(f"first run: {json.dumps(result['first_run'])}", flush=True)
+
+        embed_before = embed_jobs_run(redis)
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
+        started = time.perf_counter()
+        tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
+        tp.embedpipe(env, "wait", timeout=long_s)
+        again = counters_of(redis)
+        result["rerun"] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "documents_skipped": again.get("documents_skipped", 0) - first.get("documents_skipped", 0),
+            "chunks_written": again.get("chunks_written", 0) - first.get("chunks_written", 0),
+            "embed_jobs": embed_jobs_run(redis) - embed_before,
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
+        }
+        print(f"unchanged re-run: {json.dumps(result['rerun'])}", flush=True)
+
+        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
+        started = time.perf_counter()
+        tp.embedpipe(env, "enqueue", str(kept), "--prune", "--no-progress", timeout=long_s)
+        tp.embedpipe(env, "wait", timeout=long_s)
+        pruned = counters_of(redis)
+        after = store_rows(store)
+        result["prune"] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "documents_kept": args.docs - args.docs // 100,
+            "documents_skipped": pruned.get("documents_skipped", 0) - again.get("documents_skipped", 0),
+            "store_rows_before": rows,
+            "store_rows_after": after,
+            "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
+        }
+        print(f"prune of 1%: {json.dumps(result['prune'])}", flush=True)
+        result["redis_peak_mb"] = round(int(redis.info("memory")["used_memory_peak"]) / 2**20, 1)
+    finally:
+        tp.stop_pools(procs)
+        redis_proc.terminate()
+        redis_proc.wait(timeout=30)
+    result["peak_rss_mb"] = {n: m.stop() for n, m in monitors.items()}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=1_000_000, help="documents (default 1,000,000)")
+    parser.add_argument("--model", type=Path, help="a static model directory (default: distil one, once)")
+    parser.add_argument("--pools", default="", help="workers of the other pools, e.g. load=2,chunk=2,write=2")
+    parser.add_argument("--scifact", type=Path, default=tp.SCIFACT, help="BEIR SciFact directory")
+    parser.add_argument("--tmp", type=Path, help="where the corpus, Redis and the store go (default: a temp dir)")
+    parser.add_argument("--out", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args()
+    args.pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
+    tp.MODEL = str(fast.static_model(args.model))
+    results = {"cpu": fast.cpu_name(), "model": tp.MODEL, "documents": args.docs, "pools": args.pools}
+    print(f"{results['cpu']}; model {tp.MODEL}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="embedpipe-scale-", dir=args.tmp) as tmp:
+        results |= run(args, Path(tmp))
+    r = results["first_run"]
+    print(
+        f"{args.docs:,} documents in {r['seconds']} s: {r['documents_per_s']:,} documents/s, {r['chunks_per_s']:,} "
+        f"chunks/s; by tenth {r['documents_per_s_by_tenth']} (last/first {r['last_over_first_tenth']}); Redis peak "
+        f"{results['redis_peak_mb']} MB; peak RSS MB "
+        + ", ".join(f"{n} {v:.0f}" for n, v in results["peak_rss_mb"].items()),
+        flush=True,
+    )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
