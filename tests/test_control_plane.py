@@ -119,4 +119,4 @@ def test_a_cache_ttl_of_zero_keeps_no_vectors_in_redis(redis_url, tokenizer):
     chunks = chunk_batch(docs, tokenizer, chunk_policy(settings, tokenizer))
     vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
     assert len(vectors) == len(chunks) == 3 and not failed
-    assert not list(redis.scan_iter(keys.DEFAULT.vector_cache("*")))
+    assert not list(redis.scan_iter(keys.vector_cache("*")))
