@@ -87,7 +87,7 @@ class Monitor(threading.Thread):
         self.redis, self.t0 = redis, t0
         self.samples: list[tuple[float, dict[str, int]]] = []
         self.stopping = threading.Event()
-        self.keys = {s: (queue(redis, s).key, queue(redis, s).started_job_registry.key) for s in STAGES}
+        self.keys = {s: (queue(redis, s, "").key, queue(redis, s, "").started_job_registry.key) for s in STAGES}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -112,7 +112,7 @@ class Monitor(threading.Thread):
 
 def busy_workers(redis: Redis, stage: str, pids: dict[int, str]) -> list[tuple[str, str]]:
     """(pool name, current job id) of our live workers of `stage` that are running a job now."""
-    wkeys = list(worker_registration.get_keys(queue=queue(redis, stage), connection=redis))
+    wkeys = list(worker_registration.get_keys(queue=queue(redis, stage, ""), connection=redis))
     pipe = redis.pipeline(transaction=False)
     for k in wkeys:
         pipe.hmget(k, "pid", "state", "current_job")

@@ -80,7 +80,7 @@ def child_inbox(redis_url: str, n: int, seconds: float, scifact: str) -> dict:
             json.dumps({"v": 1, "id": f"doc-{i}", "text": texts[i % len(texts)]}).encode()
             for i in range(start, min(n, start + 10_000))
         ]
-        redis.rpush(keys.INBOX, *msgs)
+        redis.rpush(keys.DEFAULT.INBOX, *msgs)
     fill_s = time.perf_counter() - started
     in_inbox = used_memory(redis) - empty
     # no workers here: a backlog limit would stop the batching at 2,000 load jobs (backpressure)
@@ -91,7 +91,7 @@ def child_inbox(redis_url: str, n: int, seconds: float, scifact: str) -> dict:
         got = janitor.tick()
         taken += got
         rounds += 1
-        if not got and redis.llen(keys.INBOX) == 0:
+        if not got and redis.llen(keys.DEFAULT.INBOX) == 0:
             break
     elapsed = time.perf_counter() - started
     return {
@@ -102,7 +102,7 @@ def child_inbox(redis_url: str, n: int, seconds: float, scifact: str) -> dict:
         "rounds": rounds,
         "seconds": round(elapsed, 2),
         "documents_per_s": round(taken / elapsed),
-        "left_in_inbox": int(redis.llen(keys.INBOX)),
+        "left_in_inbox": int(redis.llen(keys.DEFAULT.INBOX)),
     }
 
 
@@ -119,6 +119,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
     from prometheus_client import REGISTRY, generate_latest
     from redis import Redis
 
+    from shared import keys
     from shared.errors import REASONS
     from shared.ledger import RedisLedger
     from shared.messages import DeadLetter
@@ -128,7 +129,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
 
     redis = Redis.from_url(redis_url)
     settings = Settings.from_env({}, redis_url=redis_url)
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, keys.DEFAULT)
     stages = ("inbox", "load", "chunk", "embed", "write")
     now = time.time()
     for start in range(0, dead, 1000):
@@ -150,7 +151,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
                 (f"batch{i}",) if stage == "load" else (f"batch{i}", 0) for i in range(start, min(share, start + 1000))
             ]
             with redis.pipeline() as pipe:
-                enqueue_jobs(queue(redis, stage), settings, stage, args, pipe)
+                enqueue_jobs(queue(redis, stage, ""), settings, stage, args, pipe)
                 pipe.execute()
     env = tp.clean_env(EMBEDPIPE_REDIS_URL=redis_url, PYTHONPATH=os.environ["PYTHONPATH"])  # the tree measured
 
@@ -168,7 +169,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
         janitor._last_clean = janitor._last_export = float("-inf")  # every step due
         janitor.tick()
 
-    status = distributed_status(redis)
+    status = distributed_status(redis, keys.DEFAULT)
     scrape = generate_latest(REGISTRY)
     measured = {
         "dead_letters": ledger.dead_count(),
@@ -180,8 +181,8 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
         "failed_lines": subprocess.run(
             [tp.EMBEDPIPE, "failed"], env=env, capture_output=True, text=True, check=True
         ).stdout.count("\n"),
-        "status_s": best(lambda: distributed_status(redis)),
-        "export_s": best(lambda: export_state(redis, ledger, distributed_status(redis))),
+        "status_s": best(lambda: distributed_status(redis, keys.DEFAULT)),
+        "export_s": best(lambda: export_state(redis, "", ledger, distributed_status(redis, keys.DEFAULT))),
         "scrape_s": best(lambda: generate_latest(REGISTRY)),
         "scrape_series": sum(1 for line in scrape.splitlines() if line and not line.startswith(b"#")),
         "scrape_bytes": len(scrape),
@@ -191,9 +192,9 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
     for start in range(0, failed_jobs, 1000):
         args = [(f"lost{i}",) for i in range(start, min(failed_jobs, start + 1000))]
         with redis.pipeline() as pipe:
-            enqueue_jobs(queue(redis, "chunk"), settings, "chunk", args, pipe)
+            enqueue_jobs(queue(redis, "chunk", ""), settings, "chunk", args, pipe)
             pipe.execute()
-    chunk_queue = queue(redis, "chunk")
+    chunk_queue = queue(redis, "chunk", "")
     ids = [i.decode() for i in redis.lrange(chunk_queue.key, 0, -1)]
     redis.delete(chunk_queue.key)
     redis.zadd(chunk_queue.failed_job_registry.key, {i: time.time() + 86400 for i in ids})
@@ -219,7 +220,7 @@ def child_memory(redis_url: str, docs: int, scifact: str, model: str) -> dict:
             EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(Path(tmp) / "store"), EMBEDPIPE_MODEL=model
         )
         empty = used_memory(redis)
-        redis.rpush(keys.INBOX, *docs_file.read_bytes().splitlines())
+        redis.rpush(keys.DEFAULT.INBOX, *docs_file.read_bytes().splitlines())
         steps = {"in the inbox": None, "batched (janitor)": ["janitor", "--burst"]}
         steps |= {f"after the {s} pool": ["worker", s, "--burst"] for s in ("load", "chunk", "embed", "write")}
         out = {}
@@ -234,7 +235,7 @@ def child_memory(redis_url: str, docs: int, scifact: str, model: str) -> dict:
         for key in redis.scan_iter(count=1000):
             kind = key.decode().split(":")[1] if key.startswith(b"embedpipe:") else key.decode().split(":")[0]
             by_kind[kind] = by_kind.get(kind, 0) + int(redis.memory_usage(key) or 0)
-        counters = {k.decode(): int(v) for k, v in redis.hgetall(keys.COUNTERS).items()}
+        counters = {k.decode(): int(v) for k, v in redis.hgetall(keys.DEFAULT.COUNTERS).items()}
     return {"documents": docs, "bytes_per_document": out, "left_by_key_kind": by_kind, "counters": counters}
 
 

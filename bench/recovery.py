@@ -127,7 +127,7 @@ def measure_recovery(
         codes, pool = pool.stop(), None
         job = Job.fetch(killed_job, connection=redis, serializer=JSONSerializer)
         batch_id, part = job.args
-        write = Job.fetch(job_id("write", (batch_id, part)), connection=redis, serializer=JSONSerializer)
+        write = Job.fetch(job_id("write", (batch_id, part), ""), connection=redis, serializer=JSONSerializer)
         logs = "".join(p.read_text(errors="replace") for p in sorted((tmp / "logs").glob("*.log")))
         embedded = re.findall(rf"embed {re.escape(batch_id)}/{part}: chunks=(\d+) .*?in ([\d.]+) s", logs)
         expected = expected_chunks(settings, [SourceDoc(d["id"], text=d["text"]) for d in sources])

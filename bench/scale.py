@@ -79,8 +79,8 @@ class Sampler(threading.Thread):
 
         while not self._stop_event.is_set():
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(keys.COUNTERS)
-                pipe.hlen(keys.DEAD)
+                pipe.hgetall(keys.DEFAULT.COUNTERS)
+                pipe.hlen(keys.DEFAULT.DEAD)
                 pipe.info("memory")
                 counters, dead, memory = pipe.execute()
             c = {k.decode(): int(v) for k, v in counters.items()}
@@ -123,7 +123,7 @@ def embed_jobs_run(redis) -> int:
 def counters_of(redis) -> dict[str, int]:
     from shared import keys
 
-    return {k.decode(): int(v) for k, v in redis.hgetall(keys.COUNTERS).items()}
+    return {k.decode(): int(v) for k, v in redis.hgetall(keys.DEFAULT.COUNTERS).items()}
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:

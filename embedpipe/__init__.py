@@ -97,7 +97,7 @@ class Handle:
     def wait(self, timeout: float = 0) -> bool:
         """Block until every batch is settled (stored, or its documents dead letters); False if
         `timeout` seconds (0: never) passed first."""
-        return client.wait_for_batches(client.connect(self.settings), self.batch_ids, timeout)
+        return client.wait_for_batches(client.connect(self.settings), self.settings, self.batch_ids, timeout)
 
 
 def submit(

@@ -23,6 +23,7 @@ from producer.cli_options import (
     MODEL,
     REDIS,
     SettingsCommand,
+    check_prune_flags,
     check_store,
     document_bar,
     echo_json,
@@ -32,7 +33,7 @@ from producer.cli_options import (
     local_option,
     open_ledger,
     progress_option,
-    prune_option,
+    prune_options,
     redis_for,
     settings_options,
     use_local,
@@ -49,7 +50,7 @@ from shared.text import printable
 @json_option
 @exclude_option
 @progress_option
-@prune_option
+@prune_options
 @click.option(
     "--inbox",
     "via_inbox",
@@ -57,7 +58,9 @@ from shared.text import printable
     help="Push the documents onto the inbox list for the janitor to batch, as any client may: all the "
     "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
 )
-@settings_options(*REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS)
+@settings_options(
+    *REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS, "prune_max_fraction"
+)
 @fail_clearly
 def enqueue(
     paths: tuple[str, ...],
@@ -65,6 +68,8 @@ def enqueue(
     exclude: tuple[str, ...],
     progress: bool | None,
     prune: bool,
+    force_prune: bool,
+    prune_scope: str,
     via_inbox: bool,
     settings: Settings,
 ) -> None:
@@ -72,6 +77,7 @@ def enqueue(
     distributed pipeline. Local files are sent by content; URLs are fetched by the loaders.
     Unchanged documents are skipped by the chunkers. By default batches and load jobs are written
     directly (the `worker` or `admin` Redis user); --inbox goes through the inbox (`producer`)."""
+    check_prune_flags(prune, force_prune, prune_scope)
     if prune and via_inbox:
         raise click.UsageError("--prune deletes documents: it needs the worker or admin user, not --inbox")
     inputs = resolve(list(paths), exclude, settings.id_prefix)
@@ -87,7 +93,7 @@ def enqueue(
         send = client.push_to_inbox if via_inbox else client.submit
         result = send(redis, settings, items, on_progress=bar.update, on_wait=waiting)
     if prune:
-        client.submit_prune(redis, settings, items.ids)
+        client.submit_prune(redis, settings, items.ids, prune_scope, force_prune)
     if as_json:
         rejected = [{"doc_id": d.doc_id, "reason": d.reason, "message": d.message} for d in result.rejected_letters]
         echo_json(
@@ -111,7 +117,8 @@ def enqueue(
         for letter in result.rejected_letters[:20]:
             click.echo(f"  {printable(letter.doc_id)}: {letter.reason}: {printable(letter.message)}", err=True)
     if prune:
-        click.echo(f"prune enqueued: the writers delete every stored document but these {len(items.ids)}")
+        under = f" under {prune_scope!r}" if prune_scope else ""
+        click.echo(f"prune enqueued: the writers delete every stored document{under} but these {len(items.ids)}")
 
 
 @click.command(cls=SettingsCommand)
@@ -145,9 +152,11 @@ def wait(
     with tqdm(bar_format="{desc}", disable=not show) as line:
         counted = Counted(client.ledger_of(redis, settings), line) if show else None
         if batch_ids:
-            done = within(timeout_s, lambda: client.wait_for_batches(redis, list(batch_ids), timeout_s), counted)
+            done = within(
+                timeout_s, lambda: client.wait_for_batches(redis, settings, list(batch_ids), timeout_s), counted
+            )
         else:
-            done = within(timeout_s, lambda: client.wait(redis, timeout_s), counted)
+            done = within(timeout_s, lambda: client.wait(redis, settings, timeout_s), counted)
         if counted is not None:
             counted()  # where it ended
     if as_json:
@@ -232,7 +241,7 @@ def status(as_json: bool, watch_s: float | None, local: bool | None, settings: S
 
 def _status(local: bool, settings: Settings) -> dict[str, Any]:
     if not local:
-        return client.status(redis_for(settings))
+        return client.status(redis_for(settings), settings)
     ledger = open_ledger(True, settings)
     from shared.store import open_store  # the store's backend (numpy, lancedb): only the local status counts it
 
@@ -256,7 +265,7 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
             row = [stage, s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
             click.echo("  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
     else:
-        click.echo(f"store: {settings.store_path} ({data['chunks_stored']} chunks)")
+        click.echo(f"store: {settings.store_redacted} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
     if probe := data.get("probe"):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))

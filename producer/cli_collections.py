@@ -35,11 +35,13 @@ from shared.settings import Settings
 @fail_clearly
 def collections(as_json: bool, settings: Settings) -> None:
     """List the store's collections (one per embedding spec): model, dimensions, documents, chunks,
-    the last quality probe, and which one search uses (*)."""
+    the last quality probe, and which one search uses (*). Every other collection shows how much of the
+    active one it holds with the current text: `backfilling` while a re-embed is short of it,
+    `complete` once it holds all; `previous` marks the one `promote --rollback` returns to."""
     from shared.store import open_store
 
     store = open_store(settings.store)
-    rows = store.collections()
+    rows = _with_progress(store.collections(), settings.store)
     store.close()
     if as_json:
         echo_json({"collections": rows})
@@ -47,13 +49,30 @@ def collections(as_json: bool, settings: Settings) -> None:
     if not rows:
         click.echo("no collections: run `embedpipe run PATH` first")
     for c in rows:
-        spec, probe = c["spec"], c.get("probe") or {}
+        spec, probe, done = c["spec"], c.get("probe") or {}, c.get("backfill")
         quality = f"recall@10 {probe['recall_at_10']:.3f}" if probe else "no probe"
+        state = c["state"] + (f" {done['done']}/{done['total']}" if done else "")
         click.echo(
             f"{'*' if c['active'] else ' '} {c['name']}  {spec['model']}  {spec.get('backend', 'torch')}  "
             f"dims {spec['dimensions'] or 'all'}  "
-            f"{c['documents']} documents  {c['chunks']} chunks  {quality}"
+            f"{c['documents']} documents  {c['chunks']} chunks  {quality}  {state}"
         )
+
+
+def _with_progress(rows: list[dict[str, Any]], location: str) -> list[dict[str, Any]]:
+    """Each collection's state (active, previous, backfilling, complete) and, but for the active one,
+    its progress against the active one (producer.lifecycle.progress)."""
+    from producer.lifecycle import progress
+
+    done = progress(location) if rows else {}
+    for c in rows:
+        if c["name"] in done:
+            c["backfill"] = done[c["name"]]
+        behind = c["name"] in done and (done[c["name"]]["done"] < done[c["name"]]["total"] or done[c["name"]]["extra"])
+        c["state"] = (
+            "active" if c["active"] else "previous" if c.get("previous") else "backfilling" if behind else "complete"
+        )
+    return rows
 
 
 @click.command(cls=SettingsCommand)
@@ -110,18 +129,21 @@ def reembed(
             f"own collection; then `embedpipe promote {target.collection}`"
         )
         return
-    from workers.embedded import run_embedded
+    from producer.lifecycle import backfill
 
-    held = next((c["documents"] for c in store.collections() if c["name"] == store.collection), None)
+    source_name = store.collection
+    held = next((c["documents"] for c in store.collections() if c["name"] == source_name), None)
+    store.close()
     with document_bar(held, show, "reading") as bar:
-        summary = run_embedded(settings, stored_sources(store), progress=bar)
+        passes = backfill(settings, source_name, bar=bar)
+    documents, chunks = sum(p.documents_stored for p in passes), sum(p.chunks for p in passes)
     if as_json:
-        return echo_json(
-            report | {"documents": summary.documents_stored, "chunks": summary.chunks, "failed": summary.failed}
-        )
+        failed = sum(p.failed for p in passes)
+        return echo_json(report | {"documents": documents, "chunks": chunks, "failed": failed, "passes": len(passes)})
     click.echo(
-        f"{summary.documents_stored} documents, {summary.chunks} chunks into {target.collection} in "
-        f"{summary.seconds:.1f} s; search still uses the active collection: `embedpipe promote` switches it"
+        f"{documents} documents, {chunks} chunks into {target.collection} in {len(passes)} passes "
+        f"({sum(p.seconds for p in passes):.1f} s; a pass embeds what "
+        "changed during the one before); search still uses the active collection: `embedpipe promote` switches it"
     )
 
 
@@ -141,26 +163,42 @@ def _plan(sources: Iterable[SourceDoc], settings: Settings) -> str:
 @click.command(cls=SettingsCommand)
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Promote even if incomplete or worse on the quality probe.")
+@click.option("--rollback", is_flag=True, help="Make the previous active collection active again (no checks).")
 @click.option(
     "--tolerance", type=float, default=None, help="Allowed recall@10 drop [default: EMBEDPIPE_PROMOTE_TOLERANCE]."
 )
 @json_option
 @settings_options("store", *MODEL, *CHUNKING, "probe_eval", "promote_tolerance")
 @fail_clearly
-def promote(name: str | None, force: bool, tolerance: float | None, as_json: bool, settings: Settings) -> None:
-    """Make collection NAME (default: the current settings' spec's) the one search uses. Refused,
-    unless --force, when it holds fewer documents than the active one or its recall@10 on the
-    quality probe is lower by more than the tolerance. With --probe-eval DIR the probes run now."""
+def promote(
+    name: str | None, force: bool, rollback: bool, tolerance: float | None, as_json: bool, settings: Settings
+) -> None:
+    """Make collection NAME (default: the current settings' spec's) the one search uses; the one it
+    replaces stays, as the previous one. Refused, unless --force, when it does not hold every document
+    of the active one with its current text or its recall@10 on the quality probe is lower by more than
+    the tolerance. With --probe-eval DIR the probes run now. --rollback returns to the previous one."""
     from producer.lifecycle import probe_collection, promotion
     from shared.spec import spec_for
     from shared.store import open_store
 
-    target = name or spec_for(settings).collection
     check_store(settings, write=True)
     store = open_store(settings.store)
+    if rollback:
+        try:
+            previous, current = store.previous(), store.active()
+            if name or previous is None:
+                raise click.UsageError("--rollback takes no NAME" if name else "no previous collection to return to")
+            store.activate(previous)
+        finally:
+            store.close()
+        if as_json:
+            return echo_json({"active": previous, "previous": current, "rolled_back": True})
+        click.echo(f"{previous} is the active collection again ({current} is the previous one: `promote` returns)")
+        return
+    target = name or spec_for(settings).collection
     probes: dict[str, Any] = {}
     try:
-        rows = store.collections()
+        rows = _with_progress(store.collections(), settings.store)
         if settings.probe_eval:
             for c in rows:
                 if c["name"] == target or c["active"]:
@@ -168,7 +206,7 @@ def promote(name: str | None, force: bool, tolerance: float | None, as_json: boo
                     probes[c["name"]] = result
                     if not as_json:
                         click.echo(f"probe {c['name']}: recall@10 {result['recall_at_10']:.3f}")
-            rows = store.collections()
+            rows = _with_progress(store.collections(), settings.store)
         allowed = tolerance if tolerance is not None else settings.promote_tolerance
         decision = promotion(rows, target, allowed)
         if not decision.allowed and not force:

@@ -28,7 +28,7 @@ INTERACTIVE_TIMEOUT_S = 5
 SUBMIT_TIMEOUT_S = 60
 
 FIELDS = {f.name: f for f in setting_fields()}
-REDIS = ["redis_url"]
+REDIS = ["redis_url", "namespace"]
 API = [
     "openai_base_url",
     "api_concurrency",
@@ -262,12 +262,39 @@ exclude_option = click.option(
     metavar="GLOB",
     help="Skip files whose path (relative to the corpus root) or name matches GLOB (repeatable).",
 )
-prune_option = click.option(
-    "--prune",
-    is_flag=True,
-    help="Sync: afterwards, delete from the store every document that is not among PATHS' documents "
-    "(files that disappeared), in every collection.",
-)
+
+
+def prune_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--prune (a sync), guarded by EMBEDPIPE_PRUNE_MAX_FRACTION unless --force-prune, within --prune-scope."""
+    for option in reversed(
+        [
+            click.option(
+                "--prune",
+                is_flag=True,
+                help="Sync: afterwards, delete from the store every document that is not among PATHS' documents "
+                "(files that disappeared), in every collection. Refused if that is more than "
+                "EMBEDPIPE_PRUNE_MAX_FRACTION of a collection's documents and more than 10.",
+            ),
+            click.option(
+                "--force-prune", is_flag=True, help="Prune what the guard of --prune refuses (or an empty listing)."
+            ),
+            click.option(
+                "--prune-scope",
+                default="",
+                metavar="PREFIX",
+                help="Prune only documents whose ID starts with PREFIX (a partial sync: e.g. the --id-prefix).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def check_prune_flags(prune: bool, force_prune: bool, prune_scope: str) -> None:
+    if (force_prune or prune_scope) and not prune:
+        raise click.UsageError("--force-prune and --prune-scope go with --prune")
+
+
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
 )
@@ -307,7 +334,7 @@ def open_ledger(local: bool, settings: Settings) -> Ledger:
         ledger = client.local_ledger(settings)
         if ledger is None:
             raise click.ClickException(
-                f"no embedded run at {settings.store_path}; set EMBEDPIPE_REDIS_URL for distributed mode"
+                f"no embedded run at {settings.store_redacted}; set EMBEDPIPE_REDIS_URL for distributed mode"
             )
         return ledger
     return client.ledger_of(redis_for(settings), settings)

@@ -16,6 +16,7 @@ from producer.cli_options import (
     CHUNKING,
     MODEL,
     SettingsCommand,
+    check_prune_flags,
     check_store,
     document_bar,
     echo_json,
@@ -23,7 +24,7 @@ from producer.cli_options import (
     fail_clearly,
     json_option,
     progress_option,
-    prune_option,
+    prune_options,
     settings_options,
 )
 from producer.sources import Listed, count_documents, iter_sources, resolve
@@ -31,10 +32,10 @@ from shared.embedding import Embedder
 from shared.settings import Settings
 
 
-def _prune(store: str, kept: set[str]) -> dict[str, int]:
+def _prune(settings: Settings, kept: set[str], scope: str, force: bool) -> dict[str, int]:
     from shared.store import prune
 
-    return prune(store, kept)
+    return prune(settings.store, kept, scope=scope, max_fraction=settings.prune_max_fraction, force=force)
 
 
 def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> dict[str, Any] | None:
@@ -50,7 +51,7 @@ def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> d
         if not changed and any(c["name"] == store.collection and c.get("probe") for c in store.collections()):
             return None
         probe = run_probe(store, embedder, settings.probe_eval)
-        LocalLedger(local_ledger_path(settings.store_path)).record_probe(probe)
+        LocalLedger(local_ledger_path(settings.local_state_dir)).record_probe(probe)
         store.record_probe(probe)
         return probe
     finally:
@@ -63,8 +64,8 @@ def _probe_after_run(settings: Settings, embedder: Embedder, changed: bool) -> d
 @click.option("--fail-on-dead-letters", is_flag=True, help="Exit 1 when any document failed (a dead letter).")
 @exclude_option
 @progress_option
-@prune_option
-@settings_options("store", "id_prefix", *MODEL, *CHUNKING, *CACHE, "probe_eval")
+@prune_options
+@settings_options("store", "id_prefix", *MODEL, *CHUNKING, *CACHE, "probe_eval", "prune_max_fraction")
 @fail_clearly
 def run(
     paths: tuple[str, ...],
@@ -73,14 +74,17 @@ def run(
     exclude: tuple[str, ...],
     progress: bool | None,
     prune: bool,
+    force_prune: bool,
+    prune_scope: str,
     settings: Settings,
 ) -> None:
-    """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the local store, in
-    one process with no Redis. Unchanged documents are skipped; unchanged chunks of edited ones come
-    from the embedding cache. Failed documents are listed by `embedpipe failed`."""
+    """Embed PATHS (files, directories, globs, URLs, - for JSONL on stdin) into the store (a directory
+    or a postgresql:// URL), in one process with no Redis. Unchanged documents are skipped; unchanged
+    chunks of edited ones come from the embedding cache. Failed documents are listed by `embedpipe failed`."""
     from workers.embed import make_embedder
     from workers.embedded import run_embedded
 
+    check_prune_flags(prune, force_prune, prune_scope)
     check_store(settings, write=True)
     inputs = resolve(list(paths), exclude, settings.id_prefix)
     show = sys.stderr.isatty() if progress is None else progress
@@ -88,7 +92,7 @@ def run(
     embedder = make_embedder(settings)  # warmed up only if something must be embedded (or probed)
     with document_bar(count_documents(inputs), show, "reading") as bar:
         summary = run_embedded(settings, listed, embedder=embedder, progress=bar)
-    pruned = _prune(settings.store, listed.ids) if prune else {}
+    pruned = _prune(settings, listed.ids, prune_scope, force_prune) if prune else {}
     probe = None
     if settings.probe_eval:
         probe = _probe_after_run(settings, embedder, changed=bool(summary.chunks or pruned))

@@ -23,7 +23,6 @@ from producer.cli_options import (
     redis_for,
     settings_options,
 )
-from shared import keys
 from shared.settings import STAGES, Settings
 
 
@@ -76,7 +75,7 @@ def health(stage: str, as_json: bool, settings: Settings) -> None:
         if stage == "janitor":
             from workers.janitor import STALE_TICK_S
 
-            last = redis.get(keys.JANITOR_TICK)
+            last = redis.get(settings.keys.JANITOR_TICK)
             age = time.time() - float(last) if last is not None else None
             if age is None or age > STALE_TICK_S:
                 when = "never" if age is None else f"{age:.0f} s ago"

@@ -26,8 +26,8 @@ from redis import Redis
 
 from producer.status import local_status
 from producer.submit import SubmitResult, push_to_inbox, submit, submit_prune
-from shared import keys
 from shared.errors import ConfigError, DecodeError
+from shared.keys import Keyspace
 from shared.ledger import Ledger, LocalLedger, RedisLedger, local_ledger_path
 from shared.messages import DeadLetter, SourceDoc, decode_dead_letter
 from shared.queues import connect, distributed_status, is_idle, wait_until_idle
@@ -52,26 +52,27 @@ __all__ = [
 ]
 
 
-def status(redis: Redis) -> dict[str, Any]:
-    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed."""
-    return distributed_status(redis)
+def status(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed
+    (of the pipeline of settings.namespace)."""
+    return distributed_status(redis, settings.keys)
 
 
-def wait(redis: Redis, timeout_s: float = 0) -> bool:
-    """Block until the pipeline is idle (inbox and queues empty, nothing running or scheduled for retry);
-    False if `timeout_s` (0: never) passed first."""
-    return wait_until_idle(redis, timeout_s)
+def wait(redis: Redis, settings: Settings, timeout_s: float = 0) -> bool:
+    """Block until the pipeline (of settings.namespace) is idle (inbox and queues empty, nothing running
+    or scheduled for retry); False if `timeout_s` (0: never) passed first."""
+    return wait_until_idle(redis, settings.keys, timeout_s)
 
 
-def unsettled(redis: Redis, batch_ids: list[str]) -> list[str]:
+def unsettled(redis: Redis, keyspace: Keyspace, batch_ids: list[str]) -> list[str]:
     """The batches not settled yet: settled is finalised by a writer, or every document of it a dead
     letter since it was enqueued (its load or chunk job failed for good). ConfigError for a batch
     Redis knows nothing of (never enqueued, or its record expired)."""
     left = []
     for batch_id in batch_ids:
         with redis.pipeline(transaction=False) as pipe:
-            pipe.exists(keys.batch_finalized(batch_id))
-            pipe.get(keys.batch_doc_ids(batch_id))
+            pipe.exists(keyspace.batch_finalized(batch_id))
+            pipe.get(keyspace.batch_doc_ids(batch_id))
             final, raw_ids = pipe.execute()
         if final:
             continue
@@ -80,7 +81,7 @@ def unsettled(redis: Redis, batch_ids: list[str]) -> list[str]:
         try:
             doc_ids = [str(i) for i in msgpack.unpackb(raw_ids)]
             enqueued_at = int(batch_id.split("-")[0], 16) / 1000
-            raw_letters: list[Any] = redis.hmget(keys.DEAD, doc_ids) if doc_ids else []
+            raw_letters: list[Any] = redis.hmget(keyspace.DEAD, doc_ids) if doc_ids else []
             letters = [decode_dead_letter(v) if isinstance(v, bytes) else None for v in raw_letters]
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:  # nothing read from Redis is trusted
             raise ConfigError(f"batch {batch_id}: unreadable record in Redis ({e})") from e
@@ -89,15 +90,17 @@ def unsettled(redis: Redis, batch_ids: list[str]) -> list[str]:
     return left
 
 
-def wait_for_batches(redis: Redis, batch_ids: list[str], timeout_s: float = 0, poll_s: float = 0.2) -> bool:
+def wait_for_batches(
+    redis: Redis, settings: Settings, batch_ids: list[str], timeout_s: float = 0, poll_s: float = 0.2
+) -> bool:
     """Block until every batch is settled (see `unsettled`), or the whole pipeline is idle (twice in a row);
     False if `timeout_s` (0: never) passed first."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     idle_rounds = 0
     while True:
-        if not unsettled(redis, batch_ids):
+        if not unsettled(redis, settings.keys, batch_ids):
             return True
-        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis)) else 0
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings.keys)) else 0
         if idle_rounds == 2:
             return True
         if deadline and time.monotonic() > deadline:
@@ -107,12 +110,12 @@ def wait_for_batches(redis: Redis, batch_ids: list[str], timeout_s: float = 0, p
 
 def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:
     """The distributed mode's dead letters and counters."""
-    return RedisLedger(redis, settings.dead_source_ttl_s)
+    return RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
 
 
 def local_ledger(settings: Settings) -> LocalLedger | None:
-    """The embedded mode's dead letters and counters beside the store; None where no run wrote any."""
-    path = local_ledger_path(settings.store_path)
+    """The embedded mode's dead letters and counters (beside a directory store); None where no run wrote any."""
+    path = local_ledger_path(settings.local_state_dir)
     return LocalLedger(path) if path.is_file() else None
 
 

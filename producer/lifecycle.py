@@ -3,6 +3,13 @@
 A changed spec (model, weights, dimensions, prefix, chunker) fills a new collection; search keeps
 reading the active one until `promote` switches it, which it refuses when the new collection is
 incomplete or its quality probe is worse than the active one's by more than the tolerance.
+
+A migration has no gap: the backfill (`reembed`) repeats its pass until a pass finds nothing to embed,
+each pass embedding only what the new collection does not hold with its current text (the chunker skips
+the rest), so documents edited, added or deleted in the active collection while it ran end in the new
+one too; a collection is complete when it holds every document of the active one with the same text
+(`progress`), which `promote` checks. `promote` keeps the collection it replaces as the previous one,
+which `promote --rollback` makes active again in one step.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from shared.messages import SourceDoc
 from shared.settings import Settings
 from shared.store import Store, open_store
 from workers.embed import make_embedder
+from workers.embedded import Progress, RunSummary, run_embedded
 from workers.probe import run_probe
+
+BACKFILL_MAX_PASSES = 5  # a corpus still changing after this many passes: `reembed` again later
 
 
 def embedder_for(store: Store, settings: Settings) -> Embedder:
@@ -31,6 +41,61 @@ def stored_sources(store: Store) -> Iterator[SourceDoc]:
     """Every document of a collection as a source again (its clean text), for re-embedding."""
     for record in store.documents():
         yield SourceDoc(id=record.doc_id, text=record.text, metadata=record.metadata)
+
+
+def progress(location: str) -> dict[str, dict[str, int]]:
+    """For each collection but the active one: how many of the active collection's documents it holds
+    with the same text (`done`) of how many (`total`), and how many it holds that the active one no
+    longer does (`extra`). Reads every document's content hash of each collection."""
+    active = open_store(location)
+    try:
+        if active.collection is None:
+            return {}
+        ids = sorted(active.doc_ids())
+        listed = set(ids)
+        current = active.doc_hashes(ids)
+        others = [c["name"] for c in active.collections() if c["name"] != active.collection]
+    finally:
+        active.close()
+    out = {}
+    for name in others:
+        other = open_store(location, collection=name)
+        try:
+            held = other.doc_hashes(ids)
+            extra = sum(d not in listed for d in other.doc_ids())
+        finally:
+            other.close()
+        out[name] = {"done": sum(held.get(d) == h for d, h in current.items()), "total": len(ids), "extra": extra}
+    return out
+
+
+def backfill(
+    settings: Settings, source: str, embedder: Embedder | None = None, bar: Progress | None = None
+) -> list[RunSummary]:
+    """Re-embed collection `source` into the collection of `settings`' spec until the two match (see the
+    module): one RunSummary per pass. Documents gone from the source are removed from the target."""
+    embedder = embedder or make_embedder(settings)
+    passes: list[RunSummary] = []
+    for _ in range(BACKFILL_MAX_PASSES):
+        if bar is not None and passes:  # a catch-up pass: its documents are not known up front
+            bar.total, bar.n = 0, 0
+            bar.set_description_str("catching up")
+        store = open_store(settings.store, collection=source)
+        try:
+            passes.append(run_embedded(settings, stored_sources(store), embedder=embedder, progress=bar))
+            kept = set(store.doc_ids())
+        finally:
+            store.close()
+        target = open_store(settings.store, collection=passes[-1].collection)
+        try:
+            gone = sorted(d for d in target.doc_ids() if d not in kept)
+            if gone:
+                target.forget_documents(gone)
+        finally:
+            target.close()
+        if not passes[-1].documents_stored and not gone:
+            break
+    return passes
 
 
 @dataclass
@@ -50,6 +115,14 @@ def promotion(collections: list[dict[str, Any]], target: str, tolerance: float) 
         return Decision(True, f"{target} is the first active collection")
     if active["name"] == target:
         return Decision(True, f"{target} is already the active collection")
+    done = new.get("backfill")
+    if done and (done["done"] < done["total"] or done["extra"]):
+        return Decision(
+            False,
+            f"{target} holds {done['done']} of the {done['total']} documents of the active {active['name']} "
+            f"with their current text (and {done['extra']} it no longer has): the backfill is not complete, "
+            "run `embedpipe reembed` again",
+        )
     if new["documents"] < active["documents"]:
         return Decision(
             False,

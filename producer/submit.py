@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import msgpack
 from redis import Redis
 
-from shared import keys
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
-from shared.messages import DeadLetter, SourceDoc, batched, batched_by_size
+from shared.messages import DeadLetter, PruneRequest, SourceDoc, batched, batched_by_size
 from shared.queues import backlog, enqueue_batch, enqueue_jobs, new_batch_id, queue
 from shared.settings import Settings
 
@@ -64,7 +63,7 @@ def submit(
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
     (unreadable files, malformed JSONL lines) are recorded as dead letters."""
-    ledger = RedisLedger(redis, settings.dead_source_ttl_s)
+    ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
     batch_ids: list[str] = []
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
@@ -92,7 +91,7 @@ def push_to_inbox(
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         if sources:
-            redis.rpush(keys.INBOX, *[msgpack.packb(s.to_dict(), use_bin_type=True) for s in sources])
+            redis.rpush(settings.keys.INBOX, *[msgpack.packb(s.to_dict(), use_bin_type=True) for s in sources])
 
     return _in_groups(redis, settings, items, send, on_progress, on_wait)
 
@@ -121,14 +120,16 @@ def _in_groups(
     return result
 
 
-def submit_prune(redis: Redis, settings: Settings, kept: set[str]) -> str:
-    """Ask the writers to delete every stored document not in `kept` (a sync): one job on the write
-    queue, the IDs in a claim-check payload."""
-    if not kept:
+def submit_prune(redis: Redis, settings: Settings, kept: set[str], scope: str = "", force: bool = False) -> str:
+    """Ask the writers to delete every stored document under `scope` not in `kept` (a sync): one job on
+    the write queue, the request (IDs, scope, the guard's share, --force-prune) in a claim-check payload.
+    A prune the guard refuses becomes a dead letter `prune:<token>` with the numbers (`embedpipe failed`)."""
+    if not kept and not force:
         raise ConfigError("--prune with no documents listed would empty the store: refused")
     token = uuid.uuid4().hex
+    request = PruneRequest(sorted(kept), scope, settings.prune_max_fraction, force)
     with redis.pipeline() as pipe:
-        pipe.set(keys.kept_ids(token), msgpack.packb(sorted(kept)), ex=settings.payload_ttl_s)
-        enqueue_jobs(queue(redis, "write"), settings, "prune", [(token,)], pipe)
+        pipe.set(settings.keys.kept_ids(token), request.encode(), ex=settings.payload_ttl_s)
+        enqueue_jobs(queue(redis, "write", settings.namespace), settings, "prune", [(token,)], pipe)
         pipe.execute()
     return token

@@ -61,6 +61,10 @@ class PermanentError(EmbedpipeError):
     """A failure that retrying cannot fix."""
 
 
+class PruneRefused(PermanentError):
+    """A sync would delete more of a collection than the prune guard allows (or everything)."""
+
+
 class DocumentError(PermanentError):
     """One document cannot be processed; it becomes a dead letter, its batch goes on."""
 

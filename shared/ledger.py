@@ -20,7 +20,7 @@ import msgpack
 from redis import Redis
 from redis.client import Pipeline
 
-from shared import keys
+from shared.keys import Keyspace
 from shared.messages import DeadLetter, decode_dead_letter, encode_dead_letter
 from shared.metrics import DEAD_LETTERS, RECENT_FAILURES_MAX
 
@@ -55,72 +55,72 @@ def _split(letter: DeadLetter) -> tuple[DeadLetter, bytes | None]:
 
 
 class RedisLedger:
-    def __init__(self, redis: Redis, source_ttl_s: int = 30 * 86400) -> None:
-        self.redis = redis
+    def __init__(self, redis: Redis, ks: Keyspace, source_ttl_s: int = 30 * 86400) -> None:
+        self.redis, self.keys = redis, ks
         self.source_ttl_s = source_ttl_s
 
     def add_dead(self, letters: list[DeadLetter], pipe: Pipeline | None = None) -> None:
         target = pipe if pipe is not None else self.redis.pipeline()
         for letter in letters:
             entry, source = _split(letter)
-            target.hset(keys.DEAD, entry.doc_id, encode_dead_letter(entry))
-            target.hincrby(keys.DEAD_ATTEMPTS, entry.doc_id, 1)
-            target.zadd(keys.DEAD_RECENT, {entry.doc_id: entry.at})
-            target.zadd(keys.DEAD_BY_TIME, {entry.doc_id: entry.at})
+            target.hset(self.keys.DEAD, entry.doc_id, encode_dead_letter(entry))
+            target.hincrby(self.keys.DEAD_ATTEMPTS, entry.doc_id, 1)
+            target.zadd(self.keys.DEAD_RECENT, {entry.doc_id: entry.at})
+            target.zadd(self.keys.DEAD_BY_TIME, {entry.doc_id: entry.at})
             if source is not None:
-                target.set(keys.dead_source(entry.doc_id), source, ex=self.source_ttl_s)
+                target.set(self.keys.dead_source(entry.doc_id), source, ex=self.source_ttl_s)
         if letters:
-            target.zremrangebyrank(keys.DEAD_RECENT, 0, -RECENT_FAILURES_MAX - 1)
+            target.zremrangebyrank(self.keys.DEAD_RECENT, 0, -RECENT_FAILURES_MAX - 1)
         if pipe is None and letters:
             target.execute()
 
     def recent_dead(self) -> list[DeadLetter]:
         """The newest dead letters (at most RECENT_FAILURES_MAX), without reading them all."""
-        ids = self.redis.zrevrange(keys.DEAD_RECENT, 0, RECENT_FAILURES_MAX - 1)
-        raw = self.redis.hmget(keys.DEAD, ids) if ids else []
+        ids = self.redis.zrevrange(self.keys.DEAD_RECENT, 0, RECENT_FAILURES_MAX - 1)
+        raw = self.redis.hmget(self.keys.DEAD, ids) if ids else []
         return [decode_dead_letter(r) for r in raw if r is not None]
 
     def record_probe(self, result: dict[str, Any]) -> None:
-        self.redis.hset(keys.PROBE, mapping={k: json.dumps(v) for k, v in result.items()})
+        self.redis.hset(self.keys.PROBE, mapping={k: json.dumps(v) for k, v in result.items()})
 
     def last_probe(self) -> dict[str, Any]:
-        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(keys.PROBE).items()}
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.PROBE).items()}
 
     def clear_dead(self, doc_ids: Iterable[str], pipe: Pipeline | None = None) -> None:
         ids = list(doc_ids)
         if ids:
             target = pipe if pipe is not None else self.redis.pipeline()
-            target.hdel(keys.DEAD, *ids)
-            target.hdel(keys.DEAD_ATTEMPTS, *ids)
-            target.zrem(keys.DEAD_RECENT, *ids)
-            target.zrem(keys.DEAD_BY_TIME, *ids)
-            target.delete(*[keys.dead_source(d) for d in ids])
+            target.hdel(self.keys.DEAD, *ids)
+            target.hdel(self.keys.DEAD_ATTEMPTS, *ids)
+            target.zrem(self.keys.DEAD_RECENT, *ids)
+            target.zrem(self.keys.DEAD_BY_TIME, *ids)
+            target.delete(*[self.keys.dead_source(d) for d in ids])
             if pipe is None:
                 target.execute()
 
     def expire_dead(self, older_than_s: float, keep_at_most: int) -> int:
         """Forget dead letters older than `older_than_s` and the oldest beyond `keep_at_most` (a bounded
         round of at most EXPIRE_BATCH); returns how many went."""
-        ids = self.redis.zrangebyscore(keys.DEAD_BY_TIME, "-inf", time.time() - older_than_s, 0, EXPIRE_BATCH)
-        excess = self.redis.zcard(keys.DEAD_BY_TIME) - len(ids) - keep_at_most
+        ids = self.redis.zrangebyscore(self.keys.DEAD_BY_TIME, "-inf", time.time() - older_than_s, 0, EXPIRE_BATCH)
+        excess = self.redis.zcard(self.keys.DEAD_BY_TIME) - len(ids) - keep_at_most
         if excess > 0:
-            ids += self.redis.zrange(keys.DEAD_BY_TIME, len(ids), len(ids) + min(excess, EXPIRE_BATCH) - 1)
+            ids += self.redis.zrange(self.keys.DEAD_BY_TIME, len(ids), len(ids) + min(excess, EXPIRE_BATCH) - 1)
         self.clear_dead(d.decode() for d in ids)
         return len(ids)
 
     def dead(self) -> list[DeadLetter]:
-        attempts = {k.decode(): int(v) for k, v in self.redis.hgetall(keys.DEAD_ATTEMPTS).items()}
-        letters = [decode_dead_letter(v) for v in self.redis.hvals(keys.DEAD)]
+        attempts = {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.DEAD_ATTEMPTS).items()}
+        letters = [decode_dead_letter(v) for v in self.redis.hvals(self.keys.DEAD)]
         return sorted((dataclasses.replace(d, attempts=attempts.get(d.doc_id, 1)) for d in letters), key=lambda d: d.at)
 
     def newest_dead(self) -> Iterator[DeadLetter]:
         """Dead letters, newest first, read READ_PAGE at a time (one round trip each): a listing that stops
         early reads only what it shows, however many letters there are."""
         start = 0
-        while ids := self.redis.zrevrange(keys.DEAD_BY_TIME, start, start + READ_PAGE - 1):
+        while ids := self.redis.zrevrange(self.keys.DEAD_BY_TIME, start, start + READ_PAGE - 1):
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(keys.DEAD, ids)
-                pipe.hmget(keys.DEAD_ATTEMPTS, ids)
+                pipe.hmget(self.keys.DEAD, ids)
+                pipe.hmget(self.keys.DEAD_ATTEMPTS, ids)
                 letters, attempts = pipe.execute()
             for raw, n in zip(letters, attempts, strict=True):
                 if raw is not None:  # cleared between the two reads
@@ -128,19 +128,19 @@ class RedisLedger:
             start += READ_PAGE
 
     def source(self, doc_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(keys.dead_source(doc_id))
+        raw = self.redis.get(self.keys.dead_source(doc_id))
         return msgpack.unpackb(raw, raw=False) if raw else None
 
     def dead_count(self) -> int:
-        return int(self.redis.hlen(keys.DEAD))
+        return int(self.redis.hlen(self.keys.DEAD))
 
     def incr(self, pipe: Pipeline | None = None, /, **counts: int) -> None:
         target = pipe if pipe is not None else self.redis
         for name, n in counts.items():
-            target.hincrby(keys.COUNTERS, name, n)
+            target.hincrby(self.keys.COUNTERS, name, n)
 
     def counters(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(keys.COUNTERS).items()}
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.COUNTERS).items()}
 
 
 class LocalLedger:

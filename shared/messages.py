@@ -279,6 +279,44 @@ class BatchPlan:
 
 
 @dataclass(frozen=True)
+class PruneRequest:
+    """A sync's prune (`enqueue --prune`): the document IDs the sources list now, the ID prefix it is
+    limited to, the guard's share and whether it is overridden. The claim check of a prune job
+    (keys.kept_ids), which only the `worker` and `admin` Redis users may write."""
+
+    kept: list[str]
+    scope: str = ""
+    max_fraction: float = 0.1
+    force: bool = False
+
+    def encode(self) -> bytes:
+        return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes | str | None) -> PruneRequest:
+        try:
+            d = msgpack.unpackb(raw, raw=False) if raw is not None else None
+        except Exception as e:  # msgpack raises several types on garbage
+            raise DecodeError(f"prune request is not valid msgpack: {type(e).__name__}: {e}") from e
+        if isinstance(d, list):  # the bare ID list an older CLI sent: no scope, the default guard
+            d = {"kept": d}
+        if not isinstance(d, dict) or set(d) - {f.name for f in dataclasses.fields(cls)}:
+            raise DecodeError("prune request is missing or not a map of kept, scope, max_fraction, force")
+        request = cls(**d)
+        kinds = (
+            isinstance(request.kept, list)
+            and all(isinstance(i, str) for i in request.kept)
+            and isinstance(request.scope, str)
+            and type(request.max_fraction) in (int, float)
+            and 0 <= request.max_fraction <= 1
+            and type(request.force) is bool
+        )
+        if not kinds:
+            raise DecodeError("prune request: kept must be a list of IDs, scope a string, max_fraction in [0, 1]")
+        return request
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     """A document that failed for good, with what is needed to understand and redrive it."""
 

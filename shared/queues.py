@@ -22,7 +22,7 @@ from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry, Worker
 from rq.serializers import JSONSerializer
 
-from shared import keys
+from shared.keys import Keyspace
 from shared.ledger import RedisLedger
 from shared.messages import SourceDoc, pack
 from shared.metrics import RETRIES
@@ -88,13 +88,26 @@ def connect(
     return Redis.from_url(settings.redis_url, **kwargs)
 
 
-def queue(redis: Redis, stage: str) -> Queue:
-    return Queue(stage, connection=redis, serializer=JSONSerializer)
+def queue_name(stage: str, namespace: str) -> str:
+    """The rq queue of a stage's pool: the stage's name (load, chunk, embed, write), or NAMESPACE:stage
+    (rq's key rq:queue:NAMESPACE:stage), so `rq info` and rq-dashboard show each namespace's queues."""
+    return f"{namespace}:{stage}" if namespace else stage
 
 
-def job_id(stage: str, args: tuple[Any, ...]) -> str:
-    """Deterministic: a redelivered job enqueues the same next job, not a second one."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([stage, *map(str, args)]))  # what rq allows
+def queue(redis: Redis, stage: str, namespace: str) -> Queue:
+    return Queue(queue_name(stage, namespace), connection=redis, serializer=JSONSerializer)
+
+
+def stage_of(queue_name: str) -> str:
+    """The stage of a queue name (queue_name's inverse)."""
+    return queue_name.rpartition(":")[2]
+
+
+def job_id(stage: str, args: tuple[Any, ...], namespace: str) -> str:
+    """Deterministic: a redelivered job enqueues the same next job, not a second one. rq's job keys are
+    not per queue, so a namespace's job IDs start with it."""
+    parts = [namespace] if namespace else []
+    return re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([*parts, stage, *map(str, args)]))  # what rq allows
 
 
 def enqueue_jobs(
@@ -114,7 +127,7 @@ def enqueue_jobs(
             Queue.prepare_data(
                 JOB_FUNCTIONS[stage],
                 args=args,
-                job_id=job_id(stage, args),
+                job_id=job_id(stage, args, settings.namespace),
                 timeout=timeout_s or settings.job_timeout_s(timeout_stage, tokens[i] if tokens else 0),
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=settings.payload_ttl_s,
@@ -133,35 +146,36 @@ def new_batch_id() -> str:
 
 def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pipe: Pipeline) -> str:
     """Add one batch (payload + load job) to `pipe`; the caller executes it."""
-    batch_id = new_batch_id()
-    pipe.set(keys.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
+    batch_id, ks = new_batch_id(), settings.keys
+    pipe.set(ks.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
     ids = msgpack.packb([s.id for s in sources])
-    pipe.set(keys.batch_doc_ids(batch_id), ids, ex=max(settings.payload_ttl_s, settings.dead_source_ttl_s))
-    enqueue_jobs(queue(redis, "load"), settings, "load", [(batch_id,)], pipe)
+    pipe.set(ks.batch_doc_ids(batch_id), ids, ex=max(settings.payload_ttl_s, settings.dead_source_ttl_s))
+    enqueue_jobs(queue(redis, "load", settings.namespace), settings, "load", [(batch_id,)], pipe)
     return batch_id
 
 
-def queue_lengths(redis: Redis) -> tuple[int, int]:
-    """Jobs queued in all the stage queues, and messages in the inbox: one round trip."""
+def queue_lengths(redis: Redis, settings: Settings) -> tuple[int, int]:
+    """Jobs queued in all the stage queues, and messages in the inbox (of settings.namespace): one round trip."""
     pipe = redis.pipeline(transaction=False)
     for stage in STAGES:
-        pipe.llen(queue(redis, stage).key)
-    pipe.llen(keys.INBOX)
+        pipe.llen(queue(redis, stage, settings.namespace).key)
+    pipe.llen(settings.keys.INBOX)
     *queued, inbox = pipe.execute()
     return sum(queued), inbox
 
 
 def backlog(redis: Redis, settings: Settings) -> int:
     """Jobs waiting in the pipeline, counting a full inbox batch as one job."""
-    queued, inbox = queue_lengths(redis)
+    queued, inbox = queue_lengths(redis, settings)
     return queued + inbox // settings.batch_docs
 
 
-def distributed_status(redis: Redis) -> dict[str, Any]:
-    """What the pipeline is doing: per-stage job counts, workers, documents done and failed."""
+def distributed_status(redis: Redis, ks: Keyspace) -> dict[str, Any]:
+    """What the pipeline (of the namespace of `ks`) is doing: per-stage job counts, workers, documents
+    done and failed."""
     stages = {}
     for stage in STAGES:
-        q = queue(redis, stage)
+        q = queue(redis, stage, ks.namespace)
         stages[stage] = {
             "queued": q.count,
             "dequeuing": int(redis.llen(q.intermediate_queue_key)),  # popped, not yet started
@@ -173,11 +187,11 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
             "failed": q.failed_job_registry.get_job_count(cleanup=False),
             "workers": Worker.count(queue=q),
         }
-    ledger = RedisLedger(redis)  # read-only here
+    ledger = RedisLedger(redis, ks)  # read-only here
     counters = ledger.counters()
     return {
         "mode": "distributed",
-        "inbox": int(redis.llen(keys.INBOX)) + inbox_held(redis),
+        "inbox": int(redis.llen(ks.INBOX)) + inbox_held(redis, ks),
         "stages": stages,
         "documents_done": counters.get("documents_done", 0),
         "documents_failed": ledger.dead_count(),
@@ -186,12 +200,12 @@ def distributed_status(redis: Redis) -> dict[str, Any]:
     }
 
 
-def inbox_held(redis: Redis) -> int:
+def inbox_held(redis: Redis, ks: Keyspace) -> int:
     """Messages a janitor took from the inbox and has not enqueued yet (workers/inbox.py)."""
-    takers = [m.decode() for m in redis.smembers(keys.INBOX_TAKERS)]
+    takers = [m.decode() for m in redis.smembers(ks.INBOX_TAKERS)]
     with redis.pipeline(transaction=False) as pipe:
         for taker in takers:
-            pipe.llen(keys.inbox_taken(taker))
+            pipe.llen(ks.inbox_taken(taker))
         return sum(pipe.execute()) if takers else 0
 
 
@@ -201,13 +215,13 @@ def is_idle(status: dict[str, Any]) -> bool:
     return status["inbox"] == 0 and all(s[k] == 0 for s in status["stages"].values() for k in busy)
 
 
-def wait_until_idle(redis: Redis, timeout_s: float = 0, poll_s: float = 0.2) -> bool:
+def wait_until_idle(redis: Redis, ks: Keyspace, timeout_s: float = 0, poll_s: float = 0.2) -> bool:
     """Block until the pipeline is idle twice in a row, `poll_s` apart (a job between two stages is never
     missed); False if `timeout_s` (0: never) passed first."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     idle_rounds = 0
     while True:
-        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis)) else 0
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, ks)) else 0
         if idle_rounds == 2:
             return True
         if deadline and time.monotonic() > deadline:

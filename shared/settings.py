@@ -8,6 +8,7 @@ named by `<NAME>_FILE`, so they never show in `ps`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import ConfigError
+from shared.keys import Keyspace, check_namespace
 from shared.template import ChunkTemplate
 
 ENV_PREFIX = "EMBEDPIPE_"
@@ -31,6 +33,9 @@ def setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the queues (passwords only via the environment).")
+    namespace: str = setting(
+        "", "Key and queue prefix: pipelines with different namespaces share one Redis unseen by each other."
+    )
     model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
     store: str = setting("./embedpipe-store", "Vector store: a directory (LanceDB) or a postgresql:// URL (pgvector).")
     device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
@@ -85,6 +90,9 @@ class Settings:
     cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
+    prune_max_fraction: float = setting(
+        0.1, "--prune refuses to delete more than this share of a collection's documents (and over 10) unless forced."
+    )
     # --- the store at scale ---------------------------------------------------------------------
     ann_min_rows: int = setting(
         50_000, "Build the ANN vector index once a collection holds this many chunks (off the write path); 0 = never."
@@ -172,6 +180,9 @@ class Settings:
             raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
+        if not 0 <= self.prune_max_fraction <= 1:
+            raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
+        check_namespace(self.namespace)
         ChunkTemplate.parse(self.chunk_template, env_name("chunk_template"))
         for name in ("ann_min_rows", "search_refine"):
             if getattr(self, name) < 0:
@@ -185,6 +196,26 @@ class Settings:
     @property
     def store_path(self) -> Path:
         return Path(self.store).expanduser()
+
+    @property
+    def keys(self) -> Keyspace:
+        """This pipeline's Redis keys (its namespace's)."""
+        return Keyspace(self.namespace)
+
+    @property
+    def local_state_dir(self) -> Path:
+        """Where the embedded runtime keeps its dead letters, counters and embedding cache: inside a
+        directory store; for a server store (postgresql://), a directory of this user's named after the
+        store's URL without its password: ~/.local/state/embedpipe/store-<hash>."""
+        if "://" not in self.store:
+            return self.store_path
+        digest = hashlib.blake2b(redact_url(self.store).encode(), digest_size=8).hexdigest()
+        return Path.home() / ".local" / "state" / "embedpipe" / f"store-{digest}"
+
+    @property
+    def store_redacted(self) -> str:
+        """The store as logs and summaries show it: a directory's absolute path, a URL without its password."""
+        return redact_url(self.store) if "://" in self.store else str(self.store_path.resolve())
 
     @property
     def redis_url_redacted(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PruneRefused
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store_types import DocRecord, Hit, Store, choose_collection, stale_chunks
@@ -36,6 +36,8 @@ __all__ = [
 # every drain made the writer spend 0.21 CPU ms per chunk against 0.10 without (bench/fast.py).
 OPTIMIZE_AFTER_DRAIN_WRITES = 10
 FORGET_SLICE = 1000  # documents per delete of a prune: a bounded `IN (...)` list
+# A prune of at most this many documents of a collection is never refused, whatever share they are.
+PRUNE_ALWAYS_ALLOWED = 10
 
 
 def open_store(
@@ -81,14 +83,34 @@ def delete_documents(location: str, doc_ids: list[str]) -> dict[str, int]:
     return {store.collection or "": store.forget_documents(doc_ids) for store in each_collection(location)}
 
 
-def prune(location: str, kept: set[str]) -> dict[str, int]:
-    """Sync: remove from every collection the documents not in `kept` (what the sources list now).
-    The store's IDs are streamed past `kept`, never held as a set; the gone ones go in slices."""
-    if not kept:
-        raise ConfigError("--prune with no documents listed would empty the store: refused")
-    removed = {}
+def prune(
+    location: str, kept: set[str], *, scope: str = "", max_fraction: float = 0.1, force: bool = False
+) -> dict[str, int]:
+    """Sync: remove from every collection the documents under `scope` (an ID prefix; '' = all) that
+    are not in `kept` (what the sources list now): {collection: documents removed}. Guarded, because a
+    listing of an unmounted or half-copied directory looks like a mass deletion: unless `force`,
+    nothing is deleted if in any collection it would be more than `max_fraction` of its documents and
+    more than PRUNE_ALWAYS_ALLOWED (PruneRefused, with the numbers). The store's IDs are streamed past
+    `kept`, never held as a set; the gone ones go in slices."""
+    if not kept and not force:
+        raise PruneRefused("--prune with no documents listed would empty the store: refused")
+    doomed: dict[str, list[str]] = {}
     for store in each_collection(location):
-        gone = [d for d in store.doc_ids() if d not in kept]
+        total, gone = 0, []
+        for doc_id in store.doc_ids():
+            total += 1
+            if doc_id not in kept and doc_id.startswith(scope):
+                gone.append(doc_id)
+        doomed[store.collection or ""] = gone
+        if not force and len(gone) > PRUNE_ALWAYS_ALLOWED and len(gone) > max_fraction * total:
+            raise PruneRefused(
+                f"prune refused: it would delete {len(gone)} of the {total} documents of collection "
+                f"{store.collection} ({len(gone) / total:.0%}), over EMBEDPIPE_PRUNE_MAX_FRACTION="
+                f"{max_fraction:g}; check what was listed, narrow it with --prune-scope, or pass --force-prune"
+            )
+    removed = {}
+    for store in each_collection(location):  # nothing deleted until every collection passed the guard
+        gone = doomed.get(store.collection or "", [])
         removed[store.collection or ""] = sum(
             store.forget_documents(gone[i : i + FORGET_SLICE]) for i in range(0, len(gone), FORGET_SLICE)
         )

@@ -136,6 +136,7 @@ class LanceStore:
                 {
                     "name": name,
                     "active": name == data["active"],
+                    "previous": name == data.get("previous"),
                     "chunks": handle.count(),
                     "documents": handle._count("__docs"),
                     **entry,
@@ -146,10 +147,15 @@ class LanceStore:
     def active(self) -> str | None:
         return self._manifest()["active"]
 
+    def previous(self) -> str | None:
+        return self._manifest().get("previous")
+
     def activate(self, name: str) -> None:
         def switch(data: dict[str, Any]) -> None:
             if name not in data["collections"]:
                 raise ConfigError(f"no collection {name!r} in the store at {self.path}")
+            if data["active"] != name:
+                data["previous"] = data["active"]
             data["active"] = name
 
         self._update_manifest(switch)

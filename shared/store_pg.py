@@ -70,6 +70,8 @@ class PgStore:
                     f"CREATE TABLE IF NOT EXISTS {REGISTRY} (name text PRIMARY KEY, spec jsonb NOT NULL, dim int,"
                     " created double precision, active boolean NOT NULL DEFAULT false, probe jsonb)"
                 )
+                # the collection active before the last switch (a store from before rollbacks lacks it)
+                conn.execute(f"ALTER TABLE {REGISTRY} ADD COLUMN IF NOT EXISTS previous boolean NOT NULL DEFAULT false")
             self._pool.open()
             with self._pool.connection() as conn:
                 active = conn.execute(f"SELECT name FROM {REGISTRY} WHERE active").fetchone()
@@ -233,14 +235,15 @@ class PgStore:
     def collections(self) -> list[dict[str, Any]]:
         with self._pool.connection() as conn:
             rows = conn.execute(
-                f"SELECT name, spec, created, active, probe FROM {REGISTRY} ORDER BY created"
+                f"SELECT name, spec, created, active, probe, previous FROM {REGISTRY} ORDER BY created"
             ).fetchall()
             out = []
-            for name, spec, created, active, probe in rows:
+            for name, spec, created, active, probe, previous in rows:
                 table = f"embedpipe_{name}"
                 chunks = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 docs = conn.execute(f"SELECT count(*) FROM {table}__docs").fetchone()[0]
-                entry = {"name": name, "active": active, "chunks": chunks, "documents": docs, "spec": spec}
+                entry = {"name": name, "active": active, "previous": previous, "chunks": chunks, "documents": docs}
+                entry["spec"] = spec
                 out.append(entry | {"created": created} | ({"probe": probe} if probe else {}))
         return out
 
@@ -249,11 +252,18 @@ class PgStore:
             row = conn.execute(f"SELECT name FROM {REGISTRY} WHERE active").fetchone()
         return row[0] if row else None
 
+    def previous(self) -> str | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(f"SELECT name FROM {REGISTRY} WHERE previous").fetchone()
+        return row[0] if row else None
+
     def activate(self, name: str) -> None:
         with self._pool.connection() as conn, conn.transaction():
-            if conn.execute(f"SELECT 1 FROM {REGISTRY} WHERE name = %s", (name,)).fetchone() is None:
+            row = conn.execute(f"SELECT active FROM {REGISTRY} WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is None:
                 raise ConfigError(f"no collection {name!r} in the store")
-            conn.execute(f"UPDATE {REGISTRY} SET active = (name = %s)", (name,))
+            if not row[0]:  # the active one becomes the previous one
+                conn.execute(f"UPDATE {REGISTRY} SET previous = active, active = (name = %s)", (name,))
 
     def record_probe(self, result: dict[str, Any]) -> None:
         with self._pool.connection() as conn:

@@ -190,11 +190,12 @@ class Pool:
 
     def wait_ready(self, redis: Redis, timeout_s: float = 240) -> None:
         wanted = {s: sum(1 for n in self.commands if n.startswith(s + "-")) for s in STAGES}
+        namespace = self.env.get("EMBEDPIPE_NAMESPACE", "")
 
         def ready() -> bool:
             dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
             assert not dead, f"processes exited early: {dead}; see {self.logs}"
-            return all(Worker.count(queue=queue(redis, s)) >= n for s, n in wanted.items())
+            return all(Worker.count(queue=queue(redis, s, namespace)) >= n for s, n in wanted.items())
 
         wait_until(ready, timeout_s, f"the workers started; see {self.logs}", interval_s=0.5)
 
@@ -262,7 +263,9 @@ def running_job(redis: Redis, stage: str, timeout_s: float = 240) -> tuple[str, 
     """The first job of `stage` seen running, and the name of the rq worker running it."""
 
     def seen() -> tuple[str, str] | None:
-        for job_id, execution_id in queue(redis, stage).started_job_registry.get_job_and_execution_ids(cleanup=False):
+        for job_id, execution_id in queue(redis, stage, "").started_job_registry.get_job_and_execution_ids(
+            cleanup=False
+        ):
             try:
                 return job_id, Execution.fetch(execution_id, job_id, redis).worker_name
             except ValueError:  # it ended meanwhile

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from redis import Redis
@@ -26,15 +28,24 @@ PASSWORDS = {"ADMIN": "admin-pw-1", "WORKER": "worker-pw-2", "PRODUCER": "produc
 
 @pytest.fixture
 def acl_redis(tmp_path):
+    with started_redis(tmp_path) as port:
+        yield port
+
+
+@contextmanager
+def started_redis(tmp_path, **extra: str) -> Iterator[int]:
     port = free_port()
     env = {f"EMBEDPIPE_REDIS_{who}_PASSWORD": pw for who, pw in PASSWORDS.items()}
     env |= {"PATH": "/usr/bin:/bin:/usr/local/bin", "EMBEDPIPE_REDIS_ACL_FILE": str(tmp_path / "users.acl")}
+    env |= extra
     args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen([str(REPO / "deploy" / "redis" / "start.sh"), *args], env=env, stdout=subprocess.DEVNULL)
-    wait_for_redis(Redis(port=port, username="admin", password=PASSWORDS["ADMIN"]))
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_for_redis(Redis(port=port, username="admin", password=PASSWORDS["ADMIN"]))
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def client(port: int, who: str) -> Redis:
@@ -46,28 +57,47 @@ def as_user(port: int, who: str, **extra: str) -> dict[str, str]:
     return cli_env(EMBEDPIPE_REDIS_URL=url, EMBEDPIPE_REDIS_PASSWORD=PASSWORDS[who], **extra)
 
 
+def test_a_producer_may_append_to_the_inboxes_of_the_namespaces_it_is_given_and_nothing_else(tmp_path):
+    with started_redis(tmp_path, EMBEDPIPE_REDIS_NAMESPACES="staging prod-2") as port:
+        producer = client(port, "PRODUCER")
+        for ns in ("", "staging", "prod-2"):
+            producer.rpush(keys.Keyspace(ns).INBOX, b'{"v":1,"id":"a","text":"x"}')
+        staging = keys.Keyspace("staging")
+        for forge in [
+            lambda: producer.rpush(keys.Keyspace("other").INBOX, b"x"),  # a namespace it was not given
+            lambda: producer.set(staging.kept_ids("x"), b"\x91\xabno-such-doc"),
+            lambda: producer.rpush(staging.dead_source("x:inbox"), b"x"),
+            lambda: producer.rpush("rq:queue:staging:write", "prune_x"),
+        ]:
+            with pytest.raises((NoPermissionError, ResponseError)):
+                forge()
+        assert producer.llen(staging.INBOX) == 1
+
+
 def test_a_producer_may_append_to_the_inbox_and_read_and_nothing_else(acl_redis, tmp_path):
     producer = client(acl_redis, "PRODUCER")
-    producer.rpush(keys.INBOX, b'{"v":1,"id":"a","text":"x"}')
-    producer.lpush(keys.INBOX, b'{"v":1,"id":"b","text":"x"}')
-    assert producer.llen(keys.INBOX) == 2 and producer.hgetall(keys.COUNTERS) == {}
+    producer.rpush(keys.DEFAULT.INBOX, b'{"v":1,"id":"a","text":"x"}')
+    producer.lpush(keys.DEFAULT.INBOX, b'{"v":1,"id":"b","text":"x"}')
+    assert producer.llen(keys.DEFAULT.INBOX) == 2 and producer.hgetall(keys.DEFAULT.COUNTERS) == {}
     # what a review did with a producer's reach: a forged prune list and a prune job emptied a store
     forgeries = [
-        lambda: producer.set(keys.kept_ids("x"), b"\x91\xabno-such-doc"),
+        lambda: producer.set(keys.DEFAULT.kept_ids("x"), b"\x91\xabno-such-doc"),
         lambda: producer.rpush("rq:queue:write", "prune_x"),
         lambda: Queue("write", connection=producer, serializer=JSONSerializer).enqueue_call(
             "workers.write.prune_job", args=("x",)
         ),
-        lambda: producer.delete(keys.INBOX),
-        lambda: producer.lpop(keys.INBOX),
-        lambda: producer.hset(keys.DEAD, "a", "forged"),
+        lambda: producer.delete(keys.DEFAULT.INBOX),
+        lambda: producer.lpop(keys.DEFAULT.INBOX),
+        lambda: producer.hset(keys.DEFAULT.DEAD, "a", "forged"),
         lambda: producer.flushdb(),
         lambda: producer.config_get("*"),
     ]
     for forge in forgeries:
         with pytest.raises((NoPermissionError, ResponseError)):
             forge()
-    assert client(acl_redis, "ADMIN").llen(keys.INBOX) == 2 and not client(acl_redis, "ADMIN").exists("rq:queue:write")
+    assert client(acl_redis, "ADMIN").llen(keys.DEFAULT.INBOX) == 2 and not client(acl_redis, "ADMIN").exists(
+        "rq:queue:write"
+    )
     with pytest.raises((AuthenticationError, ResponseError)):  # no password, no entry
         Redis(port=acl_redis).ping()
     with pytest.raises((AuthenticationError, ResponseError)):

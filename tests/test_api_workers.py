@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from producer.sources import iter_sources, resolve
+from shared import keys
 from shared.ledger import RedisLedger
 from shared.ratelimit import Limits
 from shared.settings import Settings
@@ -302,7 +303,7 @@ def test_chunks_the_api_refuses_make_their_documents_dead_letters_distributed(tm
         proc.terminate()
         proc.wait(30)
     pool.assert_clean_exit()
-    counters = RedisLedger(Redis.from_url(redis_url)).counters()
+    counters = RedisLedger(Redis.from_url(redis_url), keys.DEFAULT).counters()
     _assert_refused_documents_are_dead_letters(store, letters, docs, counters)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from redis import Redis
 
+from shared import keys
 from shared.ledger import LocalLedger, RedisLedger
 from shared.messages import BatchPlan, Chunk, DeadLetter, Document, content_hash
 from shared.spec import EmbeddingSpec
@@ -94,7 +95,7 @@ def test_memory_and_redis_states_end_a_batch_alike(tmp_path, redis_url):
     in_memory = run_batch(MemoryBatch(plan, docs, local), str(tmp_path / "memory"), parts)
 
     redis = Redis.from_url(redis_url)
-    shared_ledger = RedisLedger(redis)
+    shared_ledger = RedisLedger(redis, keys.DEFAULT)
     shared_ledger.add_dead(old)
     batch = RedisBatch(redis, "b1", shared_ledger, ttl_s=600)
     with redis.pipeline() as pipe:  # what the load and chunk jobs leave in Redis
@@ -125,7 +126,7 @@ def test_memory_and_redis_states_end_a_batch_alike(tmp_path, redis_url):
 def test_a_part_that_failed_for_good_fails_its_documents_and_the_rest_is_stored(tmp_path, redis_url):
     plan, docs, parts = batch_of_three()
     redis = Redis.from_url(redis_url)
-    batch = RedisBatch(redis, "b2", RedisLedger(redis), ttl_s=600)
+    batch = RedisBatch(redis, "b2", RedisLedger(redis, keys.DEFAULT), ttl_s=600)
     store = open_store(str(tmp_path / "store"), SPEC)
     with redis.pipeline() as pipe:
         batch.put_documents(docs, pipe)
@@ -140,17 +141,21 @@ def test_a_part_that_failed_for_good_fails_its_documents_and_the_rest_is_stored(
     result = finalize_batch(batch, store)
     assert result is not None and list(result.done) == ["a"] and result.failed == ["b", "c"]
     assert store.chunk_ids(["a", "b"]) == {"a": {"a-0", "a-1"}, "b": set()}  # b's first two chunks removed
-    assert RedisLedger(redis).counters() == {"documents_done": 1, "chunks_written": 2, "documents_skipped": 1}
+    assert RedisLedger(redis, keys.DEFAULT).counters() == {
+        "documents_done": 1,
+        "chunks_written": 2,
+        "documents_skipped": 1,
+    }
 
 
 def test_a_job_checks_the_spec_its_batch_was_planned_for(redis_url):
     from shared.errors import ConfigError
 
     redis = Redis.from_url(redis_url)
-    batch = RedisBatch(redis, "b3", RedisLedger(redis), ttl_s=600)
+    batch = RedisBatch(redis, "b3", RedisLedger(redis, keys.DEFAULT), ttl_s=600)
     batch.check_spec(SPEC)  # no plan yet: nothing to compare
     with redis.pipeline() as pipe:
         batch.put_plan(BatchPlan(1, "another-spec", {}), [], pipe)
         pipe.execute()
     with pytest.raises(ConfigError, match="another-spec"):
-        RedisBatch(redis, "b3", RedisLedger(redis), ttl_s=600).check_spec(SPEC)
+        RedisBatch(redis, "b3", RedisLedger(redis, keys.DEFAULT), ttl_s=600).check_spec(SPEC)

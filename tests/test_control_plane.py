@@ -29,7 +29,7 @@ from workers.runtime import init_context
 
 def fill(redis: Redis, n: int) -> RedisLedger:
     """n dead letters, one a second; every third an embed failure, the rest empty documents."""
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, keys.DEFAULT)
     ledger.add_dead(
         [
             DeadLetter(
@@ -84,7 +84,7 @@ def test_a_janitor_round_expands_at_most_a_bounded_number_of_failed_jobs(redis_u
     registry = FailedJobRegistry("load", connection=redis, serializer=JSONSerializer)
     failed_jobs = FAILED_JOBS_PER_ROUND + 50
     redis.zadd(registry.key, {f"lost-{i}": 4e9 + i for i in range(failed_jobs)})  # jobs whose hashes are gone
-    settings, ledger = Settings.from_env({}, redis_url=redis_url), RedisLedger(redis)
+    settings, ledger = Settings.from_env({}, redis_url=redis_url), RedisLedger(redis, keys.DEFAULT)
 
     assert expand_failed_jobs(redis, settings, ledger) == FAILED_JOBS_PER_ROUND
     assert registry.get_job_count(cleanup=False) == 50 and ledger.dead_count() == FAILED_JOBS_PER_ROUND
@@ -98,15 +98,15 @@ def test_the_janitor_leaves_documents_in_the_inbox_while_the_queues_are_full(red
     form, instead of all becoming load jobs whose payloads grow at each stage."""
     redis = Redis.from_url(redis_url)
     settings = Settings.from_env({}, redis_url=redis_url, batch_docs=4, max_backlog_jobs=2)
-    redis.rpush(keys.INBOX, *[json.dumps({"v": 1, "id": f"doc-{i}", "text": "words"}) for i in range(16)])
+    redis.rpush(keys.DEFAULT.INBOX, *[json.dumps({"v": 1, "id": f"doc-{i}", "text": "words"}) for i in range(16)])
     janitor = Janitor(settings, redis)
-    load = queue(redis, "load")
+    load = queue(redis, "load", "")
 
     while janitor.tick():
         pass
-    assert load.count == 3 and redis.llen(keys.INBOX) == 4  # more than 2 jobs queued: the rest waits
+    assert load.count == 3 and redis.llen(keys.DEFAULT.INBOX) == 4  # more than 2 jobs queued: the rest waits
     load.empty()  # the loaders caught up
-    assert janitor.tick() == 4 and redis.llen(keys.INBOX) == 0
+    assert janitor.tick() == 4 and redis.llen(keys.DEFAULT.INBOX) == 0
 
 
 @pytest.mark.slow

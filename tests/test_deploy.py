@@ -160,7 +160,7 @@ def _wait_for_workers(redis: Redis, procs: dict, logs: Path) -> None:
 
     def started() -> bool:
         assert all(p.poll() is None for p in procs.values()), f"a service exited; see {logs}"
-        return all(Worker.count(queue=queue(redis, s)) for s in STAGES)
+        return all(Worker.count(queue=queue(redis, s, "")) for s in STAGES)
 
     wait_until(started, 240, f"the services started; see {logs}", interval_s=0.5)
 

@@ -44,28 +44,30 @@ HOSTILE = [
 def load_batches(redis: Redis) -> list[list[str]]:
     """The document IDs of each load batch the janitor enqueued, read from the claim checks."""
     q = Queue("load", connection=redis, serializer=JSONSerializer)
-    return [[s["id"] for s in decode_sources(redis.get(keys.sources(job.args[0])))] for job in q.get_jobs()]
+    return [[s["id"] for s in decode_sources(redis.get(keys.DEFAULT.sources(job.args[0])))] for job in q.get_jobs()]
 
 
 @pytest.mark.slow
 def test_hostile_messages_become_dead_letters_and_the_round_goes_on(redis_url):
     redis = Redis.from_url(redis_url)
     good = [json.dumps({"v": 1, "id": f"good-{i}", "text": f"document {i}"}).encode() for i in range(5)]
-    redis.rpush(keys.INBOX, good[0], *HOSTILE[:4], good[1], *HOSTILE[4:], *good[2:])
+    redis.rpush(keys.DEFAULT.INBOX, good[0], *HOSTILE[:4], good[1], *HOSTILE[4:], *good[2:])
     janitor = Janitor(Settings.from_env({}, redis_url=redis_url), redis)
     before = time.time()
     assert janitor.tick(flush=True) == len(good) + len(HOSTILE)
     assert load_batches(redis) == [[f"good-{i}" for i in range(5)]]
-    dead = RedisLedger(redis).dead()
+    dead = RedisLedger(redis, keys.DEFAULT).dead()
     assert len(dead) == len(HOSTILE) and all(d.reason == "decode_error" and d.stage == "inbox" for d in dead)
     for letter in dead:  # storable and printable IDs, bounded messages
         letter.doc_id.encode("utf-8")
         assert len(letter.doc_id) <= 512 and "\x00" not in letter.doc_id and len(letter.message) <= 500
-    assert float(redis.get(keys.JANITOR_TICK)) >= before  # a good round
+    assert float(redis.get(keys.DEFAULT.JANITOR_TICK)) >= before  # a good round
     listed = embedpipe("failed", "--redis", env=cli_env(EMBEDPIPE_REDIS_URL=redis_url)).stdout
     assert listed.count("\n") == len(HOSTILE) and "\x1b" not in listed and "\\x1b]0;pwned" in listed
-    assert redis.llen(keys.INBOX) == 0 and not redis.smembers(keys.INBOX_TAKERS) - {janitor.inbox.id.encode()}
-    assert redis.llen(keys.inbox_taken(janitor.inbox.id)) == 0
+    assert redis.llen(keys.DEFAULT.INBOX) == 0 and not redis.smembers(keys.DEFAULT.INBOX_TAKERS) - {
+        janitor.inbox.id.encode()
+    }
+    assert redis.llen(keys.DEFAULT.inbox_taken(janitor.inbox.id)) == 0
 
 
 @pytest.mark.slow
@@ -79,15 +81,15 @@ def test_a_broken_step_fails_alone_and_the_janitor_reports_it(redis_url):
     # and the export (which counts that registry) fail; the inbox step must still batch documents
     redis.set("rq:scheduled:load", "not a sorted set")
     errors = {s: metrics.JANITOR_STEP_ERRORS.labels(s)._value.get() for s in ("scheduler", "export", "inbox")}
-    redis.rpush(keys.INBOX, json.dumps({"v": 1, "id": "still-batched", "text": "the inbox goes on"}))
-    redis.set(keys.JANITOR_TICK, time.time() - 3600)  # the last good round, an hour ago
+    redis.rpush(keys.DEFAULT.INBOX, json.dumps({"v": 1, "id": "still-batched", "text": "the inbox goes on"}))
+    redis.set(keys.DEFAULT.JANITOR_TICK, time.time() - 3600)  # the last good round, an hour ago
     janitor._last_export = 0.0
     assert janitor.tick(flush=True) == 1
     assert load_batches(redis)[-1] == ["still-batched"]
     assert metrics.JANITOR_STEP_ERRORS.labels("scheduler")._value.get() == errors["scheduler"] + 1
     assert metrics.JANITOR_STEP_ERRORS.labels("export")._value.get() == errors["export"] + 1
     assert metrics.JANITOR_STEP_ERRORS.labels("inbox")._value.get() == errors["inbox"]
-    assert float(redis.get(keys.JANITOR_TICK)) < time.time() - 3000  # not a good round: no advance
+    assert float(redis.get(keys.DEFAULT.JANITOR_TICK)) < time.time() - 3000  # not a good round: no advance
     sick = embedpipe("health", "--stage", "janitor", env=env, check=False)
     assert sick.returncode == 1 and "last round with every step done" in sick.stderr
     assert "Traceback" not in sick.stderr
@@ -117,11 +119,15 @@ def test_two_janitors_share_the_inbox_without_losing_or_doubling_a_document(redi
             pipe = redis.pipeline(transaction=False)
             for doc_id in ids[start : start + 50]:
                 message = json.dumps({"v": 1, "id": doc_id, "text": f"text of {doc_id}"})
-                (pipe.lpush if rng.random() < 0.3 else pipe.rpush)(keys.INBOX, message)
+                (pipe.lpush if rng.random() < 0.3 else pipe.rpush)(keys.DEFAULT.INBOX, message)
             pipe.execute()
             time.sleep(0.02)
         # no workers here: wait for the inbox and the janitors' hands only
-        wait_until(lambda: redis.llen(keys.INBOX) + inbox_held(redis) == 0, 60, "the janitors drained the inbox")
+        wait_until(
+            lambda: redis.llen(keys.DEFAULT.INBOX) + inbox_held(redis, keys.DEFAULT) == 0,
+            60,
+            "the janitors drained the inbox",
+        )
     finally:
         for j in janitors:
             j.terminate()
@@ -130,7 +136,7 @@ def test_two_janitors_share_the_inbox_without_losing_or_doubling_a_document(redi
             log.close()
     taken = [i for batch in load_batches(redis) for i in batch]
     assert len(taken) == len(set(taken)) == len(ids) and set(taken) == set(ids)  # each exactly once
-    assert codes == [0, 0] and RedisLedger(redis).dead_count() == 0
+    assert codes == [0, 0] and RedisLedger(redis, keys.DEFAULT).dead_count() == 0
     batched = [(tmp_path / f"janitor-{i}.log").read_text().count("documents batched") for i in range(2)]
     assert min(batched) > 0, f"one janitor took every batch, so nothing raced: {batched}"
 
@@ -138,15 +144,15 @@ def test_two_janitors_share_the_inbox_without_losing_or_doubling_a_document(redi
 def test_a_batch_held_by_a_dead_janitor_goes_back_and_is_enqueued_once(redis_url):
     redis = Redis.from_url(redis_url)
     settings = Settings.from_env({}, redis_url=redis_url, batch_docs=10)
-    ledger = RedisLedger(redis)
-    redis.rpush(keys.INBOX, *[json.dumps({"v": 1, "id": f"d{i}", "text": "x"}) for i in range(25)])
+    ledger = RedisLedger(redis, keys.DEFAULT)
+    redis.rpush(keys.DEFAULT.INBOX, *[json.dumps({"v": 1, "id": f"d{i}", "text": "x"}) for i in range(25)])
     # a janitor takes a batch, then dies before enqueueing it (its liveness key never refreshed again)
     doomed = Inbox(redis, settings, ledger, "doomed")
     held = doomed.take(flush=True)
-    assert len(held) == 10 and redis.llen(keys.INBOX) == 15
+    assert len(held) == 10 and redis.llen(keys.DEFAULT.INBOX) == 15
     survivor = Janitor(settings, redis)
     assert survivor.inbox.recover() == 10  # its owner is not alive: back at the head, in order
-    assert [json.loads(m)["id"] for m in redis.lrange(keys.INBOX, 0, 9)] == [f"d{i}" for i in range(10)]
+    assert [json.loads(m)["id"] for m in redis.lrange(keys.DEFAULT.INBOX, 0, 9)] == [f"d{i}" for i in range(10)]
     while survivor.tick(flush=True):
         pass
     everything = sorted(f"d{i}" for i in range(25))
@@ -161,7 +167,7 @@ def test_batches_are_bounded_in_bytes_and_the_janitor_stays_small(redis_url, tmp
     redis = Redis.from_url(redis_url)
     big = "word " * 400_000  # 2 MB of text per document
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_INBOX_WAIT_S="0.05")
-    redis.rpush(keys.INBOX, *[json.dumps({"v": 1, "id": f"big-{i}", "text": big}) for i in range(64)])
+    redis.rpush(keys.DEFAULT.INBOX, *[json.dumps({"v": 1, "id": f"big-{i}", "text": big}) for i in range(64)])
     janitor = subprocess.Popen([EMBEDPIPE, "janitor", "--burst"], env=env, stdout=subprocess.DEVNULL)
     peak = 0
     proc = psutil.Process(janitor.pid)
@@ -184,7 +190,7 @@ def test_dead_letters_are_bounded_in_age_and_number(redis_url):
     from shared.messages import DeadLetter
 
     redis = Redis.from_url(redis_url)
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, keys.DEFAULT)
     now = time.time()
     old = [
         DeadLetter(f"old-{i}", "load", "empty", "x", at=now - 100 * 86400, source={"id": f"old-{i}"}) for i in range(3)
@@ -196,8 +202,13 @@ def test_dead_letters_are_bounded_in_age_and_number(redis_url):
     janitor.tick()  # its first round cleans up
     kept = {d.doc_id for d in ledger.dead()}
     assert len(kept) == 1000 and kept == {f"bad-{i:04d}" for i in range(200, 1200)}  # the newest 1,000
-    assert not any(redis.exists(keys.dead_source(f"old-{i}")) for i in range(3))
-    assert redis.zcard(keys.DEAD_BY_TIME) == redis.hlen(keys.DEAD) == redis.hlen(keys.DEAD_ATTEMPTS) == 1000
+    assert not any(redis.exists(keys.DEFAULT.dead_source(f"old-{i}")) for i in range(3))
+    assert (
+        redis.zcard(keys.DEFAULT.DEAD_BY_TIME)
+        == redis.hlen(keys.DEFAULT.DEAD)
+        == redis.hlen(keys.DEFAULT.DEAD_ATTEMPTS)
+        == 1000
+    )
 
 
 def test_documents_of_a_batch_whose_payloads_expired_each_become_dead_letters(redis_url):
@@ -213,8 +224,8 @@ def test_documents_of_a_batch_whose_payloads_expired_each_become_dead_letters(re
     redis = Redis.from_url(redis_url)
     settings = Settings.from_env({}, redis_url=redis_url, job_retries=0)
     submit(redis, settings, [SourceDoc(f"doc-{i}", text="words") for i in range(3)])
-    [batch] = [k.decode().rsplit(":", 1)[1] for k in redis.keys(keys.sources("*"))]
-    redis.delete(keys.sources(batch))  # expired
+    [batch] = [k.decode().rsplit(":", 1)[1] for k in redis.keys(keys.DEFAULT.sources("*"))]
+    redis.delete(keys.DEFAULT.sources(batch))  # expired
     ctx = init_context(settings, "load", redis)
     StageWorker([ctx.queues["load"]], context=ctx, connection=redis, serializer=JSONSerializer).work(burst=True)
     expand_failed_jobs(redis, settings, ctx.ledger)

@@ -100,7 +100,7 @@ def test_a_live_workers_job_of_many_leases_is_never_taken_from_it(redis_url, tmp
         enqueue(env, tmp_path, docs)
         job_id, worker_name = running_job(redis, "embed")
         time.sleep(2.5 * lease_s)  # leases after its start: still held by its worker, which is still listed
-        entries = redis.zrange(queue(redis, "embed").started_job_registry.key, 0, -1, withscores=True)
+        entries = redis.zrange(queue(redis, "embed", "").started_job_registry.key, 0, -1, withscores=True)
         held = [score for entry, score in entries if entry.decode().startswith(job_id + ":")]
         assert held and held[0] > time.time(), f"the lease was not renewed: {entries}"
         assert redis.ttl(Worker.redis_worker_namespace_prefix + worker_name) > lease_s

@@ -62,7 +62,7 @@ def wait_busy(redis: Redis, stage: str, timeout_s: float = 20) -> bool:
     """Until a job of `stage` is running (so a kill lands mid-job), or the timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if queue(redis, stage).started_job_registry.count:
+        if queue(redis, stage, "").started_job_registry.count:
             return True
         time.sleep(0.05)
     return False
@@ -101,7 +101,7 @@ def test_sigterm_finishes_the_current_job_then_exits(redis_url, tmp_path, tokeni
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     with worker_pool(env, tmp_path / "logs", redis) as pool:
         embedpipe("enqueue", str(tmp_path / "docs.jsonl"), env=env)
-        registry = queue(redis, "embed").started_job_registry
+        registry = queue(redis, "embed", "").started_job_registry
         running = wait_until(lambda: registry.get_job_ids(cleanup=False), 20, "an embed job running")
         pool.procs["embed-0"].terminate()  # SIGTERM, as compose stop or a Kubernetes scale-in sends
         assert pool.procs["embed-0"].wait(120) == 0
@@ -380,7 +380,7 @@ def test_the_producer_waits_while_the_backlog_is_over_the_limit(redis_url, tmp_p
     submitter = threading.Thread(target=submit, args=(redis, settings, docs), kwargs={"on_wait": waits.append})
     submitter.start()
     time.sleep(2)
-    assert submitter.is_alive() and queue(redis, "load").count == 2 and waits[-1] == 2  # held back
+    assert submitter.is_alive() and queue(redis, "load", "").count == 2 and waits[-1] == 2  # held back
     env = cli_env(EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(tmp_path / "store"), EMBEDPIPE_BATCH_DOCS="2")
     with worker_pool(env, tmp_path / "logs", redis) as pool:
         submitter.join(300)

@@ -29,6 +29,7 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_JOB_LEASE_S": "0"},
         {"EMBEDPIPE_JOB_LEASE_S": "600"},
         {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
+        {"EMBEDPIPE_PRUNE_MAX_FRACTION": "1.5"},
     ],
 )
 def test_invalid_settings_are_clear_errors(env):
@@ -39,3 +40,11 @@ def test_invalid_settings_are_clear_errors(env):
 def test_passwords_are_redacted():
     assert redact_url("redis://user:s3cret@host:6380/2") == "redis://user:***@host:6380/2"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_the_embedded_runs_state_lives_in_a_directory_store_or_per_server_store_without_its_password(tmp_path):
+    assert Settings(store=str(tmp_path / "store")).local_state_dir == tmp_path / "store"
+    a, b = (Settings(store=f"postgresql://me:{pw}@db:5432/vectors") for pw in ("one", "two"))
+    assert a.local_state_dir == b.local_state_dir and "one" not in str(a.local_state_dir)
+    assert a.local_state_dir != Settings(store="postgresql://me@db:5432/other").local_state_dir
+    assert a.store_redacted == "postgresql://me:***@db:5432/vectors"

@@ -221,3 +221,18 @@ def test_the_readers_of_whole_tables_stream_through_server_side_cursors(pg_url):
         n, before, peak = out.stdout.split()
         assert int(n) == rows
         assert float(peak) - float(before) < 80, (reader, before, peak)
+
+
+def test_a_switch_keeps_the_previous_collection_for_a_rollback(pg_url):
+    first, second = open_store(pg_url, spec("model-a")), open_store(pg_url, spec("model-b", dimensions=4))
+    first.upsert(*chunks("a", 2))
+    second.upsert(*chunks("a", 2, dim=4))
+    assert (first.active(), first.previous()) == (first.collection, None)
+    first.activate(second.collection)
+    first.activate(second.collection)  # again: no change, the previous one stays
+    assert (first.active(), first.previous()) == (second.collection, first.collection)
+    first.activate(first.previous())  # the rollback
+    rows = {c["name"]: (c["active"], c["previous"]) for c in first.collections()}
+    assert rows == {first.collection: (True, False), second.collection: (False, True)}
+    first.close()
+    second.close()

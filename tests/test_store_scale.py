@@ -156,7 +156,7 @@ def test_prune_streams_the_store_and_removes_in_slices(tmp_path, monkeypatch):
     chunks, vectors, docs = part("p", 400, 1)  # 50 documents
     store.upsert(chunks, vectors, docs)
     kept = {f"p-d{j}" for j in range(0, 50, 3)}
-    assert store_module.prune(str(tmp_path), kept) == {store.collection: 50 - len(kept)}
+    assert store_module.prune(str(tmp_path), kept, force=True) == {store.collection: 50 - len(kept)}
     assert set(store.doc_ids()) == kept and store.count() == 8 * len(kept)
     assert {c["name"]: c["documents"] for c in store.collections()} == {store.collection: len(kept)}
 

@@ -80,7 +80,7 @@ def test_callbacks_webhooks_dependencies_and_foreign_arguments_are_refused_and_d
         webhooks=[Webhook(hook, "failed", method="POST")],
     )
     # embedpipe's own stage function, dressed up
-    redis.set(keys.sources("b1"), pack([{"id": "d", "text": "would be loaded"}]))
+    redis.set(keys.DEFAULT.sources("b1"), pack([{"id": "d", "text": "would be loaded"}]))
     q.enqueue_call("workers.load.load_job", args=("b1",), job_id="cb", on_success=Callback("builtins.print"))
     q.enqueue_call("workers.load.load_job", args=("b1",), job_id="hooked", webhooks=[Webhook(hook, "finished")])
     q.enqueue_call("workers.load.load_job", args=("b1",), kwargs={"extra": 1}, job_id="kwargs")
@@ -107,4 +107,4 @@ def test_callbacks_webhooks_dependencies_and_foreign_arguments_are_refused_and_d
     assert _Recorder.requests == []  # no webhook was sent
     assert capsys.readouterr().out == ""  # print was never called
     assert Queue("chunk", connection=redis, serializer=JSONSerializer).count == 0  # load_job never ran
-    assert redis.get(keys.documents("b1")) is None
+    assert redis.get(keys.DEFAULT.documents("b1")) is None

@@ -1,4 +1,4 @@
-"""Embedded mode: the same stage functions in one process, no Redis, the local store.
+"""Embedded mode: the same stage functions in one process, no Redis, any store (a directory or pgvector).
 
 Loading and chunking run in one thread, writing in another, so the model (main thread) never waits
 for them; bounded queues between them keep memory flat. torch is imported only when there is
@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from shared.cache import LocalVectorCache
 from shared.embedding import Embedder
-from shared.errors import ConfigError, RateLimited
+from shared.errors import RateLimited
 from shared.ledger import LocalLedger, local_ledger_path
 from shared.messages import Chunk, DeadLetter, SourceDoc, batched_by_size
 from shared.settings import Settings
@@ -86,14 +86,11 @@ def run_embedded(
     """Load, chunk, embed and write `items` into the local store under these settings; unchanged
     documents are skipped, cached chunks not embedded again. `embedder` (warmed up or not) is used
     instead of a new one; it is warmed up only if something must be embedded."""
-    if "://" in settings.store:
-        raise ConfigError("the embedded mode writes a directory store; use the distributed mode for a server store")
     spec = spec_for(settings)
     store = open_store(settings.store, spec, settings=settings)
-    cache = LocalVectorCache(
-        settings.store_path / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s
-    )
-    run = _Run(settings, spec, store, LocalLedger(local_ledger_path(settings.store_path)), cache, progress)
+    state = settings.local_state_dir  # beside a directory store; a user's directory for a server store
+    cache = LocalVectorCache(state / "embedpipe-cache.sqlite", settings.cache_max_entries, settings.cache_ttl_s)
+    run = _Run(settings, spec, store, LocalLedger(local_ledger_path(state)), cache, progress)
     try:
         return run.run(items, embedder or make_embedder(settings))
     finally:
@@ -121,7 +118,7 @@ class _Run:
         self.growing = progress is not None and not progress.total  # no total counted up front
         self.phase = ""
         self.chunks_of: dict[str, int] = {}  # each document's chunks, for its share of the bar
-        self.summary = RunSummary(store=str(settings.store_path.resolve()), collection=spec.collection)
+        self.summary = RunSummary(store=settings.store_redacted, collection=spec.collection)
         self.errors: list[BaseException] = []
         self.submitted: set[str] = set()
 

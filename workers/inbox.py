@@ -22,7 +22,6 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import WatchError
 
-from shared import keys
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, SourceDoc, decode_inbox_message, safe_id
@@ -69,12 +68,13 @@ class Inbox:
 
     def __init__(self, redis: Redis, settings: Settings, ledger: RedisLedger, janitor_id: str) -> None:
         self.redis, self.settings, self.ledger, self.id = redis, settings, ledger, janitor_id
-        self.taken_key = keys.inbox_taken(janitor_id)
+        self.keys = settings.keys
+        self.taken_key = self.keys.inbox_taken(janitor_id)
         self._take = redis.register_script(_TAKE)
         self._return = redis.register_script(_RETURN)
 
     def keep_alive(self) -> None:
-        self.redis.set(keys.janitor_alive(self.id), 1, ex=ALIVE_TTL_S)
+        self.redis.set(self.keys.janitor_alive(self.id), 1, ex=ALIVE_TTL_S)
 
     def drain(self, flush: bool) -> int:
         """Move up to one batch of inbox messages into a load job; return how many were taken.
@@ -85,7 +85,7 @@ class Inbox:
         """Move a batch from the inbox to this janitor's own list (atomic); the messages."""
         s = self.settings
         bounds = [self.id, s.batch_docs, s.batch_bytes, int(flush)]
-        return self._take([keys.INBOX, self.taken_key, keys.INBOX_TAKERS], bounds)
+        return self._take([self.keys.INBOX, self.taken_key, self.keys.INBOX_TAKERS], bounds)
 
     def commit(self, raw: list[bytes]) -> int:
         """Enqueue the taken messages as a load batch (dead letters for undecodable ones) and let go of
@@ -115,10 +115,10 @@ class Inbox:
     def recover(self) -> int:
         """Put the batches of janitors that died holding them back at the head of the inbox."""
         returned = 0
-        for member in self.redis.smembers(keys.INBOX_TAKERS):
+        for member in self.redis.smembers(self.keys.INBOX_TAKERS):
             other = member.decode()
-            if other != self.id and not self.redis.exists(keys.janitor_alive(other)):
-                n = self._return([keys.INBOX, keys.inbox_taken(other), keys.INBOX_TAKERS], [other])
+            if other != self.id and not self.redis.exists(self.keys.janitor_alive(other)):
+                n = self._return([self.keys.INBOX, self.keys.inbox_taken(other), self.keys.INBOX_TAKERS], [other])
                 returned += int(n)
                 if n:
                     log.warning(

@@ -26,12 +26,21 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
-from shared import keys, metrics
+from shared import metrics
 from shared.errors import DecodeError
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
-from shared.queues import JOB_FUNCTIONS, connect, distributed_status, enqueue_jobs, is_idle, queue, queue_lengths
+from shared.queues import (
+    JOB_FUNCTIONS,
+    connect,
+    distributed_status,
+    enqueue_jobs,
+    is_idle,
+    queue,
+    queue_lengths,
+    queue_name,
+)
 from shared.settings import STAGES, Settings
 from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
@@ -57,9 +66,10 @@ class Janitor:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or connect(settings)
-        self.ledger = RedisLedger(self.redis, settings.dead_source_ttl_s)
+        self.keys = settings.keys
+        self.ledger = RedisLedger(self.redis, self.keys, settings.dead_source_ttl_s)
         self.inbox = Inbox(self.redis, settings, self.ledger, uuid.uuid4().hex)
-        queues = [queue(self.redis, s) for s in STAGES]
+        queues = [queue(self.redis, s, settings.namespace) for s in STAGES]  # its namespace's only
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
         self.scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
@@ -103,11 +113,11 @@ class Janitor:
         if ok:
             at = time.time()
             metrics.JANITOR_LAST_TICK.set(at)
-            self.redis.set(keys.JANITOR_TICK, at, ex=24 * 3600)
+            self.redis.set(self.keys.JANITOR_TICK, at, ex=24 * 3600)
         return taken
 
     def _drain(self, now: float, flush: bool) -> int:
-        queued, inbox = queue_lengths(self.redis)
+        queued, inbox = queue_lengths(self.redis, self.settings)
         waiting = inbox > 0
         if waiting and queued > self.settings.max_backlog_jobs:
             # Backpressure, as for `enqueue`: documents wait in the inbox, their smallest form in Redis,
@@ -128,8 +138,8 @@ class Janitor:
         self.ledger.expire_dead(self.settings.dead_letter_ttl_s, self.settings.max_dead_letters)
 
     def _export(self) -> None:
-        status = distributed_status(self.redis)
-        export_state(self.redis, self.ledger, status)
+        status = distributed_status(self.redis, self.keys)
+        export_state(self.redis, self.settings.namespace, self.ledger, status)
         if self.settings.probe_eval and is_idle(status):
             request_probe(self.redis, self.settings, self.ledger, status["chunks_written"])
 
@@ -145,7 +155,7 @@ class Janitor:
             try:
                 taken = self.tick(flush=burst)
                 delay = 1.0
-                if burst and not taken and self.redis.llen(keys.INBOX) == 0:
+                if burst and not taken and self.redis.llen(self.keys.INBOX) == 0:
                     break
                 if not taken:
                     time.sleep(IDLE_SLEEP_S)
@@ -163,15 +173,16 @@ class Janitor:
         log.info("janitor stopped")
 
 
-def export_state(redis: Redis, ledger: RedisLedger, status: dict[str, Any]) -> None:
-    """The pipeline's state as Prometheus gauges: queues, workers, dead letters, the quality probe."""
+def export_state(redis: Redis, namespace: str, ledger: RedisLedger, status: dict[str, Any]) -> None:
+    """The pipeline's (the namespace's) state as Prometheus gauges: queues, workers, dead letters, the
+    quality probe. The labels are the stages; a namespace's janitor exports its own namespace."""
     for stage, s in status["stages"].items():
         metrics.QUEUE_JOBS.labels(stage, "queued").set(s["queued"] + s["dequeuing"])
         metrics.QUEUE_JOBS.labels(stage, "running").set(s["running"])
         metrics.QUEUE_JOBS.labels(stage, "scheduled").set(s["scheduled"] + s["deferred"])
         metrics.QUEUE_JOBS.labels(stage, "failed").set(s["failed"])
         metrics.WORKERS.labels(stage).set(s["workers"])
-        oldest = redis.lindex(queue(redis, stage).key, 0)
+        oldest = redis.lindex(queue(redis, stage, namespace).key, 0)
         enqueued = redis.hget(f"rq:job:{oldest.decode()}", "enqueued_at") if oldest else None
         age = time.time() - utcparse(enqueued.decode()).timestamp() if enqueued else 0.0
         metrics.QUEUE_OLDEST_AGE.labels(stage).set(max(age, 0.0))
@@ -189,12 +200,12 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
     """The pipeline went idle after new writes: probe the quality once for this state of the store."""
     if not chunks_written or ledger.last_probe().get("chunks_written") == chunks_written:
         return
-    previous = redis.set(keys.PROBE_REQUESTED, chunks_written, get=True)
+    previous = redis.set(settings.keys.PROBE_REQUESTED, chunks_written, get=True)
     if previous == str(chunks_written).encode():
         return  # already requested for this state
     with redis.pipeline() as pipe:
         enqueue_jobs(
-            queue(redis, "embed"),
+            queue(redis, "embed", settings.namespace),
             settings,
             "probe",
             [(settings.probe_eval, chunks_written)],
@@ -211,7 +222,7 @@ def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) ->
     FAILED_JOBS_PER_ROUND of each stage per round, the rest in the next rounds."""
     expanded = 0
     for stage in STAGES:
-        registry = FailedJobRegistry(stage, connection=redis, serializer=JSONSerializer)
+        registry = FailedJobRegistry(queue_name(stage, settings.namespace), connection=redis, serializer=JSONSerializer)
         for job_id in registry.get_job_ids(0, FAILED_JOBS_PER_ROUND - 1):
             func, args, message = read_failed_job(redis, job_id)
             batch_id = args[0] if args and isinstance(args[0], str) else None
@@ -225,7 +236,7 @@ def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) ->
                 pipe.execute()
             if batch is not None and failed_part is not None and batch.accounted():
                 with redis.pipeline() as pipe:
-                    enqueue_jobs(queue(redis, "write"), settings, "finalize", [(batch.id,)], pipe)
+                    enqueue_jobs(queue(redis, "write", settings.namespace), settings, "finalize", [(batch.id,)], pipe)
                     pipe.execute()
             expanded += 1
             log.warning("job %s failed for good: %d dead letters", job_id, len(letters))
@@ -258,7 +269,7 @@ def failed_job_letters(
 ) -> tuple[list[DeadLetter], int | None]:
     """The documents a failed job carried, as dead letters with their sources (for redrive), and the
     part that failed with it (embed and write jobs), whose documents the batch's finalisation removes."""
-    if batch is None or func not in JOB_FUNCTIONS.values():
+    if batch is None or func not in JOB_FUNCTIONS.values() or func == JOB_FUNCTIONS["prune"]:  # prune: no batch
         return [DeadLetter(f"job:{job_id}", stage, "job_failed", f"{func or 'unknown function'}: {message}")], None
     try:
         sources = {s.get("id"): s for s in batch.sources() if isinstance(s, dict)}

@@ -30,7 +30,7 @@ from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.metrics import JOBS, LOOP, RETRIES, observe_stored, running_job, serve
-from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, queue
+from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, queue, stage_of
 from shared.settings import STAGES, Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
@@ -50,8 +50,8 @@ LOOP_SLACK_S = 180
 def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> WorkerContext:
     """Load what the stage needs, once per process."""
     redis = redis or connect(settings)
-    ledger = RedisLedger(redis, settings.dead_source_ttl_s)
-    ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s) for s in STAGES})
+    ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
+    ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s, settings.namespace) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     loaded = ctx.resources
@@ -125,7 +125,8 @@ class StageWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> Any:
         if isinstance(job, StageJob):
             job.context = self.context
-        refusal = refusal_of(job, queue.name)
+        stage = stage_of(queue.name)  # the queue's name carries the namespace; labels and rules are per stage
+        refusal = refusal_of(job, stage)
         if refusal is not None:
             log.error("refused job %s: %s", job.id, refusal)
             disarm(job)
@@ -133,11 +134,11 @@ class StageWorker(SimpleWorker):
             job.args, job.kwargs = (job.id, refusal), {}
             job.retries_left = 0
         elif job.retries_left is not None and job.retries_left < self.settings.job_retries:
-            RETRIES.labels(queue.name, "job").inc()
+            RETRIES.labels(stage, "job").inc()
         queued_s = (rq_now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
         stuck_s = self.settings.stuck_job_s or (job.timeout or Queue.DEFAULT_TIMEOUT) + LOOP_SLACK_S
         try:
-            with running_job(queue.name, job.id, queued_s, stuck_s):
+            with running_job(stage, job.id, queued_s, stuck_s):
                 return super().execute_job(job, queue)
         finally:
             self._end_lease()  # also when rq's bookkeeping raised (Redis gone)
@@ -152,29 +153,29 @@ class StageWorker(SimpleWorker):
             self.pubsub_thread.join(timeout=1)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
-        JOBS.labels(queue.name, "ok").inc()
+        JOBS.labels(stage_of(queue.name), "ok").inc()
         if job.func_name == JOB_FUNCTIONS["write"]:
             observe_stored(job.args[0])
         super().handle_job_success(job, queue, started_job_registry)
 
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        JOBS.labels(queue.name, "failed").inc()
+        JOBS.labels(stage_of(queue.name), "failed").inc()
         super().handle_job_failure(job, queue, *args, **kwargs)
 
 
-def refusal_of(job: Job, queue_name: str) -> str | None:
+def refusal_of(job: Job, stage: str) -> str | None:
     """Why a job must not run on this queue's pool, or None. rq acts on more of a job than its function:
     it imports and calls callbacks, posts to webhooks, holds jobs for dependencies. A stage job has none
     of them, no keyword arguments, and exactly its function's positional arguments."""
-    allowed = ALLOWED.get(queue_name, set())
+    allowed = ALLOWED.get(stage, set())
     func = str(job.func_name)[:200]
     if job.func_name not in allowed:
         return f"it names {func!r}, which is not an embedpipe stage (this pool runs only {sorted(allowed)})"
     callbacks = [job._success_callback_name, job._failure_callback_name, job._stopped_callback_name]
     if any(callbacks) or job.webhooks or job._dependency_ids:
         return f"{func} carries callbacks, webhooks or dependencies, which embedpipe never enqueues"
-    stage = next(s for s, f in JOB_FUNCTIONS.items() if f == job.func_name)
-    kinds, args = ARGUMENTS[stage], list(job.args or ())
+    function = next(s for s, f in JOB_FUNCTIONS.items() if f == job.func_name)
+    kinds, args = ARGUMENTS[function], list(job.args or ())
     fits = len(args) == len(kinds) and all(
         type(a) is k and (not isinstance(a, str) or len(a) <= MAX_ARGUMENT_CHARS)
         for a, k in zip(args, kinds, strict=False)

@@ -13,15 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import msgpack
 import numpy as np
 import numpy.typing as npt
 from rq import Queue
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from shared import keys
-from shared.errors import DecodeError
-from shared.messages import Chunk, Document
+from shared.errors import DecodeError, PruneRefused
+from shared.messages import Chunk, DeadLetter, Document, PruneRequest
 from shared.metrics import COLLECTION_CHUNKS, count_retry
 from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, Store, prune
 from workers.batch import BatchState, Outcome, completed_by, doc_records, kept_rows, outcome
@@ -128,15 +126,21 @@ def export_collection(store: Store) -> None:
 
 
 def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
-    """rq job (write queue): a sync removes the documents its sources no longer list, everywhere."""
-    raw = ctx.redis.get(keys.kept_ids(token))
+    """rq job (write queue): a sync removes the documents its sources no longer list, everywhere (under
+    its scope). A prune the guard refuses is a dead letter `prune:<token>` with the numbers, not retried."""
+    request = PruneRequest.decode(ctx.redis.get(ctx.settings.keys.kept_ids(token)))
     try:
-        kept = msgpack.unpackb(raw) if raw is not None else None
-    except Exception as e:
-        raise DecodeError(f"prune {token}: the kept IDs are not valid msgpack: {e}") from e
-    if not isinstance(kept, list) or not all(isinstance(i, str) for i in kept):
-        raise DecodeError(f"prune {token}: the kept IDs are missing or not a list of strings")
-    removed = prune(ctx.settings.store, set(kept))
-    ctx.redis.delete(keys.kept_ids(token))
+        removed = prune(
+            ctx.settings.store,
+            set(request.kept),
+            scope=request.scope,
+            max_fraction=request.max_fraction,
+            force=request.force,
+        )
+    except PruneRefused as e:
+        log.warning("prune %s: %s", token, e)
+        ctx.ledger.add_dead([DeadLetter(f"prune:{token}", STAGE, "job_failed", str(e))])
+        removed = {"refused": 1}
+    ctx.redis.delete(ctx.settings.keys.kept_ids(token))
     log.info("prune %s: removed %s", token, removed)
     return removed
