@@ -31,7 +31,7 @@ def test_run_writes_pgvector_searches_it_and_skips_what_is_unchanged(tmp_path, p
     assert set(store.doc_ids()) == {d.name for d in docs} and store.count() == first["chunks"]
     store.close()
 
-    hits = json.loads(embedpipe("search", "how do I install it", "-k", "3", "--json", env=env).stdout)
+    hits = json.loads(embedpipe("search", "how do I install it", "-k", "3", "--json", env=env).stdout)["hits"]
     assert len(hits) == 3 and all(h["doc_id"] in {d.name for d in docs} for h in hits)
 
     again = json.loads(embedpipe("run", str(corpus), "--json", env=env).stdout)
@@ -39,7 +39,7 @@ def test_run_writes_pgvector_searches_it_and_skips_what_is_unchanged(tmp_path, p
 
     status = json.loads(embedpipe("status", "--json", env=env).stdout)
     assert status["documents_done"] == len(docs) and status["chunks_stored"] == first["chunks"]
-    (letter,) = json.loads(embedpipe("failed", "--json", env=env).stdout)
+    (letter,) = json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
     assert letter["doc_id"] == "empty.txt" and letter["reason"] == "empty"
     (state,) = (tmp_path / "home" / ".local" / "state" / "embedpipe").iterdir()  # the user's, not the server's
     assert {p.name for p in state.iterdir()} >= {"embedpipe-cache.sqlite", "embedpipe-state.sqlite"}

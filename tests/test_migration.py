@@ -23,12 +23,16 @@ class EditsMidBackfill:
     is written, edits, adds and deletes documents in the active collection, as a concurrent `run` would."""
 
     total: float | None = 0
+    n: float = 0
 
     def __init__(self, old: Settings, embedder, location: str) -> None:
         self.old, self.embedder, self.location = old, embedder, location
         self.seen: dict[str, dict[str, int]] = {}
 
     def refresh(self) -> None:
+        pass
+
+    def set_description_str(self, desc: str | None = None, refresh: bool = True) -> None:
         pass
 
     def update(self, n: float = 1) -> bool | None:
@@ -68,7 +72,9 @@ def test_a_reembed_catches_edits_made_during_it_and_promote_can_roll_back(tmp_pa
     env = cli_env(EMBEDPIPE_STORE=location)
 
     def states() -> dict[str, str]:
-        return {c["name"]: c["state"] for c in json.loads(embedpipe("collections", "--json", env=env).stdout)}
+        return {
+            c["name"]: c["state"] for c in json.loads(embedpipe("collections", "--json", env=env).stdout)["collections"]
+        }
 
     assert states() == {first: "active", second: "complete"}
     embedpipe("promote", second, "--force", env=env)  # (no quality probe here: --force)

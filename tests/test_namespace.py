@@ -65,7 +65,7 @@ def test_two_namespaces_on_one_redis_do_not_cross(tmp_path, redis_url):
         (tmp_path / "beta-part.jsonl").write_text("".join(json.dumps(d) + "\n" for d in sent["beta"][:5]))
         embedpipe("enqueue", str(tmp_path / "beta-part.jsonl"), "--prune", env=envs["beta"])
         embedpipe("wait", "--timeout", "600", env=envs["beta"], timeout=660)
-        refused = {ns: json.loads(embedpipe("failed", "--json", env=envs[ns]).stdout) for ns in envs}
+        refused = {ns: json.loads(embedpipe("failed", "--json", env=envs[ns]).stdout)["failed"] for ns in envs}
         no_ns = {k: v for k, v in envs["beta"].items() if k != "EMBEDPIPE_NAMESPACE"}
         by_flag = json.loads(embedpipe("status", "--json", "--namespace", "beta", env=no_ns).stdout)
         default = json.loads(embedpipe("status", "--json", env=no_ns).stdout)
