@@ -120,7 +120,7 @@ class SettingsCommand(click.Command):
         grouped: dict[str, list[tuple[str, str]]] = {}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
-            if record is None:
+            if record is None or isinstance(param, click.Argument):  # arguments are in the usage line
                 continue
             if param.name in FIELDS:
                 grouped.setdefault(GROUP_OF.get(param.name, "Tuning"), []).append(record)
