@@ -169,7 +169,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
         janitor._last_clean = janitor._last_export = float("-inf")  # every step due
         janitor.tick()
 
-    status = distributed_status(redis, keys.DEFAULT)
+    status = distributed_status(redis, settings)
     scrape = generate_latest(REGISTRY)
     measured = {
         "dead_letters": ledger.dead_count(),
@@ -181,8 +181,8 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
         "failed_lines": subprocess.run(
             [tp.EMBEDPIPE, "failed"], env=env, capture_output=True, text=True, check=True
         ).stdout.count("\n"),
-        "status_s": best(lambda: distributed_status(redis, keys.DEFAULT)),
-        "export_s": best(lambda: export_state(redis, "", ledger, distributed_status(redis, keys.DEFAULT))),
+        "status_s": best(lambda: distributed_status(redis, settings)),
+        "export_s": best(lambda: export_state(redis, "", ledger, distributed_status(redis, settings))),
         "scrape_s": best(lambda: generate_latest(REGISTRY)),
         "scrape_series": sum(1 for line in scrape.splitlines() if line and not line.startswith(b"#")),
         "scrape_bytes": len(scrape),

@@ -26,6 +26,7 @@ from producer import client
 from producer.search import search as _search
 from producer.sources import iter_sources, resolve
 from shared.errors import ConfigError, EmbedpipeError
+from shared.lanes import one_model
 from shared.messages import DeadLetter, SourceDoc
 from shared.settings import Settings
 from shared.store_types import Hit
@@ -68,6 +69,7 @@ def run(
     documents skipped, cached chunks not embedded again. Failed documents are counted in the summary
     and kept as dead letters beside the store (`embedpipe failed`)."""
     chosen = settings_of(settings, **overrides)
+    one_model(chosen, "embedpipe.run")
     return run_embedded(chosen, _items(sources, chosen, tuple(exclude)))
 
 

@@ -221,7 +221,7 @@ def within(timeout_s: float, waiting: Callable[[], bool], tick: Callable[[], Non
     help="Redraw every S seconds (default 2) until Ctrl+C; with --json, one JSON line every S seconds (NDJSON).",
 )
 @local_option
-@settings_options(*REDIS, "store")
+@settings_options(*REDIS, "store", "models")
 @fail_clearly
 def status(as_json: bool, watch_s: float | None, local: bool | None, settings: Settings) -> None:
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
@@ -328,7 +328,8 @@ def failed(
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         doc_id, message = printable(r["doc_id"]), printable(r["message"])
-        click.echo(f"{doc_id}  [{r['stage']}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
+        where = f"{r['stage']}@{r['spec']}" if r.get("spec") else r["stage"]
+        click.echo(f"{doc_id}  [{where}/{r['reason']}]  {message}  ({r['attempts']}x, last {when})")
     if partial:
         click.echo(more)
 

@@ -43,6 +43,7 @@ API = [
 ]
 MODEL = [
     "model",
+    "models",
     "device",
     "batch_size",
     "micro_batch_tokens",
@@ -80,7 +81,7 @@ RUNTIME = ["metrics_port", "dead_source_ttl_s", "dead_letter_ttl_s", "max_dead_l
 # How --help groups the settings' flags, in this order. API and tuning are folded away (--help-all shows
 # them): a first read needs the model, the chunks, the store and Redis. A setting not named is tuning.
 HELP_GROUPS = {
-    "Model": ["model", "device", "backend", "dimensions", "doc_prefix", "query_prefix", "vector_dtype"],
+    "Model": ["model", "models", "device", "backend", "dimensions", "doc_prefix", "query_prefix", "vector_dtype"],
     "Chunking": ["chunk_tokens", "chunk_overlap", "chunk_template", "id_prefix", "max_doc_bytes", "fetch_allow"],
     "Store": ["store", "probe_eval", "promote_tolerance", "cache_ttl_s", "cache_max_entries"],
     "Redis": ["redis_url"],

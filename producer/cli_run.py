@@ -29,6 +29,7 @@ from producer.cli_options import (
 )
 from producer.sources import Listed, count_documents, iter_sources, resolve
 from shared.embedding import Embedder
+from shared.lanes import one_model
 from shared.settings import Settings
 
 
@@ -85,6 +86,7 @@ def run(
     from workers.embedded import run_embedded
 
     check_prune_flags(prune, force_prune, prune_scope)
+    one_model(settings, "run")
     check_store(settings, write=True)
     inputs = resolve(list(paths), exclude, settings.id_prefix)
     show = sys.stderr.isatty() if progress is None else progress

@@ -43,7 +43,7 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
 
 @click.command(cls=SettingsCommand)
 @click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
-@settings_options(*REDIS, "batch_docs", "batch_bytes", "inbox_wait_s", *JOBS, *RUNTIME)
+@settings_options(*REDIS, "models", "batch_docs", "batch_bytes", "inbox_wait_s", *JOBS, *RUNTIME)
 @fail_clearly
 def janitor(burst: bool, settings: Settings) -> None:
     """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's

@@ -55,13 +55,13 @@ __all__ = [
 def status(redis: Redis, settings: Settings) -> dict[str, Any]:
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and failed
     (of the pipeline of settings.namespace)."""
-    return distributed_status(redis, settings.keys)
+    return distributed_status(redis, settings)
 
 
 def wait(redis: Redis, settings: Settings, timeout_s: float = 0) -> bool:
     """Block until the pipeline (of settings.namespace) is idle (inbox and queues empty, nothing running
     or scheduled for retry); False if `timeout_s` (0: never) passed first."""
-    return wait_until_idle(redis, settings.keys, timeout_s)
+    return wait_until_idle(redis, settings, timeout_s)
 
 
 def unsettled(redis: Redis, keyspace: Keyspace, batch_ids: list[str]) -> list[str]:
@@ -100,7 +100,7 @@ def wait_for_batches(
     while True:
         if not unsettled(redis, settings.keys, batch_ids):
             return True
-        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings.keys)) else 0
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings)) else 0
         if idle_rounds == 2:
             return True
         if deadline and time.monotonic() > deadline:

@@ -12,18 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.quality import EvalSet, corpus_documents, load_beir
-from shared.settings import Settings
+from shared.settings import Settings, parse_model
 from shared.spec import spec_for
 from shared.store import open_store
 from workers.embed import make_embedder
 from workers.embedded import run_embedded
 from workers.probe import run_probe
-
-
-def parse_spec(spec: str) -> tuple[str, int]:
-    """NAME or NAME@DIMS (the first DIMS dimensions, re-normalised)."""
-    name, _, dims = spec.partition("@")
-    return name, int(dims) if dims else 0
 
 
 def subset(eval_set: EvalSet, max_docs: int) -> set[str] | None:
@@ -43,10 +37,10 @@ def compare(specs: list[str], eval_dir: str, max_docs: int, settings: Settings) 
     ids = subset(eval_set, max_docs)
     rows = []
     for spec in specs:
-        name, dims = parse_spec(spec)
-        embedder = make_embedder(replace(settings, model=name, dimensions=dims)).warm_up()
+        name, dims = parse_model(spec)
+        embedder = make_embedder(replace(settings, model=name, dimensions=dims, models="")).warm_up()
         with tempfile.TemporaryDirectory(prefix="embedpipe-eval-") as store:
-            configured = replace(settings, model=name, dimensions=dims, store=store)
+            configured = replace(settings, model=name, dimensions=dims, models="", store=store)
             summary = run_embedded(configured, corpus_documents(eval_set, ids), embedder=embedder)
             probe = run_probe(open_store(store, spec_for(configured)), embedder, eval_dir)
         rows.append(

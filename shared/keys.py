@@ -85,6 +85,18 @@ class Keyspace:
         """Hash: documents_done, chunks_written, ..."""
         return f"{self.prefix}:counters"
 
+    def lane_counters(self, lane: str) -> str:
+        """Hash: documents_done, chunks_written, documents_skipped of one lane (one model of several)."""
+        return f"{self.prefix}:counters:{lane}"
+
+    def batch_lanes(self, batch_id: str) -> str:
+        """set of the lanes a batch fans out to (several models), written by its chunk job."""
+        return f"{self.prefix}:lanes:{batch_id}"
+
+    def lanes_finalized(self, batch_id: str) -> str:
+        """hash lane -> msgpack outcome of that lane's share of the batch, until the last lane joins them."""
+        return f"{self.prefix}:lanesfinal:{batch_id}"
+
     def inbox_taken(self, janitor_id: str) -> str:
         """list: the inbox messages a janitor took and has not enqueued yet (workers/inbox.py)."""
         return f"{self.prefix}:inbox:taken:{janitor_id}"
@@ -147,12 +159,19 @@ class Keyspace:
         """set once (SET NX) by the writer that finalizes the batch, so documents are counted once."""
         return f"{self.prefix}:final:{batch_id}"
 
-    def batch_keys(self, batch_id: str, parts: int) -> list[str]:
-        """All claim-check keys of a batch, deleted once the batch is finalized."""
-        keys = [
+    def batch_payload_keys(self, batch_id: str) -> list[str]:
+        """The keys a batch's lanes share: its sources, document IDs and documents, and its lanes' records."""
+        return [
             self.sources(batch_id),
             self.batch_doc_ids(batch_id),
             self.documents(batch_id),
+            self.batch_lanes(batch_id),
+            self.lanes_finalized(batch_id),
+        ]
+
+    def lane_keys(self, batch_id: str, parts: int) -> list[str]:
+        """The keys of one lane's share of a batch (or of the whole batch, with one model)."""
+        keys = [
             self.batch_plan(batch_id),
             self.parts_written(batch_id),
             self.parts_failed(batch_id),
@@ -162,6 +181,10 @@ class Keyspace:
         for p in range(parts):
             keys += [self.chunks(batch_id, p), self.vectors(batch_id, p)]
         return keys
+
+    def batch_keys(self, batch_id: str, parts: int) -> list[str]:
+        """All claim-check keys of a batch of a one-model deployment, deleted once it is finalized."""
+        return [*self.batch_payload_keys(batch_id), *self.lane_keys(batch_id, parts)]
 
 
 # Shared by every namespace (see the module docstring).

@@ -142,6 +142,14 @@ class RedisLedger:
     def counters(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.COUNTERS).items()}
 
+    def incr_lane(self, pipe: Pipeline, lane: str, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            pipe.hincrby(self.keys.lane_counters(lane), name, n)
+
+    def lane_counters(self, lane: str) -> dict[str, int]:
+        """One model's own counts (several models at once): its documents done may run ahead of the batch's."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.lane_counters(lane)).items()}
+
 
 class LocalLedger:
     """SQLite file beside the embedded store; safe to share between the embedded runner's threads."""

@@ -327,6 +327,7 @@ class DeadLetter:
     attempts: int = 1
     at: float = 0.0
     source: dict[str, Any] | None = None  # the SourceDoc as submitted, when small enough to keep
+    spec: str = ""  # with several models (EMBEDPIPE_MODELS): the lane of the model that failed it
 
 
 def pack(items: list[Any]) -> bytes:

@@ -145,7 +145,14 @@ FRESHNESS = Histogram(
 )
 
 # --- the pipeline's state, exported by the janitor ---------------------------------------------
-QUEUE_JOBS = Gauge("embedpipe_queue_jobs", "rq jobs per stage and state.", ["stage", "state"])
+QUEUE_JOBS = Gauge(
+    "embedpipe_queue_jobs", "rq jobs per pool (stage; embed@LANE with several models) and state.", ["stage", "state"]
+)
+MODEL_DOCUMENTS = Gauge(
+    "embedpipe_model_documents",
+    "Several models at once: documents each model has stored (done) or found unchanged (skipped).",
+    ["model", "outcome"],
+)
 QUEUE_OLDEST_AGE = Gauge(
     "embedpipe_queue_oldest_job_age_seconds", "Age of the oldest queued job per stage (0 when empty).", ["stage"]
 )

@@ -23,6 +23,7 @@ from rq import Queue, Retry, Worker
 from rq.serializers import JSONSerializer
 
 from shared.keys import Keyspace
+from shared.lanes import lanes
 from shared.ledger import RedisLedger
 from shared.messages import SourceDoc, pack
 from shared.metrics import RETRIES
@@ -88,10 +89,21 @@ def connect(
     return Redis.from_url(settings.redis_url, **kwargs)
 
 
-def queue_name(stage: str, namespace: str) -> str:
-    """The rq queue of a stage's pool: the stage's name (load, chunk, embed, write), or NAMESPACE:stage
-    (rq's key rq:queue:NAMESPACE:stage), so `rq info` and rq-dashboard show each namespace's queues."""
-    return f"{namespace}:{stage}" if namespace else stage
+def queue_name(pool: str, namespace: str) -> str:
+    """The rq queue of a pool: its name (load, chunk, embed, embed@LANE, write), or NAMESPACE:pool
+    (rq's key rq:queue:NAMESPACE:pool), so `rq info` and rq-dashboard show each namespace's queues."""
+    return f"{namespace}:{pool}" if namespace else pool
+
+
+def embed_pool(lane: str) -> str:
+    """The embed pool of a lane (shared/lanes.py): `embed` in a one-model deployment, else embed@LANE."""
+    return f"embed@{lane}" if lane else "embed"
+
+
+def pools(settings: Settings) -> list[str]:
+    """The pipeline's pools, each with its own rq queue: the four stages, with one embed pool per lane
+    when several models run at once (EMBEDPIPE_MODELS)."""
+    return ["load", "chunk", *(embed_pool(lane.name) for lane in lanes(settings)), "write"]
 
 
 def queue(redis: Redis, stage: str, namespace: str) -> Queue:
@@ -99,8 +111,8 @@ def queue(redis: Redis, stage: str, namespace: str) -> Queue:
 
 
 def stage_of(queue_name: str) -> str:
-    """The stage of a queue name (queue_name's inverse)."""
-    return queue_name.rpartition(":")[2]
+    """The stage of a queue name (queue_name's inverse, less the lane)."""
+    return queue_name.rpartition(":")[2].partition("@")[0]
 
 
 def job_id(stage: str, args: tuple[Any, ...], namespace: str) -> str:
@@ -157,8 +169,8 @@ def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pi
 def queue_lengths(redis: Redis, settings: Settings) -> tuple[int, int]:
     """Jobs queued in all the stage queues, and messages in the inbox (of settings.namespace): one round trip."""
     pipe = redis.pipeline(transaction=False)
-    for stage in STAGES:
-        pipe.llen(queue(redis, stage, settings.namespace).key)
+    for pool in pools(settings):
+        pipe.llen(queue(redis, pool, settings.namespace).key)
     pipe.llen(settings.keys.INBOX)
     *queued, inbox = pipe.execute()
     return sum(queued), inbox
@@ -170,11 +182,12 @@ def backlog(redis: Redis, settings: Settings) -> int:
     return queued + inbox // settings.batch_docs
 
 
-def distributed_status(redis: Redis, ks: Keyspace) -> dict[str, Any]:
-    """What the pipeline (of the namespace of `ks`) is doing: per-stage job counts, workers, documents
-    done and failed."""
+def distributed_status(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """What the pipeline (of settings.namespace) is doing: per-pool job counts and workers, documents done
+    (by every model) and failed; with several models, each model's own counts (`models`)."""
+    ks = settings.keys
     stages = {}
-    for stage in STAGES:
+    for stage in pools(settings):
         q = queue(redis, stage, ks.namespace)
         stages[stage] = {
             "queued": q.count,
@@ -196,6 +209,11 @@ def distributed_status(redis: Redis, ks: Keyspace) -> dict[str, Any]:
         "documents_done": counters.get("documents_done", 0),
         "documents_failed": ledger.dead_count(),
         "chunks_written": counters.get("chunks_written", 0),
+        "models": {
+            lane.entry: {"pool": embed_pool(lane.name), **ledger.lane_counters(lane.name)}
+            for lane in lanes(settings)
+            if lane.name
+        },
         "probe": ledger.last_probe(),
     }
 
@@ -215,13 +233,13 @@ def is_idle(status: dict[str, Any]) -> bool:
     return status["inbox"] == 0 and all(s[k] == 0 for s in status["stages"].values() for k in busy)
 
 
-def wait_until_idle(redis: Redis, ks: Keyspace, timeout_s: float = 0, poll_s: float = 0.2) -> bool:
+def wait_until_idle(redis: Redis, settings: Settings, timeout_s: float = 0, poll_s: float = 0.2) -> bool:
     """Block until the pipeline is idle twice in a row, `poll_s` apart (a job between two stages is never
     missed); False if `timeout_s` (0: never) passed first."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     idle_rounds = 0
     while True:
-        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, ks)) else 0
+        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings)) else 0
         if idle_rounds == 2:
             return True
         if deadline and time.monotonic() > deadline:

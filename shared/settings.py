@@ -37,6 +37,11 @@ class Settings:
         "", "Key and queue prefix: pipelines with different namespaces share one Redis unseen by each other."
     )
     model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
+    models: str = setting(
+        "",
+        "Several models at once, comma-separated (NAME or NAME@DIMS): each embeds every document into its own "
+        "collection, from its own embed queue (README: Several models).",
+    )
     store: str = setting("./embedpipe-store", "Vector store: a directory (LanceDB) or a postgresql:// URL (pgvector).")
     device: str = setting("auto", "Device for the model: auto, cpu, cuda, cuda:1, mps.")
     batch_size: int = setting(256, "Most texts per forward pass; micro_batch_tokens usually cuts it first.")
@@ -144,6 +149,9 @@ class Settings:
             elif env_name(f.name) in env:
                 values[f.name] = _parse(f, env[env_name(f.name)])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("models") and "model" not in values:  # the first of several models is the primary
+            values["model"], dims = parse_model(values["models"].split(",")[0])
+            values.setdefault("dimensions", dims)
         return cls(**values).validated()
 
     def job_timeout_s(self, stage: str, tokens: int = 0) -> int:
@@ -220,6 +228,14 @@ class Settings:
     @property
     def redis_url_redacted(self) -> str:
         return redact_url(self.redis_url)
+
+
+def parse_model(entry: str) -> tuple[str, int]:
+    """NAME or NAME@DIMS (the first DIMS dimensions, re-normalised; sent as `dimensions` to an API)."""
+    name, at, dims = entry.strip().rpartition("@")
+    if not at or not dims.isdigit():
+        return entry.strip(), 0
+    return name, int(dims)
 
 
 def env_name(field_name: str) -> str:

@@ -20,6 +20,7 @@ from redis import Redis
 from rq import Worker
 from rq.executions import Execution
 
+from shared.lanes import lanes
 from shared.messages import SourceDoc
 from shared.quality import EvalSet, corpus_documents
 from shared.queues import queue
@@ -161,7 +162,8 @@ def scifact_subset(eval_set: EvalSet) -> tuple[EvalSet, set[str]]:
 
 
 class Pool:
-    """The janitor and `workers[stage]` workers per stage, each a separate `embedpipe` process."""
+    """The janitor and `workers[pool]` workers per pool, each a separate `embedpipe` process. A pool is a
+    stage, or `embed@LANE`: the embed pool of one model of EMBEDPIPE_MODELS (`worker embed --model M`)."""
 
     def __init__(
         self, env: dict[str, str], logs: Path, workers: dict[str, int] | None = None, metrics: bool = False
@@ -169,8 +171,12 @@ class Pool:
         self.env, self.logs = env, logs
         logs.mkdir(exist_ok=True)
         self.commands = {"janitor": ["janitor"]}
-        for stage, n in (workers or dict.fromkeys(STAGES, 1)).items():
-            self.commands |= {f"{stage}-{i}": ["worker", stage] for i in range(n)}
+        self.workers = workers or dict.fromkeys(STAGES, 1)
+        entries = {lane.name: lane.entry for lane in lanes(Settings.from_env(env))}
+        for pool, n in self.workers.items():
+            stage, _, lane = pool.partition("@")
+            command = ["worker", stage, *(["--model", entries[lane]] if lane else [])]
+            self.commands |= {f"{pool}-{i}": command for i in range(n)}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.exit_codes: dict[str, int | str] = {}  # set when the pool stops
         # with metrics, each process serves /metrics on a port of its own
@@ -189,7 +195,7 @@ class Pool:
         self.wait_ready(redis, timeout_s)
 
     def wait_ready(self, redis: Redis, timeout_s: float = 240) -> None:
-        wanted = {s: sum(1 for n in self.commands if n.startswith(s + "-")) for s in STAGES}
+        wanted = self.workers
         namespace = self.env.get("EMBEDPIPE_NAMESPACE", "")
 
         def ready() -> bool:

@@ -46,7 +46,7 @@ class BatchState(Protocol):
     def snapshot(self) -> Snapshot: ...
     def record_refused(self, letters: list[DeadLetter]) -> None: ...
     def record_part(self, part: int, committed: list[str]) -> None: ...
-    def mark_finalized(self, settled: list[str], counts: dict[str, int]) -> bool: ...
+    def mark_finalized(self, result: Outcome) -> bool: ...
 
 
 def make_plan(docs: list[Document], unchanged: list[Document], chunks: list[Chunk], parts: int, spec: str) -> BatchPlan:
@@ -151,11 +151,11 @@ class MemoryBatch:
             self._committed |= set(committed)
             self._written.add(part)
 
-    def mark_finalized(self, settled: list[str], counts: dict[str, int]) -> bool:
+    def mark_finalized(self, result: Outcome) -> bool:
         with self._lock:
             if self._finalized:
                 return False
             self._finalized = True
-        self._ledger.clear_dead(settled)
-        self._ledger.incr(**counts)
+        self._ledger.clear_dead(result.settled)
+        self._ledger.incr(**result.counts())
         return True

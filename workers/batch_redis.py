@@ -3,10 +3,15 @@ the stages record into, read and written only here (the key names are in shared/
 back is trusted: every payload is decoded by shared/messages.py or shared/vectors.py.
 
 Writes go into the caller's pipeline where one is given, so a stage's results, its records and the
-next stage's jobs land in Redis together."""
+next stage's jobs land in Redis together.
+
+With several models (shared/lanes.py) a lane's share of a batch, `BATCH~LANE`, is a RedisBatch of its own:
+its plan, parts and records are its own, its sources and documents the batch's. The last lane to finalise
+joins them (`mark_finalized`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -17,6 +22,7 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from shared.errors import ConfigError
+from shared.lanes import lane_of
 from shared.ledger import RedisLedger
 from shared.messages import (
     BatchPlan,
@@ -30,7 +36,7 @@ from shared.messages import (
 )
 from shared.spec import EmbeddingSpec
 from shared.vectors import pack_vectors, unpack_vectors
-from workers.batch import Snapshot
+from workers.batch import Outcome, Snapshot
 
 
 class RedisBatch:
@@ -38,6 +44,7 @@ class RedisBatch:
 
     def __init__(self, redis: Redis, batch_id: str, ledger: RedisLedger, ttl_s: int) -> None:
         self.redis, self.id, self.ledger, self.ttl_s = redis, batch_id, ledger, ttl_s
+        self.batch_id, self.lane = lane_of(batch_id)  # (batch_id, '') with one model
         self.keys = ledger.keys  # the batch's pipeline's namespace
         self._plan: BatchPlan | None = None
         self._docs: list[Document] | None = None
@@ -55,11 +62,11 @@ class RedisBatch:
 
     # --- payloads ---------------------------------------------------------------------------------
     def sources(self) -> list[dict[str, Any]]:
-        return decode_sources(self.redis.get(self.keys.sources(self.id)))
+        return decode_sources(self.redis.get(self.keys.sources(self.batch_id)))
 
     def doc_ids(self) -> list[str]:
         """The batch's document IDs, kept as long as dead letters keep sources (its payloads may be gone)."""
-        raw = self.redis.get(self.keys.batch_doc_ids(self.id))
+        raw = self.redis.get(self.keys.batch_doc_ids(self.batch_id))
         try:
             ids = msgpack.unpackb(raw) if raw else []
         except Exception:  # a corrupt index: no IDs to name
@@ -68,7 +75,7 @@ class RedisBatch:
 
     def documents(self) -> list[Document]:
         if self._docs is None:
-            self._docs = decode_documents(self.redis.get(self.keys.documents(self.id)))
+            self._docs = decode_documents(self.redis.get(self.keys.documents(self.batch_id)))
         return self._docs
 
     def chunks(self, part: int) -> list[Chunk]:
@@ -78,7 +85,12 @@ class RedisBatch:
         return unpack_vectors(self.redis.get(self.keys.vectors(self.id, part)), rows, dtype)
 
     def put_documents(self, docs: list[Document], pipe: Pipeline) -> None:
-        pipe.set(self.keys.documents(self.id), pack(docs), ex=self.ttl_s)
+        pipe.set(self.keys.documents(self.batch_id), pack(docs), ex=self.ttl_s)
+
+    def put_lanes(self, lanes: list[str], pipe: Pipeline) -> None:
+        """The lanes the batch fans out to (several models): it is finalised when all of them are."""
+        pipe.sadd(self.keys.batch_lanes(self.batch_id), *lanes)
+        pipe.expire(self.keys.batch_lanes(self.batch_id), self.ttl_s)
 
     def put_plan(self, plan: BatchPlan, parts: list[list[Chunk]], pipe: Pipeline) -> None:
         """The chunker's plan and its parts' chunks (without their metadata: the writer takes it back
@@ -134,6 +146,8 @@ class RedisBatch:
     def record_refused(self, letters: list[DeadLetter], pipe: Pipeline | None = None) -> None:
         if not letters:
             return
+        if self.lane:  # the letter names the model that refused the document
+            letters = [replace(d, spec=self.lane) for d in letters]
         target = pipe if pipe is not None else self.redis.pipeline()
         self.ledger.add_dead(letters, pipe=target)
         target.sadd(self.keys.docs_failed(self.id), *[d.doc_id for d in letters])
@@ -155,23 +169,69 @@ class RedisBatch:
         pipe.sadd(self.keys.parts_failed(self.id), part)
         pipe.expire(self.keys.parts_failed(self.id), self.ttl_s)
 
-    def mark_finalized(self, settled: list[str], counts: dict[str, int]) -> bool:
-        """Mark the batch finalized, clear its settled documents' old dead letters, count them and drop
-        its payloads in one transaction, once: False if another writer did (a writer killed half-way
-        through used to leave the mark set and the counters and dead letters as they were)."""
-        final = self.keys.batch_finalized(self.id)
+    def mark_finalized(self, result: Outcome) -> bool:
+        """Mark the batch finalized and drop its payloads in one transaction, once: False if another writer
+        did (a writer killed half-way through used to leave the mark set and the counters as they were).
+        With one model, its settled documents' old dead letters are cleared and its counts added there too.
+        A lane adds its own counts and records its outcome; the last lane of the batch joins them: only the
+        documents settled in every lane are done (counted, their old dead letters cleared), and the batch
+        itself is marked finalized."""
+        final, joined = self.keys.batch_finalized(self.id), self.keys.lanes_finalized(self.batch_id)
         parts = self.plan().parts
         with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(final)
-                if pipe.exists(final):
-                    return False
-                pipe.multi()
-                pipe.set(final, 1, ex=self.ttl_s)
-                self.ledger.clear_dead(settled, pipe=pipe)
-                self.ledger.incr(pipe, **counts)
-                pipe.delete(*self.keys.batch_keys(self.id, parts))
-                pipe.execute()
-                return True
-            except WatchError:  # another writer finalized it at the same moment
-                return False
+            while True:
+                try:
+                    pipe.watch(final, joined)
+                    if pipe.exists(final):
+                        return False
+                    lanes = {m.decode() for m in pipe.smembers(self.keys.batch_lanes(self.batch_id))}
+                    others = {k.decode(): v for k, v in pipe.hgetall(joined).items()} if self.lane else {}
+                    pipe.multi()
+                    pipe.set(final, 1, ex=self.ttl_s)
+                    pipe.delete(*self.keys.lane_keys(self.id, parts))
+                    if not self.lane:
+                        self._settle(pipe, result.settled, result.counts())
+                    else:
+                        self._join(pipe, result, lanes, others)
+                    pipe.execute()
+                    return True
+                except WatchError:  # another lane (or a writer of this one) finalized meanwhile: read again
+                    continue
+
+    def _settle(self, pipe: Pipeline, settled: list[str], counts: dict[str, int]) -> None:
+        """The batch is done: its documents counted, their old dead letters void, its payloads gone."""
+        self.ledger.clear_dead(settled, pipe=pipe)
+        self.ledger.incr(pipe, **counts)
+        pipe.set(self.keys.batch_finalized(self.batch_id), 1, ex=self.ttl_s)
+        pipe.delete(*self.keys.batch_payload_keys(self.batch_id))
+
+    def _join(self, pipe: Pipeline, result: Outcome, lanes: set[str], others: dict[str, bytes]) -> None:
+        counts = result.counts()
+        self.ledger.incr_lane(pipe, self.lane, counts)
+        mine = {"done": list(result.done), "skipped": result.skipped, "chunks": counts["chunks_written"]}
+        if not lanes <= {*others, self.lane}:  # lanes still running: keep this one's outcome for the last
+            pipe.hset(self.keys.lanes_finalized(self.batch_id), self.lane, msgpack.packb(mine))
+            pipe.expire(self.keys.lanes_finalized(self.batch_id), self.ttl_s)
+            return
+        outcomes = [mine, *(_lane_outcome(raw) for raw in others.values())]
+        settled = set.intersection(*({*o["done"], *o["skipped"]} for o in outcomes))
+        written = set().union(*(o["done"] for o in outcomes))
+        counts = {
+            "documents_done": len(settled & written),
+            "chunks_written": sum(o["chunks"] for o in outcomes),
+            "documents_skipped": len(settled - written),
+        }
+        self._settle(pipe, sorted(settled), counts)
+
+
+def _lane_outcome(raw: bytes) -> dict[str, Any]:
+    """A lane's recorded outcome; a corrupt one counts as nothing settled (its documents stay unsettled)."""
+    try:
+        o = msgpack.unpackb(raw, raw=False)
+        return {
+            "done": [str(d) for d in o["done"]],
+            "skipped": [str(d) for d in o["skipped"]],
+            "chunks": int(o["chunks"]),
+        }
+    except Exception:  # nothing read from Redis is trusted
+        return {"done": [], "skipped": [], "chunks": 0}

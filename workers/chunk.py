@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from shared.lanes import share_id
 from shared.messages import BatchPlan, Chunk, Document, chunk_id
 from shared.metrics import CHUNK_TOKENS, CHUNKS
 from shared.models import Tokens
@@ -224,36 +225,66 @@ class PlannedBatch:
         return [c for part in self.parts for c in part]
 
 
+ChunkMemo = dict[tuple[int, ChunkPolicy], dict[str, list[Chunk]]]  # (tokenizer, policy) -> doc_id -> chunks
+
+
 def plan_batch(
-    docs: list[Document], store: Store, tokenizer: Tokenizer, policy: ChunkPolicy, settings: Settings, spec: str
+    docs: list[Document],
+    store: Store,
+    tokenizer: Tokenizer,
+    policy: ChunkPolicy,
+    settings: Settings,
+    spec: str,
+    memo: ChunkMemo | None = None,
 ) -> PlannedBatch:
     """The chunk stage of a batch, in both runtimes: skip what the store holds unchanged, chunk the rest,
-    pack the chunks into embed parts (settings.part_max_chunks, part_max_tokens), and plan the batch."""
+    pack the chunks into embed parts (settings.part_max_chunks, part_max_tokens), and plan the batch.
+    With a `memo`, a document is cut once for every lane with the same tokenizer and chunk policy."""
     changed, unchanged = skip_unchanged(docs, store)
-    chunks = chunk_batch(changed, tokenizer, policy)
+    if memo is None:
+        chunks = chunk_batch(changed, tokenizer, policy)
+    else:
+        cut = memo.setdefault((id(tokenizer), policy), {})
+        todo = [d for d in changed if d.id not in cut]
+        for c in chunk_batch(todo, tokenizer, policy):
+            cut.setdefault(c.doc_id, []).append(c)
+        chunks = [c for d in changed for c in cut.get(d.id, [])]
     parts = pack_parts(chunks, settings.part_max_chunks, settings.part_max_tokens)
     return PlannedBatch(make_plan(changed, unchanged, chunks, len(parts), spec), changed, parts)
 
 
 @stage_job(STAGE, check_spec=False)
 def chunk_job(ctx: WorkerContext, batch: RedisBatch) -> JobReport:
-    """rq job: chunk a loaded batch and enqueue one embed job per part."""
-    spec = ctx.spec.fingerprint
-    planned = plan_batch(batch.documents(), ctx.store, ctx.tokenizer, ctx.chunk_policy, ctx.settings, spec)
-    chunks = planned.chunks
-    CHUNKS.inc(len(chunks))
-    for c in chunks:
-        CHUNK_TOKENS.observe(c.tokens)
+    """rq job: chunk a loaded batch and enqueue one embed job per part, for each lane (several models:
+    each lane's share of the batch goes to its own embed queue)."""
+    docs, memo = batch.documents(), ChunkMemo()
+    lanes = ctx.lanes or {"": ctx}
+    planned: dict[str, PlannedBatch] = {}
     with ctx.redis.pipeline() as pipe:
-        batch.put_plan(planned.plan, [without_metadata(part) for part in planned.parts], pipe)
-        tokens = [sum(c.tokens for c in part) for part in planned.parts]
-        ctx.enqueue_next("embed", [(batch.id, p) for p in range(len(planned.parts))], pipe, tokens)
+        if ctx.lanes:
+            batch.put_lanes(list(lanes), pipe)
+        for name, lane in lanes.items():
+            share = lane.batch(share_id(batch.id, name))
+            if share.finalized():  # a redelivered job: this lane is done already
+                continue
+            p = planned[name] = plan_batch(
+                docs, lane.store, lane.tokenizer, lane.chunk_policy, lane.settings, lane.spec.fingerprint, memo
+            )
+            CHUNKS.inc(len(p.chunks))
+            for c in p.chunks:
+                CHUNK_TOKENS.observe(c.tokens)
+            share.put_plan(p.plan, [without_metadata(part) for part in p.parts], pipe)
+            tokens = [sum(c.tokens for c in part) for part in p.parts]
+            lane.enqueue_next("embed", [(share.id, i) for i in range(len(p.parts))], pipe, tokens)
         pipe.execute()
-    if not planned.parts:  # nothing to embed: the batch is complete now
-        finalize_batch(batch, ctx.store)
+    for name, p in planned.items():
+        if not p.parts:  # nothing to embed in this lane: its share is complete now
+            lane = lanes[name]
+            finalize_batch(lane.batch(share_id(batch.id, name)), lane.store)
+    changed = {d.id for p in planned.values() for d in p.docs}
     return {
-        "documents_ok": len(planned.docs),
-        "documents_skipped": len(planned.plan.unchanged),
-        "chunks": len(chunks),
-        "parts": len(planned.parts),
+        "documents_ok": len(changed),
+        "documents_skipped": len(docs) - len(changed) if planned else 0,
+        "chunks": sum(len(p.chunks) for p in planned.values()),
+        "parts": sum(len(p.parts) for p in planned.values()),
     }

@@ -6,9 +6,14 @@ rq calls a job's function by the name the job carries with the job's arguments, 
 runs jobs as `StageJob`s, which call that function with the worker's context first (runtime.py). So a
 stage job is `def load_job(ctx: WorkerContext, batch_id: str)`; no module global holds the context.
 
+With several models (shared/lanes.py) a process serves several lanes: `ctx.lanes` holds one context per
+lane (its settings, spec, store or model, and its embed queue), and a job of a lane's batch (`BATCH~LANE`)
+runs with that lane's context.
+
 `stage_job`: the prologue and the bookkeeping of every batch job, once (dramatiq's middleware idea, at
-our size): a job of a batch that is already finalised does nothing (a redelivery); the stages after the
-chunker check that the batch was planned for this worker's embedding spec; the job reads and writes its
+our size): a job of a batch that is already finalised does nothing (a redelivery); a job of a lane's batch
+gets that lane's context; the stages after the chunker check that the batch was planned for this worker's
+embedding spec; the job reads and writes its
 batch through a `RedisBatch` (payloads decoded there); the documents it reports go to
 `embedpipe_documents_total{stage,outcome}`; one log line per job.
 """
@@ -28,6 +33,7 @@ from rq import Queue, Retry
 
 from shared.cache import VectorCache
 from shared.embedding import Embedder
+from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.metrics import DOCUMENTS
 from shared.queues import QUEUE_OF, enqueue_jobs
@@ -60,8 +66,21 @@ class WorkerContext:
     settings: Settings
     redis: Redis
     ledger: RedisLedger
-    queues: dict[str, Queue]
+    queues: dict[str, Queue]  # by stage; "embed": this lane's embed queue
     resources: StageResources = field(default_factory=StageResources)
+    lanes: dict[str, WorkerContext] = field(default_factory=dict)  # name -> context (several models)
+
+    def for_lane(self, lane: str) -> WorkerContext:
+        """The context of one lane's jobs; a lane this process does not serve is a configuration error."""
+        if not lane and not self.lanes:
+            return self
+        if lane not in self.lanes:
+            serves = ", ".join(repr(n) for n in self.lanes) or "one model (no EMBEDPIPE_MODELS)"
+            raise ConfigError(
+                f"a job of lane {lane!r} reached a worker that serves {serves}: "
+                "all pools need the same EMBEDPIPE_MODELS"
+            )
+        return self.lanes[lane]
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -116,6 +135,8 @@ def stage_job(stage: str, check_spec: bool = True) -> Callable[[StageRun], Stage
             batch = ctx.batch(batch_id)
             if batch.finalized():
                 return {"skipped": 1}  # a redelivered job of a batch that is already complete
+            if batch.lane:
+                ctx = ctx.for_lane(batch.lane)
             if check_spec:
                 batch.check_spec(ctx.spec)
             started = time.perf_counter()

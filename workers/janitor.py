@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Protocol
 
 from redis import Redis
@@ -28,6 +29,7 @@ from rq.utils import utcparse
 
 from shared import metrics
 from shared.errors import DecodeError
+from shared.lanes import lanes
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, DeadLetter, Document
 from shared.metrics import RETRIES, serve
@@ -35,13 +37,16 @@ from shared.queues import (
     JOB_FUNCTIONS,
     connect,
     distributed_status,
+    embed_pool,
     enqueue_jobs,
     is_idle,
+    pools,
     queue,
     queue_lengths,
     queue_name,
+    stage_of,
 )
-from shared.settings import STAGES, Settings
+from shared.settings import Settings
 from workers.batch_redis import RedisBatch
 from workers.inbox import Inbox
 from workers.runtime import yield_cpu
@@ -69,7 +74,7 @@ class Janitor:
         self.keys = settings.keys
         self.ledger = RedisLedger(self.redis, self.keys, settings.dead_source_ttl_s)
         self.inbox = Inbox(self.redis, settings, self.ledger, uuid.uuid4().hex)
-        queues = [queue(self.redis, s, settings.namespace) for s in STAGES]  # its namespace's only
+        queues = [queue(self.redis, p, settings.namespace) for p in pools(settings)]  # its namespace's only
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
         self.scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
@@ -138,7 +143,7 @@ class Janitor:
         self.ledger.expire_dead(self.settings.dead_letter_ttl_s, self.settings.max_dead_letters)
 
     def _export(self) -> None:
-        status = distributed_status(self.redis, self.keys)
+        status = distributed_status(self.redis, self.settings)
         export_state(self.redis, self.settings.namespace, self.ledger, status)
         if self.settings.probe_eval and is_idle(status):
             request_probe(self.redis, self.settings, self.ledger, status["chunks_written"])
@@ -186,6 +191,9 @@ def export_state(redis: Redis, namespace: str, ledger: RedisLedger, status: dict
         enqueued = redis.hget(f"rq:job:{oldest.decode()}", "enqueued_at") if oldest else None
         age = time.time() - utcparse(enqueued.decode()).timestamp() if enqueued else 0.0
         metrics.QUEUE_OLDEST_AGE.labels(stage).set(max(age, 0.0))
+    for model, counts in status.get("models", {}).items():  # a bounded label: EMBEDPIPE_MODELS's entries
+        for outcome in ("done", "skipped"):
+            metrics.MODEL_DOCUMENTS.labels(model, outcome).set(counts.get(f"documents_{outcome}", 0))
     metrics.INBOX.set(status["inbox"])
     metrics.DEAD_LETTERS_NOW.set(status["documents_failed"])
     metrics.set_recent_failures(ledger.recent_dead())
@@ -205,7 +213,7 @@ def request_probe(redis: Redis, settings: Settings, ledger: RedisLedger, chunks_
         return  # already requested for this state
     with redis.pipeline() as pipe:
         enqueue_jobs(
-            queue(redis, "embed", settings.namespace),
+            queue(redis, embed_pool(lanes(settings)[0].name), settings.namespace),  # the first model's pool
             settings,
             "probe",
             [(settings.probe_eval, chunks_written)],
@@ -221,13 +229,16 @@ def expand_failed_jobs(redis: Redis, settings: Settings, ledger: RedisLedger) ->
     worker, refused) into dead letters for each of their documents, then drop the jobs: the oldest
     FAILED_JOBS_PER_ROUND of each stage per round, the rest in the next rounds."""
     expanded = 0
-    for stage in STAGES:
-        registry = FailedJobRegistry(queue_name(stage, settings.namespace), connection=redis, serializer=JSONSerializer)
+    for pool in pools(settings):
+        stage = stage_of(pool)
+        registry = FailedJobRegistry(queue_name(pool, settings.namespace), connection=redis, serializer=JSONSerializer)
         for job_id in registry.get_job_ids(0, FAILED_JOBS_PER_ROUND - 1):
             func, args, message = read_failed_job(redis, job_id)
             batch_id = args[0] if args and isinstance(args[0], str) else None
             batch = RedisBatch(redis, batch_id, ledger, settings.payload_ttl_s) if batch_id is not None else None
             letters, failed_part = failed_job_letters(stage, job_id, func, args, message, batch)
+            if batch is not None and batch.lane:  # the letter names the model whose job failed
+                letters = [replace(d, spec=batch.lane) for d in letters]
             with redis.pipeline() as pipe:
                 ledger.add_dead(letters, pipe=pipe)
                 if batch is not None and failed_part is not None:

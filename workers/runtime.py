@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 from redis import Redis
@@ -28,14 +29,15 @@ from rq.utils import now as rq_now
 
 from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
+from shared.lanes import Lane, lanes, own_lane
 from shared.ledger import RedisLedger
 from shared.metrics import JOBS, LOOP, RETRIES, observe_stored, running_job, serve
-from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, queue, stage_of
+from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, embed_pool, queue, stage_of
 from shared.settings import STAGES, Settings
 from shared.spec import chunk_policy, spec_for
 from shared.store import open_store
-from shared.tokenizers import load_tokenizer
-from workers.context import WorkerContext
+from shared.tokenizers import Tokenizer, load_tokenizer
+from workers.context import StageResources, WorkerContext
 from workers.embed import make_embedder
 from workers.fetch import FetchPolicy
 from workers.lease import JobLease, beat_timeout_s
@@ -48,27 +50,44 @@ LOOP_SLACK_S = 180
 
 
 def init_context(settings: Settings, stage: str, redis: Redis | None = None) -> WorkerContext:
-    """Load what the stage needs, once per process."""
+    """Load what the stage needs, once per process: for each lane it serves (several models: the chunk
+    and write pools serve every lane, an embed pool the one its --model names), and the first of them
+    as the process's own context."""
     redis = redis or connect(settings)
-    ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
-    ctx = WorkerContext(settings, redis, ledger, {s: queue(redis, s, settings.namespace) for s in STAGES})
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    loaded = ctx.resources
+    ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
+    queues = {s: queue(redis, s, settings.namespace) for s in STAGES}
     if stage == "load":
         FetchPolicy.parse(settings.fetch_allow)  # a malformed allow list is a ConfigError at start
-    else:
-        loaded.spec = spec_for(settings)
+        return WorkerContext(settings, redis, ledger, queues)
+    served = [own_lane(settings)] if stage == "embed" else lanes(settings)
+    tokenizers: dict[str, Tokenizer] = {}  # one per model: lanes of one model chunk once (workers/chunk.py)
+    contexts = {}
+    for lane in served:
+        lane_queues = queues | {"embed": queue(redis, embed_pool(lane.name), settings.namespace)}
+        contexts[lane.name] = WorkerContext(
+            lane.settings, redis, ledger, lane_queues, _resources(lane, stage, redis, tokenizers)
+        )
+    first = contexts[served[0].name]
+    return replace(first, lanes=contexts if served[0].name else {})
+
+
+def _resources(lane: Lane, stage: str, redis: Redis, tokenizers: dict[str, Tokenizer]) -> StageResources:
+    settings = lane.settings
+    loaded = StageResources(spec=spec_for(settings))
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
         loaded.store = open_store(settings.store, loaded.spec, settings=settings)
     if stage == "chunk":
-        loaded.tokenizer = load_tokenizer(settings.model, settings.api_max_input_tokens)
+        if settings.model not in tokenizers:
+            tokenizers[settings.model] = load_tokenizer(settings.model, settings.api_max_input_tokens)
+        loaded.tokenizer = tokenizers[settings.model]
         loaded.chunk_policy = chunk_policy(settings, loaded.tokenizer)
     elif stage == "embed":
         loaded.embedder = make_embedder(settings, redis).warm_up()
         # 0: none (at millions of chunks the cache is most of Redis: deploy/README.md, Sizing Redis)
         loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s) if settings.cache_ttl_s else None
-    return ctx
+    return loaded
 
 
 class StageJob(Job):
@@ -215,7 +234,7 @@ def run_worker(settings: Settings, stage: str, burst: bool = False) -> None:
     ctx = init_context(settings, stage)
     if stage != "embed":
         yield_cpu(settings)
-    serve(settings.metrics_port, stage, settings.model)
+    serve(settings.metrics_port, stage, ctx.settings.model)
     delay = 1.0
     while True:
         LOOP.begin("starting an rq worker", delay + LOOP_SLACK_S)

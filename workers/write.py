@@ -83,7 +83,7 @@ def finalize_batch(state: BatchState, store: Store) -> Outcome | None:
     rest = result.uncommitted
     stale = commit_documents(store, doc_records(state.documents(), rest), rest, result.failed)
     log.debug("%d stale chunks deleted", stale)
-    return result if state.mark_finalized(result.settled, result.counts()) else None
+    return result if state.mark_finalized(result) else None
 
 
 @stage_job(STAGE)
