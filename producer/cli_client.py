@@ -267,6 +267,9 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
     else:
         click.echo(f"store: {settings.store_redacted} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
+    for model, counts in data.get("models", {}).items():  # several models: each one's own progress
+        done, unchanged = counts.get("documents_done", 0), counts.get("documents_skipped", 0)
+        click.echo(f"  {model} ({counts['pool']}): {done} stored, {unchanged} unchanged")
     if probe := data.get("probe"):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))
         click.echo(f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} ({when})")

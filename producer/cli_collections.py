@@ -82,7 +82,8 @@ def _with_progress(rows: list[dict[str, Any]], location: str) -> list[dict[str, 
     "--enqueue",
     "distributed",
     is_flag=True,
-    help="Submit to the distributed pipeline (Redis) instead; its pools must run with the new settings.",
+    help="Submit to the distributed pipeline (Redis) instead; its pools must embed with the new model "
+    "(with EMBEDPIPE_MODELS=ACTIVE,NEW they write new and changed documents to both collections).",
 )
 @progress_option
 @json_option
@@ -120,13 +121,14 @@ def reembed(
     show = sys.stderr.isatty() if progress is None else progress
     check_store(settings, write=not distributed)
     if distributed:
-        result = submit(redis_for(settings, sends_payloads=True), settings, stored_sources(store))
+        redis = redis_for(settings, sends_payloads=True)
+        result = submit(redis, settings, stored_sources(store), backfill_from=store.collection)
         if as_json:
             return echo_json(report | {"documents": result.documents, "batch_ids": result.batch_ids})
         click.echo(
-            f"enqueued {result.documents} documents for {target.collection}: the worker pools must run with the same "
-            f"settings (model, dimensions, prefix, chunking), or their chunkers find the documents unchanged in their "
-            f"own collection; then `embedpipe promote {target.collection}`"
+            f"enqueued {result.documents} documents for {target.collection}: the worker pools must embed with this "
+            "model, best beside the active one (EMBEDPIPE_MODELS=ACTIVE,NEW: new and changed documents then reach both "
+            f"collections); when `embedpipe wait` returns, `embedpipe promote {target.collection}`"
         )
         return
     from producer.lifecycle import backfill

@@ -33,7 +33,8 @@ from shared.settings import STAGES, Settings
 @fail_clearly
 def worker(stage: str, burst: bool, settings: Settings) -> None:
     """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
-    stage needs once (tokenizer, model or store), then takes jobs from the rq queue STAGE.
+    stage needs once (tokenizer, model or store), then takes jobs from the rq queue STAGE. With several
+    models (EMBEDPIPE_MODELS), an embed worker serves the one --model names, from its queue embed@LANE.
     SIGTERM finishes the current job, then exits; SIGUSR1 prints every thread's stack to stderr."""
     from workers.runtime import run_worker
 
@@ -64,7 +65,7 @@ def janitor(burst: bool, settings: Settings) -> None:
     help="Which process is probed: all need Redis but embedded; write needs the store; chunk/embed the model.",
 )
 @json_option
-@settings_options(*REDIS, "store", "model")
+@settings_options(*REDIS, "store", "model", "models")
 @fail_clearly
 def health(stage: str, as_json: bool, settings: Settings) -> None:
     """Exit 0 when this process's dependencies answer (for container probes), else 1 with the reason.
@@ -82,10 +83,14 @@ def health(stage: str, as_json: bool, settings: Settings) -> None:
                 raise click.ClickException(
                     f"the janitor's last round with every step done was {when} (see its log: a step fails)"
                 )
-    if stage in ("chunk", "embed", "embedded"):
-        from shared.models import resolve_model_path
+    if stage in ("chunk", "embed", "embedded"):  # the models on disk (an API model has none here)
+        from shared.lanes import lanes, own_lane
+        from shared.models import is_api_model, resolve_model_path
 
-        resolve_model_path(settings.model)
+        served = [own_lane(settings)] if stage == "embed" else lanes(settings)
+        for lane in served:
+            if not is_api_model(lane.settings.model):
+                resolve_model_path(lane.settings.model)
     if stage in ("chunk", "write", "embedded"):  # chunkers look up unchanged documents in the store
         from shared.store import open_store
 

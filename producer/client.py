@@ -73,8 +73,12 @@ def unsettled(redis: Redis, keyspace: Keyspace, batch_ids: list[str]) -> list[st
         with redis.pipeline(transaction=False) as pipe:
             pipe.exists(keyspace.batch_finalized(batch_id))
             pipe.get(keyspace.batch_doc_ids(batch_id))
-            final, raw_ids = pipe.execute()
+            pipe.exists(keyspace.batch_lanes(batch_id))
+            final, raw_ids, fanned_out = pipe.execute()
         if final:
+            continue
+        if fanned_out:  # several models: the last model's finalisation settles it, whatever failed before
+            left.append(batch_id)
             continue
         if raw_ids is None:
             raise ConfigError(f"no batch {batch_id} in Redis: never enqueued, or its record expired")

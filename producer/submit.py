@@ -60,16 +60,19 @@ def submit(
     items: Iterable[SourceDoc | DeadLetter],
     on_progress: Callable[[int], None] | None = None,
     on_wait: Callable[[int], None] | None = None,
+    backfill_from: str = "",
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
-    (unreadable files, malformed JSONL lines) are recorded as dead letters."""
+    (unreadable files, malformed JSONL lines) are recorded as dead letters. `backfill_from`: the
+    collection the sources were read from (`reembed --enqueue`), so that a copy stale by the time it is
+    chunked never overwrites a newer version."""
     ledger = RedisLedger(redis, settings.keys, settings.dead_source_ttl_s)
     batch_ids: list[str] = []
 
     def send(sources: list[SourceDoc], rejected: list[DeadLetter]) -> None:
         with redis.pipeline() as pipe:
             if sources:
-                batch_ids.append(enqueue_batch(redis, settings, sources, pipe))
+                batch_ids.append(enqueue_batch(redis, settings, sources, pipe, backfill_from))
             ledger.add_dead(rejected, pipe=pipe)
             pipe.execute()
 

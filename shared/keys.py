@@ -89,6 +89,11 @@ class Keyspace:
         """Hash: documents_done, chunks_written, documents_skipped of one lane (one model of several)."""
         return f"{self.prefix}:counters:{lane}"
 
+    def batch_backfill(self, batch_id: str) -> str:
+        """The collection a backfill batch's texts were read from (`reembed --enqueue`): the chunker drops
+        a document that collection no longer holds with that text (edited since: its newer copy wins)."""
+        return f"{self.prefix}:backfill:{batch_id}"
+
     def batch_lanes(self, batch_id: str) -> str:
         """set of the lanes a batch fans out to (several models), written by its chunk job."""
         return f"{self.prefix}:lanes:{batch_id}"
@@ -165,6 +170,7 @@ class Keyspace:
             self.sources(batch_id),
             self.batch_doc_ids(batch_id),
             self.documents(batch_id),
+            self.batch_backfill(batch_id),
             self.batch_lanes(batch_id),
             self.lanes_finalized(batch_id),
         ]

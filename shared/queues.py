@@ -156,10 +156,15 @@ def new_batch_id() -> str:
     return f"{time.time_ns() // 1_000_000:x}-{os.urandom(4).hex()}"
 
 
-def enqueue_batch(redis: Redis, settings: Settings, sources: list[SourceDoc], pipe: Pipeline) -> str:
-    """Add one batch (payload + load job) to `pipe`; the caller executes it."""
+def enqueue_batch(
+    redis: Redis, settings: Settings, sources: list[SourceDoc], pipe: Pipeline, backfill_from: str = ""
+) -> str:
+    """Add one batch (payload + load job) to `pipe`; the caller executes it. `backfill_from`: the collection
+    the sources' texts were read from (a backfill: see Keyspace.batch_backfill)."""
     batch_id, ks = new_batch_id(), settings.keys
     pipe.set(ks.sources(batch_id), pack([s.to_dict() for s in sources]), ex=settings.payload_ttl_s)
+    if backfill_from:
+        pipe.set(ks.batch_backfill(batch_id), backfill_from, ex=settings.payload_ttl_s)
     ids = msgpack.packb([s.id for s in sources])
     pipe.set(ks.batch_doc_ids(batch_id), ids, ex=max(settings.payload_ttl_s, settings.dead_source_ttl_s))
     enqueue_jobs(queue(redis, "load", settings.namespace), settings, "load", [(batch_id,)], pipe)

@@ -25,7 +25,7 @@ from shared.store import open_store
 from shared.tokenizers import load_tokenizer
 from workers.chunk import plan_batch
 
-from .helpers import REPO, WORDS, cli_env, embedpipe, wait_until, worker_pool
+from .helpers import REPO, WORDS, cli_env, embedpipe, short_documents, wait_until, worker_pool
 from .servers import free_port
 
 API = "openai:text-embedding-3-small@256"
@@ -177,3 +177,69 @@ def test_two_models_fill_their_own_collections_and_a_document_is_done_when_both_
     assert final["models"][LOCAL]["documents_done"] == 6 and final["models"][API]["documents_done"] == 4
     assert final["chunks_written"] == collections[local.name].count() + collections[api.name].count()
     assert {q.name for q in Queue.all(connection=redis)} >= {f"embed@{local.name}", f"embed@{api.name}"}
+
+
+@pytest.mark.slow
+def test_a_distributed_migration_writes_both_collections_and_a_stale_backfill_copy_never_wins(tmp_path, redis_url):
+    """A migration with EMBEDPIPE_MODELS=ACTIVE,NEW: `reembed --enqueue` backfills the new collection while
+    new and changed documents reach both (dual write). A document edited after the backfill read it (here
+    by an embedded `run`, before the pools take the backfill) keeps its newer text in the active collection:
+    the backfill's stale copy is dropped, in every lane, and a second backfill brings the new collection
+    up to date; then promote, roll back, promote again."""
+    store = str(tmp_path / "store")
+    docs = short_documents(12)
+
+    def write(name: str, rows: list[dict]) -> str:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    alone = cli_env(EMBEDPIPE_STORE=store)
+    embedpipe("run", write("v1.jsonl", docs), env=alone)
+    active = open_store(store).collection
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=redis_url,
+        EMBEDPIPE_STORE=store,
+        EMBEDPIPE_MODELS=f"{LOCAL},{LOCAL}@128",
+        EMBEDPIPE_BATCH_DOCS="4",
+        EMBEDPIPE_INBOX_WAIT_S="0.2",
+    )
+    backfill = ["reembed", "--enqueue", "--model", LOCAL, "--dimensions", "128"]
+    embedpipe(*backfill, env=env)  # reads every text now; the pools are not up yet
+    edited = dict(docs[0], text="A new text about sea breezes and kites, written after the backfill read it.")
+    embedpipe("run", write("edit.jsonl", [edited]), env=alone)  # the active collection moves on
+
+    def texts(collection: str) -> dict[str, str]:
+        return {r.doc_id: r.text for r in open_store(store, collection=collection).documents()}
+
+    def states() -> dict[str, str]:
+        rows = json.loads(embedpipe("collections", "--json", env=env).stdout)["collections"]
+        return {c["name"]: c["state"] for c in rows}
+
+    redis = Redis.from_url(redis_url)
+    lane_names = [lane.name for lane in lanes(Settings.from_env(env))]
+    workers = {"load": 1, "chunk": 1, **{f"embed@{n}": 1 for n in lane_names}, "write": 1}
+    with worker_pool(env, tmp_path / "logs", redis, workers=workers):
+        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        [new] = [name for name in states() if name != active]
+        first = texts(active), texts(new)
+        # dual write: an edit submitted now reaches both collections
+        changed = dict(docs[1], text="Both collections get this edit of the second note, about bees and maps.")
+        embedpipe("enqueue", write("dual.jsonl", [changed]), env=env)
+        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        second = texts(active), texts(new)
+        embedpipe(*backfill, env=env)  # the catch-up: only what the new collection lacks
+        embedpipe("wait", "--timeout", "300", env=env, timeout=360)
+        third = texts(new)
+        assert not json.loads(embedpipe("failed", "--json", env=env).stdout)["failed"]
+
+    ids = {d["id"] for d in docs}
+    assert first[0][edited["id"]] == edited["text"], "the backfill's stale copy overwrote the newer text"
+    assert set(first[1]) == ids - {edited["id"]}  # the stale copy went nowhere
+    assert second[0][changed["id"]] == second[1][changed["id"]] == changed["text"]
+    assert third == texts(active) and third[edited["id"]] == edited["text"]
+    assert states() == {active: "active", new: "complete"}
+    embedpipe("promote", new, "--force", env=env)  # (no quality probe here: --force)
+    embedpipe("promote", "--rollback", env=env)
+    assert states() == {active: "active", new: "previous"}
+    embedpipe("promote", new, "--force", env=env)
+    assert states() == {active: "previous", new: "active"}

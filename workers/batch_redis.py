@@ -87,6 +87,11 @@ class RedisBatch:
     def put_documents(self, docs: list[Document], pipe: Pipeline) -> None:
         pipe.set(self.keys.documents(self.batch_id), pack(docs), ex=self.ttl_s)
 
+    def backfill_source(self) -> str:
+        """The collection a backfill batch was read from ('' for any other batch)."""
+        raw = self.redis.get(self.keys.batch_backfill(self.batch_id))
+        return raw.decode(errors="replace") if raw else ""
+
     def put_lanes(self, lanes: list[str], pipe: Pipeline) -> None:
         """The lanes the batch fans out to (several models): it is finalised when all of them are."""
         pipe.sadd(self.keys.batch_lanes(self.batch_id), *lanes)

@@ -22,6 +22,7 @@ from shared.metrics import CHUNK_TOKENS, CHUNKS
 from shared.models import Tokens
 from shared.settings import Settings
 from shared.spec import ChunkPolicy
+from shared.store import open_store
 from shared.store_types import Store
 from shared.tokenizers import Tokenizer
 from shared.vectors import pack_token_ids
@@ -253,12 +254,31 @@ def plan_batch(
     return PlannedBatch(make_plan(changed, unchanged, chunks, len(parts), spec), changed, parts)
 
 
+def without_stale(
+    docs: list[Document], source: str, lanes: dict[str, WorkerContext], settings: Settings
+) -> list[Document]:
+    """A backfill (`reembed --enqueue`) carries texts read from collection `source` a while ago. A document
+    that collection holds with another text by now (or no longer holds) was edited or deleted since: its
+    newer copy, or its deletion, wins in every lane, so the backfill's copy is dropped."""
+    if not source:
+        return docs
+    known = [lane.store for lane in lanes.values() if lane.store.collection == source]
+    store = known[0] if known else open_store(settings.store, collection=source)
+    try:
+        held = store.doc_hashes([d.id for d in docs])
+    finally:
+        if not known:
+            store.close()
+    return [d for d in docs if held.get(d.id) == d.content_hash]
+
+
 @stage_job(STAGE, check_spec=False)
 def chunk_job(ctx: WorkerContext, batch: RedisBatch) -> JobReport:
     """rq job: chunk a loaded batch and enqueue one embed job per part, for each lane (several models:
     each lane's share of the batch goes to its own embed queue)."""
-    docs, memo = batch.documents(), ChunkMemo()
     lanes = ctx.lanes or {"": ctx}
+    loaded = batch.documents()
+    docs, memo = without_stale(loaded, batch.backfill_source(), lanes, ctx.settings), ChunkMemo()
     planned: dict[str, PlannedBatch] = {}
     with ctx.redis.pipeline() as pipe:
         if ctx.lanes:
@@ -283,6 +303,7 @@ def chunk_job(ctx: WorkerContext, batch: RedisBatch) -> JobReport:
             finalize_batch(lane.batch(share_id(batch.id, name)), lane.store)
     changed = {d.id for p in planned.values() for d in p.docs}
     return {
+        "documents_stale": len(loaded) - len(docs),
         "documents_ok": len(changed),
         "documents_skipped": len(docs) - len(changed) if planned else 0,
         "chunks": sum(len(p.chunks) for p in planned.values()),
