@@ -260,10 +260,11 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
     if data["mode"] == "distributed":
         click.echo(f"inbox: {data['inbox']}")
         header = ["stage", "queued", "running", "scheduled", "failed", "workers"]
-        click.echo("  ".join(f"{h:>9}" for h in header))
+        width = max(9, *map(len, data["stages"]))  # embed@LANE pools with several models
+        click.echo(f"{header[0]:<{width}}  " + "  ".join(f"{h:>9}" for h in header[1:]))
         for stage, s in data["stages"].items():
-            row = [stage, s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
-            click.echo("  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
+            row = [s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
+            click.echo(f"{stage:<{width}}  " + "  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
     else:
         click.echo(f"store: {settings.store_redacted} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")

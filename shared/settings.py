@@ -36,7 +36,10 @@ class Settings:
     namespace: str = setting(
         "", "Key and queue prefix: pipelines with different namespaces share one Redis unseen by each other."
     )
-    model: str = setting("all-MiniLM-L6-v2", "sentence-transformers model name or local path.")
+    model: str = setting(
+        "all-MiniLM-L6-v2",
+        "sentence-transformers model name or local path (an embed worker with several models: the one it serves).",
+    )
     models: str = setting(
         "",
         "Several models at once, comma-separated (NAME or NAME@DIMS): each embeds every document into its own "
