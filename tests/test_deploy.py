@@ -2,8 +2,9 @@
 
 - docker-compose.yml: validated against the compose specification, then its topology is run without
   containers: every embedpipe service's command and health check, as processes, against a real Redis
-  and a real PostgreSQL with pgvector (service host names rewritten), through one real run.
-- deploy/k8s (Kustomize, a base and the overlays cpu and gpu): rendered by a real kustomize, core resources
+  and a real PostgreSQL with pgvector (service host names rewritten), through one real run. The overrides
+  (gpu, models) validated and merged with it; the models one gives each model of EMBEDPIPE_MODELS an embedder.
+- deploy/k8s (Kustomize, a base and the overlays cpu, gpu and two-models): rendered by a real kustomize, core resources
   validated against the Kubernetes schemas, every container checked against the "restricted" Pod Security
   Standard as the admission controller would (tests/pod_security.py), KEDA, PodMonitor, PrometheusRule,
   NetworkPolicies and PDBs checked against the objects they point at; the generated files current.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from .helpers import EMBEDPIPE, EXAMPLES, REPO, cli_env, embedpipe, wait_until
 from .servers import free_port
 
 COMPOSE = REPO / "docker-compose.yml"
+MODELS_COMPOSE = REPO / "docker-compose.models.yml"
 SCALED = ("loader", "chunker", "embedder", "writer")
 LONGEST_JOB_S = 60 + 131072 // 100  # the default embed timeout of a full part (shared/settings.py)
 
@@ -54,7 +57,8 @@ def seconds(value: str) -> int:
 
 @pytest.mark.slow
 def test_compose_files_follow_the_compose_specification():
-    for files in ([COMPOSE], [REPO / "docker-compose.gpu.yml"]):
+    gpu = REPO / "docker-compose.gpu.yml"
+    for files in ([COMPOSE], [gpu], [MODELS_COMPOSE]):
         result = subprocess.run(
             [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", *map(str, files)],
             capture_output=True,
@@ -62,9 +66,40 @@ def test_compose_files_follow_the_compose_specification():
         )
         assert result.returncode == 0, result.stdout + result.stderr
     if shutil.which("docker-compose"):  # Debian's docker-compose 1.29 also resolves and merges them
-        for args in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(REPO / "docker-compose.gpu.yml")]):
-            result = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | {"OPENAI_API_KEY": "sk-test"}
+        for files in ([COMPOSE], [COMPOSE, gpu], [COMPOSE, MODELS_COMPOSE], [COMPOSE, gpu, MODELS_COMPOSE]):
+            args = [a for f in files for a in ("-f", str(f))]
+            result = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True, env=env)
             assert result.returncode == 0, result.stderr
+        # merged: an embed service per model, each naming its entry of EMBEDPIPE_MODELS
+        args = ["-f", str(COMPOSE), "-f", str(MODELS_COMPOSE)]
+        result = subprocess.run(["docker-compose", *args, "config"], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert_an_embedder_per_model(yaml.safe_load(result.stdout)["services"])
+        # the API key comes from the environment: none, no stack
+        del env["OPENAI_API_KEY"]
+        result = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True, env=env)
+        assert result.returncode != 0 and "OPENAI_API_KEY" in result.stderr
+
+
+def assert_an_embedder_per_model(services: dict) -> None:
+    """Every embedpipe service has the same EMBEDPIPE_MODELS, and each model has an embed service of its own
+    whose --model names its entry (as the worker resolves it: shared/lanes.py own_lane)."""
+    from shared.lanes import lane_name, own_lane
+    from shared.settings import Settings
+
+    ours = {n: s for n, s in services.items() if s.get("image", "").startswith(("embedpipe:", "embedpipe-support:"))}
+    assert {"janitor", "loader", "chunker", "writer", "cli", "embedder", "embedder-api"} <= set(ours)
+    models_of = {n: s["environment"].get("EMBEDPIPE_MODELS") for n, s in ours.items()}
+    [models] = set(models_of.values()) - {None}
+    assert None not in models_of.values(), models_of  # every process, the same list
+    entries = models.split(",")
+    assert len(entries) == 2
+    embedders = {n: s["command"] for n, s in ours.items() if s["command"][:2] == ["worker", "embed"]}
+    served = {command[command.index("--model") + 1]: name for name, command in embedders.items()}
+    assert set(served) == set(entries) and len(served) == len(embedders), embedders  # one service each
+    for entry in entries:
+        assert own_lane(Settings.from_env({"EMBEDPIPE_MODELS": models}, model=entry)).name == lane_name(entry)
 
 
 def test_compose_scales_and_stops_safely():
@@ -89,7 +124,24 @@ def test_compose_scales_and_stops_safely():
     redis_conf = (REPO / "deploy" / "redis" / "redis.conf").read_text().split("\n")
     assert "appendonly yes" in redis_conf and "maxmemory-policy noeviction" in redis_conf
     scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
-    assert set(scrape[0]["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED}  # every replica, by DNS
+    # every replica, by DNS; embedder-api where docker-compose.models.yml adds it
+    assert set(scrape[0]["dns_sd_configs"][0]["names"]) == {"janitor", *SCALED, "embedder-api"}
+
+
+def test_compose_models_override_gives_each_model_an_embed_service():
+    base, models = compose()["services"], yaml.safe_load(MODELS_COMPOSE.read_text())["services"]
+    merged = {}  # as Compose merges the two files: keys replaced, environments merged
+    for name, service in models.items():
+        below = base.get(name, {})
+        merged[name] = below | service | {"environment": below.get("environment", {}) | service["environment"]}
+    assert_an_embedder_per_model(base | merged)
+    api = merged["embedder-api"]
+    # the key from the host's environment, never a default or a flag; the store's password it never needs
+    assert api["environment"]["EMBEDPIPE_OPENAI_API_KEY"].startswith("${OPENAI_API_KEY:?")
+    assert "PGPASSWORD" not in api["environment"] and not any("KEY" in a for a in api["command"])
+    for key in ("stop_grace_period", "image", "build", "depends_on", "init", "restart"):
+        assert api[key] == base["embedder"][key], key  # written out as the embedder's (no `extends`)
+    assert api["healthcheck"]["test"] == base["embedder"]["healthcheck"]["test"]
 
 
 def test_rq_tools_are_offered_read_our_jobs_and_are_scraped():
@@ -165,7 +217,7 @@ def _wait_for_workers(redis: Redis, procs: dict, logs: Path) -> None:
     wait_until(started, 240, f"the services started; see {logs}", interval_s=0.5)
 
 
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "two-models")
 CUSTOM_KINDS = ("ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule")
 STAGE_OF = {"loader": "load", "chunker": "chunk", "embedder": "embed", "writer": "write"}
 
@@ -336,13 +388,98 @@ def test_probes_report_the_loop_and_pools_scale_on_their_queues(rendered):
         assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
+def test_two_models_have_an_embed_pool_each_scaled_on_its_own_queue(rendered):
+    """overlays/two-models: everything of cpu, plus an embed Deployment per entry of EMBEDPIPE_MODELS whose
+    ScaledObject watches that model's queue, named by the project's own functions (a rename breaks this)."""
+    from shared.lanes import lane_name, own_lane
+    from shared.queues import embed_pool, queue_name
+    from shared.settings import Settings, env_name
+
+    resources = rendered["two-models"]
+    deployments = by_kind(resources, "Deployment")
+    [config] = [c for n, c in by_kind(resources, "ConfigMap").items() if n.startswith("embedpipe-config")]
+    [secret] = by_kind(resources, "Secret").values()
+    models = config["data"]["EMBEDPIPE_MODELS"]
+    entries = models.split(",")
+    assert len(entries) == 2
+    containers = {n: d["spec"]["template"]["spec"]["containers"][0] for n, d in deployments.items()}
+    embedders = {n for n, c in containers.items() if c.get("args", [])[:2] == ["worker", "embed"]}
+    assert embedders == {"embedder", "embedder-api"}
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in by_kind(resources, "ScaledObject").values()}
+    budgets = by_kind(resources, "PodDisruptionBudget")
+    served = {}
+    for name in embedders:
+        args = containers[name]["args"]
+        entry = args[args.index("--model") + 1]
+        served[entry] = name
+        assert entry in entries, (name, entry)
+        lane = lane_name(entry)
+        assert own_lane(Settings.from_env({"EMBEDPIPE_MODELS": models}, model=entry)).name == lane  # as the worker
+        [trigger] = scaled[name]["spec"]["triggers"]
+        namespace = config["data"].get("EMBEDPIPE_NAMESPACE", "")
+        assert trigger["metadata"]["listName"] == "rq:queue:" + queue_name(embed_pool(lane), namespace), name
+        assert budgets[name]["spec"]["maxUnavailable"] == 1
+        assert budgets[name]["spec"]["selector"]["matchLabels"].items() <= (
+            deployments[name]["spec"]["selector"]["matchLabels"].items()
+        )
+    assert set(served) == set(entries), served  # each model has its own pool
+    # every embedpipe process reads the same EMBEDPIPE_MODELS: the ConfigMap, overridden nowhere
+    for name in ("janitor", "loader", "chunker", "writer", *embedders):
+        assert {"configMapRef": {"name": config["metadata"]["name"]}} in containers[name]["envFrom"], name
+        assert "EMBEDPIPE_MODELS" not in {e["name"] for e in containers[name].get("env", [])}, name
+    # the API embedder: the key from the secret by key, never the whole secret; no store, no GPU
+    [api] = [n for n in embedders if containers[n]["args"][-1].startswith("openai:")]
+    key_env = env_name("openai_api_key")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in containers[api]["env"] if "valueFrom" in e}
+    assert refs[key_env] == {"name": secret["metadata"]["name"], "key": key_env}
+    assert key_env in secret["data"]  # secrets.env.example names it
+    assert {r["key"] for r in refs.values()} == {"EMBEDPIPE_REDIS_WORKER_PASSWORD", key_env}
+    assert not [e for e in containers[api]["envFrom"] if "secretRef" in e]
+    local = next(iter(embedders - {api}))
+    assert key_env not in {e["name"] for e in containers[local]["env"]}
+    assert containers[api]["image"].startswith("embedpipe:")  # the API client is in the embedder's image
+    assert "nvidia.com/gpu" not in yaml.safe_dump(deployments[api])
+    # the embedder's hardening, probes and volumes, with smaller requests
+    pods = {n: deployments[n]["spec"]["template"]["spec"] for n in (api, local)}
+    for key in ("securityContext", "automountServiceAccountToken", "terminationGracePeriodSeconds", "volumes"):
+        assert pods[api][key] == pods[local][key], key
+    for key in ("securityContext", "volumeMounts", "ports", "startupProbe", "livenessProbe", "readinessProbe"):
+        assert containers[api][key] == containers[local][key], key
+    assert containers[api]["resources"]["requests"] != containers[local]["resources"]["requests"]
+    # scraped (the PodMonitor's selector) and admitted by Redis; PostgreSQL is only for the probe's pool
+    [monitor] = by_kind(resources, "PodMonitor").values()
+    for d in deployments.values():
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    policies = by_kind(resources, "NetworkPolicy")
+    admitted = {
+        p: set(policies[p]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"])
+        for p in ("redis", "postgres")
+    }
+    assert api in admitted["redis"] and api not in admitted["postgres"]
+    # everything else is the cpu overlay's, unchanged
+    changed = {("ConfigMap", "embedpipe-config"), ("Deployment", "embedder"), ("ScaledObject", "embedder")}
+    changed |= {("NetworkPolicy", "redis"), *((k, api) for k in ("Deployment", "ScaledObject", "PodDisruptionBudget"))}
+    same = {o: unhashed(rendered[o], changed) for o in ("cpu", "two-models")}
+    assert same["two-models"] == same["cpu"]
+    assert set(same["cpu"]) | changed == set(unhashed(rendered["two-models"], set()))
+
+
+def unhashed(resources: list[dict], leave_out: set) -> dict:
+    """(kind, name) -> resource, with embedpipe-config's hashed name made plain, less `leave_out`."""
+    [config] = [n for n in by_kind(resources, "ConfigMap") if n.startswith("embedpipe-config")]
+    plain = yaml.safe_load_all(yaml.safe_dump_all(resources).replace(config, "embedpipe-config"))
+    out = {(r["kind"], r["metadata"]["name"]): r for r in plain}
+    return {k: r for k, r in out.items() if k not in leave_out}
+
+
 @pytest.mark.slow
-def test_another_namespace_carries_into_the_keda_address(deploy_copy, tmp_path):
+@pytest.mark.parametrize("overlay", ["cpu", "two-models"])
+def test_another_namespace_carries_into_the_keda_address(deploy_copy, tmp_path, overlay):
     root = tmp_path / "deploy"
     shutil.copytree(deploy_copy, root)
-    kustomization = root / "k8s" / "overlays" / "cpu" / "kustomization.yaml"
+    kustomization = root / "k8s" / "overlays" / overlay / "kustomization.yaml"
     kustomization.write_text(kustomization.read_text().replace("namespace: embedpipe", "namespace: search-staging"))
-    resources = render(root, "cpu")
+    resources = render(root, overlay)
     [config] = [c for n, c in by_kind(resources, "ConfigMap").items() if n.startswith("embedpipe-config")]
     assert config["data"]["KEDA_REDIS_ADDRESS"] == "redis.search-staging.svc:6379"
     assert set(by_kind(resources, "Namespace")) == {"search-staging"}
