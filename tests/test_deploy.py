@@ -141,7 +141,9 @@ def test_compose_models_override_gives_each_model_an_embed_service():
     assert "PGPASSWORD" not in api["environment"] and not any("KEY" in a for a in api["command"])
     for key in ("stop_grace_period", "image", "build", "depends_on", "init", "restart"):
         assert api[key] == base["embedder"][key], key  # written out as the embedder's (no `extends`)
-    assert api["healthcheck"]["test"] == base["embedder"]["healthcheck"]["test"]
+    # its health check checks the model it serves (embedpipe health --model: an API model has nothing on disk)
+    model = api["command"][api["command"].index("--model") + 1]
+    assert api["healthcheck"]["test"] == [*base["embedder"]["healthcheck"]["test"], "--model", model]
 
 
 def test_rq_tools_are_offered_read_our_jobs_and_are_scraped():
@@ -443,8 +445,15 @@ def test_two_models_have_an_embed_pool_each_scaled_on_its_own_queue(rendered):
     pods = {n: deployments[n]["spec"]["template"]["spec"] for n in (api, local)}
     for key in ("securityContext", "automountServiceAccountToken", "terminationGracePeriodSeconds", "volumes"):
         assert pods[api][key] == pods[local][key], key
-    for key in ("securityContext", "volumeMounts", "ports", "startupProbe", "livenessProbe", "readinessProbe"):
+    for key in ("securityContext", "volumeMounts", "ports", "startupProbe", "livenessProbe"):
         assert containers[api][key] == containers[local][key], key
+    # readiness checks the model each pool serves (an API model has nothing on disk to find)
+    ready = {n: containers[n]["readinessProbe"] for n in (api, local)}
+    model = containers[api]["args"][containers[api]["args"].index("--model") + 1]
+    assert ready[api]["exec"]["command"] == [*ready[local]["exec"]["command"], "--model", model]
+    assert {k: v for k, v in ready[api].items() if k != "exec"} == {
+        k: v for k, v in ready[local].items() if k != "exec"
+    }
     assert containers[api]["resources"]["requests"] != containers[local]["resources"]["requests"]
     # scraped (the PodMonitor's selector) and admitted by Redis; PostgreSQL is only for the probe's pool
     [monitor] = by_kind(resources, "PodMonitor").values()
