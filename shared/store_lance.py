@@ -11,6 +11,7 @@ is logged, counted and tried again later. Search probes the ANN index and scans 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -47,6 +48,8 @@ ANN_RETRY_S = 60.0  # wait after a failed build
 # 1.3 GB of data). A reader of a version older than this (a whole-table stream running longer) fails.
 KEEP_VERSIONS = timedelta(minutes=10)
 METADATA_CACHE_BYTES = 64 * 2**20
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_BYTES = 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
 
 
@@ -77,6 +80,7 @@ class LanceStore:
         self.path = path
         # read_consistency_interval=0: every read sees the latest commit of any writer process
         self.settings = settings or Settings()
+        _bound_malloc(self.settings.malloc_arenas)  # before connect() starts LanceDB's threads
         self._db = lancedb.connect(
             str(path), read_consistency_interval=timedelta(0), session=_session(self.settings.index_cache_mb)
         )
@@ -494,6 +498,25 @@ def _session(index_cache_mb: int = 256) -> Any:
     return lancedb.Session(
         index_cache_size_bytes=index_cache_mb * 2**20, metadata_cache_size_bytes=METADATA_CACHE_BYTES
     )
+
+
+@functools.cache
+def _bound_malloc(arenas: int) -> None:
+    """Make glibc's malloc give back what LanceDB frees, for the threads started from now on (0: glibc's
+    defaults). LanceDB's Rust code allocates with glibc malloc from ~30 threads: each thread took an arena
+    of its own (up to 8 per core), and glibc raises its mmap threshold (up to 32 MiB) after the first
+    large free, so Arrow and I/O buffers were carved from those arenas, fragmented them and stayed: a
+    writer's RSS grew with the store while the heap in use did not (bench/README.md, store_scale). So: at
+    most `arenas` arenas (M_ARENA_MAX), and blocks of MMAP_THRESHOLD_BYTES and more mmapped, unmapped when
+    freed (M_MMAP_THRESHOLD, which also stops the threshold's rise). Once per process; a no-op off glibc."""
+    if arenas <= 0:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    mallopt(M_ARENA_MAX, arenas)
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _compact(table: Any, name: str) -> None:
