@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument(
         "--ann-min-rows", type=int, default=Settings().ann_min_rows if hasattr(Settings(), "ann_min_rows") else 0
     )
-    ap.add_argument("--milestone-searches", type=int, default=20, help="searches at each milestone (no recall)")
+    ap.add_argument("--milestone-searches", type=int, default=20, help="searches per milestone; 0: a writer's RSS")
+    ap.add_argument("--malloc-arenas", type=int, default=Settings().malloc_arenas, help="EMBEDPIPE_MALLOC_ARENAS")
     args = ap.parse_args()
     build_log = BuildLog()
     for name in ("shared.store_lance", "shared.store_pg"):
@@ -110,7 +111,8 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
     try:
-        store = open_store(args.store, SPEC, settings=Settings(ann_min_rows=args.ann_min_rows))
+        settings = Settings(ann_min_rows=args.ann_min_rows, malloc_arenas=args.malloc_arenas)
+        store = open_store(args.store, SPEC, settings=settings)
     except TypeError:  # main's store, before this change
         store = open_store(args.store, SPEC)
     start_part = store.count() // PART  # continue a store grown by an earlier run
@@ -133,7 +135,9 @@ def main() -> None:
             if p + 1 == args.ann_min_rows // PART and hasattr(store, "wait_for_index"):
                 store.optimize()  # as a writer after a drained load: pgvector builds its index now
                 store.wait_for_index()
-            s = search_figures(store, queries[: args.milestone_searches], p + 1, with_recall=False)
+            s = {"p50_ms": np.nan, "p95_ms": np.nan}
+            if args.milestone_searches:
+                s = search_figures(store, queries[: args.milestone_searches], p + 1, with_recall=False)
             print(
                 f"| {(p + 1) * PART:,} | {np.median(recent):.3f} | {np.percentile(recent, 95):.3f} | {s['p50_ms']:.1f}"
                 f" | {s['p95_ms']:.1f} | {status_mb('VmRSS'):.0f} | {status_mb('VmHWM'):.0f} |",

@@ -22,7 +22,7 @@ from shared.embedding import Embedder
 from shared.errors import ConfigError
 from shared.messages import SourceDoc
 from shared.settings import Settings
-from shared.store import Store, open_store
+from shared.store import Store, open_store, slices
 from workers.embed import make_embedder
 from workers.embedded import Progress, RunSummary, run_embedded
 from workers.probe import run_probe
@@ -46,27 +46,32 @@ def stored_sources(store: Store) -> Iterator[SourceDoc]:
 def progress(location: str) -> dict[str, dict[str, int]]:
     """For each collection but the active one: how many of the active collection's documents it holds
     with the same text (`done`) of how many (`total`), and how many it holds that the active one no
-    longer does (`extra`). Reads every document's content hash of each collection."""
+    longer does (`extra`). Reads every document's content hash of each collection, a slice of the active
+    one's streamed IDs at a time: memory bounded by the slice, never by the collections."""
     active = open_store(location)
+    others: dict[str, Store] = {}
     try:
         if active.collection is None:
             return {}
-        ids = sorted(active.doc_ids())
-        listed = set(ids)
-        current = active.doc_hashes(ids)
-        others = [c["name"] for c in active.collections() if c["name"] != active.collection]
+        for c in active.collections():
+            if c["name"] != active.collection:
+                others[c["name"]] = open_store(location, collection=c["name"])
+        total, done, held_any = 0, dict.fromkeys(others, 0), dict.fromkeys(others, 0)
+        for ids in slices(active.doc_ids()):
+            total += len(ids)
+            current = active.doc_hashes(ids)
+            for name, other in others.items():
+                held = other.doc_hashes(ids)
+                done[name] += sum(held.get(d) == h for d, h in current.items())
+                held_any[name] += len(held)
+        # extra: what a collection holds beyond the active one's documents (a write meanwhile can make
+        # the difference negative for a moment: none then)
+        extra = {name: max(0, sum(1 for _ in other.doc_ids()) - held_any[name]) for name, other in others.items()}
+        return {name: {"done": done[name], "total": total, "extra": extra[name]} for name in others}
     finally:
-        active.close()
-    out = {}
-    for name in others:
-        other = open_store(location, collection=name)
-        try:
-            held = other.doc_hashes(ids)
-            extra = sum(d not in listed for d in other.doc_ids())
-        finally:
+        for other in others.values():
             other.close()
-        out[name] = {"done": sum(held.get(d) == h for d, h in current.items()), "total": len(ids), "extra": extra}
-    return out
+        active.close()
 
 
 def backfill(
@@ -81,18 +86,17 @@ def backfill(
             bar.total, bar.n = 0, 0
             bar.set_description_str("catching up")
         store = open_store(settings.store, collection=source)
+        target: Store | None = None
         try:
             passes.append(run_embedded(settings, stored_sources(store), embedder=embedder, progress=bar))
-            kept = set(store.doc_ids())
+            # the target's documents the source no longer holds, looked up a slice at a time (no ID set)
+            target = open_store(settings.store, collection=passes[-1].collection)
+            gone = [d for ids in slices(target.doc_ids()) for d in sorted(set(ids) - store.doc_hashes(ids).keys())]
+            target.forget_documents(gone)  # in slices too (the store's ID_SLICE)
         finally:
+            if target is not None:
+                target.close()
             store.close()
-        target = open_store(settings.store, collection=passes[-1].collection)
-        try:
-            gone = sorted(d for d in target.doc_ids() if d not in kept)
-            if gone:
-                target.forget_documents(gone)
-        finally:
-            target.close()
         if not passes[-1].documents_stored and not gone:
             break
     return passes

@@ -111,6 +111,9 @@ class Settings:
     index_cache_mb: int = setting(
         1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."
     )
+    malloc_arenas: int = setting(
+        2, "glibc malloc arenas of a process opening a LanceDB store, its large blocks mmapped; 0 = glibc's defaults."
+    )
     # --- throughput -----------------------------------------------------------------------------
     backend: str = setting(
         "torch", "Model runtime: torch (fp16 on CUDA), torch-bf16, onnx, onnx-int8 (ONNX: CPU only)."

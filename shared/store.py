@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.errors import ConfigError, PruneRefused
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
-from shared.store_types import DocRecord, Hit, Store, choose_collection, stale_chunks
+from shared.store_types import DocRecord, Hit, Store, choose_collection, slices, stale_chunks
 
 __all__ = [
     "OPTIMIZE_AFTER_DRAIN_WRITES",
@@ -27,6 +27,7 @@ __all__ = [
     "each_collection",
     "open_store",
     "prune",
+    "slices",
     "stale_chunks",
 ]
 
@@ -35,7 +36,6 @@ __all__ = [
 # every batch) it is worth it only once a few commits went in. At 10,000 SciFact abstracts, compacting at
 # every drain made the writer spend 0.21 CPU ms per chunk against 0.10 without (bench/fast.py).
 OPTIMIZE_AFTER_DRAIN_WRITES = 10
-FORGET_SLICE = 1000  # documents per delete of a prune: a bounded `IN (...)` list
 # A prune of at most this many documents of a collection is never refused, whatever share they are.
 PRUNE_ALWAYS_ALLOWED = 10
 
@@ -91,7 +91,7 @@ def prune(
     listing of an unmounted or half-copied directory looks like a mass deletion: unless `force`,
     nothing is deleted if in any collection it would be more than `max_fraction` of its documents and
     more than PRUNE_ALWAYS_ALLOWED (PruneRefused, with the numbers). The store's IDs are streamed past
-    `kept`, never held as a set; the gone ones go in slices."""
+    `kept`, never held as a set; the gone ones go in slices (store_types.ID_SLICE)."""
     if not kept and not force:
         raise PruneRefused("--prune with no documents listed would empty the store: refused")
     doomed: dict[str, list[str]] = {}
@@ -111,7 +111,5 @@ def prune(
     removed = {}
     for store in each_collection(location):  # nothing deleted until every collection passed the guard
         gone = doomed.get(store.collection or "", [])
-        removed[store.collection or ""] = sum(
-            store.forget_documents(gone[i : i + FORGET_SLICE]) for i in range(0, len(gone), FORGET_SLICE)
-        )
+        removed[store.collection or ""] = store.forget_documents(gone)  # in slices
     return removed

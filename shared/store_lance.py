@@ -11,6 +11,7 @@ is logged, counted and tried again later. Search probes the ANN index and scans 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from shared.messages import Chunk
 from shared.metrics import MAINTENANCE, STORE_WRITES
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
-from shared.store_types import DocRecord, Hit, choose_collection, metadata_matches, stale_chunks
+from shared.store_types import DocRecord, Hit, choose_collection, metadata_matches, slices, stale_chunks
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ ANN_RETRY_S = 60.0  # wait after a failed build
 # 1.3 GB of data). A reader of a version older than this (a whole-table stream running longer) fails.
 KEEP_VERSIONS = timedelta(minutes=10)
 METADATA_CACHE_BYTES = 64 * 2**20
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_BYTES = 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
 
 
@@ -77,6 +80,7 @@ class LanceStore:
         self.path = path
         # read_consistency_interval=0: every read sees the latest commit of any writer process
         self.settings = settings or Settings()
+        _bound_malloc(self.settings.malloc_arenas)  # before connect() starts LanceDB's threads
         self._db = lancedb.connect(
             str(path), read_consistency_interval=timedelta(0), session=_session(self.settings.index_cache_mb)
         )
@@ -235,26 +239,32 @@ class LanceStore:
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]:
         table = self._table("")
         out: dict[str, set[str]] = {d: set() for d in doc_ids}
-        if table is None or not doc_ids:
+        if table is None:
             return out
-        rows = table.search().where(f"doc_id IN ({_sql_list(doc_ids)})").select(["chunk_id", "doc_id"])
-        for row in rows.limit(None).to_list():
-            out[row["doc_id"]].add(row["chunk_id"])
+        for piece in slices(doc_ids):
+            rows = table.search().where(f"doc_id IN ({_sql_list(piece)})").select(["chunk_id", "doc_id"])
+            for row in rows.limit(None).to_list():
+                out[row["doc_id"]].add(row["chunk_id"])
         return out
 
     def delete_chunks(self, chunk_ids: list[str]) -> None:
         table = self._table("")
-        if table is not None and chunk_ids:
-            table.delete(f"chunk_id IN ({_sql_list(chunk_ids)})")
+        if table is None:
+            return
+        for piece in slices(chunk_ids):
+            table.delete(f"chunk_id IN ({_sql_list(piece)})")
             STORE_WRITES.labels("delete").inc()
 
     # --- documents -----------------------------------------------------------------------------
     def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]:
         table = self._table("__docs")
-        if table is None or not doc_ids:
-            return {}
-        rows = table.search().where(f"doc_id IN ({_sql_list(doc_ids)})").select(["doc_id", "content_hash"])
-        return {r["doc_id"]: r["content_hash"] for r in rows.limit(None).to_list()}
+        out: dict[str, str] = {}
+        if table is None:
+            return out
+        for piece in slices(doc_ids):
+            rows = table.search().where(f"doc_id IN ({_sql_list(piece)})").select(["doc_id", "content_hash"])
+            out.update((r["doc_id"], r["content_hash"]) for r in rows.limit(None).to_list())
+        return out
 
     def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
         """Finish documents whose chunks are all written: delete their stale chunks, record their
@@ -267,8 +277,8 @@ class LanceStore:
         docs = self._table("__docs", dim=0 if done else None)
         if docs is None:
             return len(stale)
-        if failed:
-            docs.delete(f"doc_id IN ({_sql_list(failed)})")
+        for piece in slices(failed):
+            docs.delete(f"doc_id IN ({_sql_list(piece)})")
         if done:
             self._record(done)
         return len(stale)
@@ -294,14 +304,19 @@ class LanceStore:
             self._index_scalars("__docs")
 
     def forget_documents(self, doc_ids: list[str]) -> int:
-        """Delete documents and all their chunks; returns how many of them the collection held."""
-        held = self.doc_hashes(doc_ids)
-        stale = [cid for ids in self.chunk_ids(doc_ids).values() for cid in ids]
-        self.delete_chunks(stale)
-        docs = self._table("__docs")
-        if docs is not None and doc_ids:
-            docs.delete(f"doc_id IN ({_sql_list(doc_ids)})")
-        return len(held)
+        """Delete documents and all their chunks, a slice at a time (chunks first: a record is never
+        gone while chunks of it remain); returns how many of them the collection held."""
+        chunks, docs = self._table(""), self._table("__docs")
+        held = 0
+        for piece in slices(doc_ids):
+            held += len(self.doc_hashes(piece))
+            where = f"doc_id IN ({_sql_list(piece)})"
+            if chunks is not None:
+                chunks.delete(where)
+            if docs is not None:
+                docs.delete(where)
+            STORE_WRITES.labels("delete").inc()
+        return held
 
     def doc_ids(self) -> Iterator[str]:
         for batch in self._stream("__docs", ["doc_id"]):
@@ -483,6 +498,25 @@ def _session(index_cache_mb: int = 256) -> Any:
     return lancedb.Session(
         index_cache_size_bytes=index_cache_mb * 2**20, metadata_cache_size_bytes=METADATA_CACHE_BYTES
     )
+
+
+@functools.cache
+def _bound_malloc(arenas: int) -> None:
+    """Make glibc's malloc give back what LanceDB frees, for the threads started from now on (0: glibc's
+    defaults). LanceDB's Rust code allocates with glibc malloc from ~30 threads: each thread took an arena
+    of its own (up to 8 per core), and glibc raises its mmap threshold (up to 32 MiB) after the first
+    large free, so Arrow and I/O buffers were carved from those arenas, fragmented them and stayed: a
+    writer's RSS grew with the store while the heap in use did not (bench/README.md, store_scale). So: at
+    most `arenas` arenas (M_ARENA_MAX), and blocks of MMAP_THRESHOLD_BYTES and more mmapped, unmapped when
+    freed (M_MMAP_THRESHOLD, which also stops the threshold's rise). Once per process; a no-op off glibc."""
+    if arenas <= 0:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    mallopt(M_ARENA_MAX, arenas)
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _compact(table: Any, name: str) -> None:

@@ -27,7 +27,7 @@ from shared.messages import Chunk
 from shared.metrics import MAINTENANCE, STORE_WRITES
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
-from shared.store_types import DocRecord, Hit, choose_collection, stale_chunks
+from shared.store_types import DocRecord, Hit, choose_collection, slices, stale_chunks
 
 log = logging.getLogger(__name__)
 
@@ -163,25 +163,30 @@ class PgStore:
         if self._dim is None or not doc_ids:
             return out
         with self._pool.connection() as conn:
-            for doc_id, chunk in conn.execute(
-                f"SELECT doc_id, chunk_id FROM {self.table} WHERE doc_id = ANY(%s)", (list(doc_ids),)
-            ):
-                out[doc_id].add(chunk)
+            for piece in slices(doc_ids):
+                sql = f"SELECT doc_id, chunk_id FROM {self.table} WHERE doc_id = ANY(%s)"
+                for doc_id, chunk in conn.execute(sql, (piece,)):
+                    out[doc_id].add(chunk)
         return out
 
     def delete_chunks(self, chunk_ids: list[str]) -> None:
-        if self._dim is not None and chunk_ids:
-            with self._pool.connection() as conn:
-                conn.execute(f"DELETE FROM {self.table} WHERE chunk_id = ANY(%s)", (sorted(chunk_ids),))
-            STORE_WRITES.labels("delete").inc()
+        if self._dim is None:
+            return
+        with self._pool.connection() as conn:
+            for piece in slices(sorted(chunk_ids)):
+                conn.execute(f"DELETE FROM {self.table} WHERE chunk_id = ANY(%s)", (piece,))
+                STORE_WRITES.labels("delete").inc()
 
     # --- documents -----------------------------------------------------------------------------
     def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]:
-        if self._dim is None or not doc_ids:
-            return {}
+        out: dict[str, str] = {}
+        if self._dim is None:
+            return out
         with self._pool.connection() as conn:
-            rows = conn.execute(f"SELECT doc_id, content_hash FROM {self.docs} WHERE doc_id = ANY(%s)", (doc_ids,))
-            return dict(rows.fetchall())
+            for piece in slices(doc_ids):
+                sql = f"SELECT doc_id, content_hash FROM {self.docs} WHERE doc_id = ANY(%s)"
+                out.update(conn.execute(sql, (piece,)).fetchall())
+        return out
 
     def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
         """In one transaction: delete stale chunks of done documents and record their hashes; remove
@@ -205,13 +210,16 @@ class PgStore:
         )
 
     def forget_documents(self, doc_ids: list[str]) -> int:
-        if self._dim is None or not doc_ids:
-            return 0
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.execute(f"DELETE FROM {self.table} WHERE doc_id = ANY(%s)", (sorted(doc_ids),))
-            cur.execute(f"DELETE FROM {self.docs} WHERE doc_id = ANY(%s)", (sorted(doc_ids),))
-            held = cur.rowcount
-        STORE_WRITES.labels("delete").inc()
+        """Delete documents and all their chunks, one transaction per slice; returns how many it held."""
+        held = 0
+        if self._dim is None:
+            return held
+        for piece in slices(sorted(doc_ids)):
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute(f"DELETE FROM {self.table} WHERE doc_id = ANY(%s)", (piece,))
+                cur.execute(f"DELETE FROM {self.docs} WHERE doc_id = ANY(%s)", (piece,))
+                held += cur.rowcount
+            STORE_WRITES.labels("delete").inc()
         return held
 
     def doc_ids(self) -> Iterator[str]:

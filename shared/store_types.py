@@ -5,7 +5,7 @@ backend) so that the backends can import it without an import cycle."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,6 +14,22 @@ import numpy as np
 from shared.errors import ConfigError
 from shared.messages import Chunk
 from shared.spec import EmbeddingSpec
+
+# IDs per lookup or delete: the stores cut every list of IDs they are given into slices of this many, so
+# no caller (a migration's millions of documents, a prune) builds an unbounded `IN (...)` filter or array.
+ID_SLICE = 1000
+
+
+def slices(ids: Iterable[str]) -> Iterator[list[str]]:
+    """`ids` (a list or a stream) in lists of at most ID_SLICE, read at each call (tests shrink it)."""
+    piece: list[str] = []
+    for i in ids:
+        piece.append(i)
+        if len(piece) >= ID_SLICE:
+            yield piece
+            piece = []
+    if piece:
+        yield piece
 
 
 @dataclass(frozen=True)

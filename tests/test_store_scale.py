@@ -150,8 +150,9 @@ def test_a_failed_index_build_is_counted_never_fails_the_write_and_is_retried(tm
 
 def test_prune_streams_the_store_and_removes_in_slices(tmp_path, monkeypatch):
     from shared import store as store_module
+    from shared import store_types
 
-    monkeypatch.setattr(store_module, "FORGET_SLICE", 7)
+    monkeypatch.setattr(store_types, "ID_SLICE", 7)
     store = open_store(str(tmp_path), SPEC)
     chunks, vectors, docs = part("p", 400, 1)  # 50 documents
     store.upsert(chunks, vectors, docs)
