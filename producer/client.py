@@ -18,7 +18,6 @@ lancedb (an import-linter contract in pyproject.toml keeps it so), so any servic
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
 import msgpack
@@ -30,7 +29,7 @@ from shared.errors import ConfigError, DecodeError
 from shared.keys import Keyspace
 from shared.ledger import Ledger, LocalLedger, RedisLedger, local_ledger_path
 from shared.messages import DeadLetter, SourceDoc, decode_dead_letter
-from shared.queues import connect, distributed_status, is_idle, wait_until_idle
+from shared.queues import connect, distributed_status, wait_until_idle
 from shared.settings import Settings
 
 __all__ = [
@@ -99,17 +98,9 @@ def wait_for_batches(
 ) -> bool:
     """Block until every batch is settled (see `unsettled`), or the whole pipeline is idle (twice in a row);
     False if `timeout_s` (0: never) passed first."""
-    deadline = time.monotonic() + timeout_s if timeout_s else None
-    idle_rounds = 0
-    while True:
-        if not unsettled(redis, settings.keys, batch_ids):
-            return True
-        idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings)) else 0
-        if idle_rounds == 2:
-            return True
-        if deadline and time.monotonic() > deadline:
-            return False
-        time.sleep(poll_s)
+    return wait_until_idle(
+        redis, settings, timeout_s, poll_s, done=lambda: not unsettled(redis, settings.keys, batch_ids)
+    )
 
 
 def ledger_of(redis: Redis, settings: Settings) -> RedisLedger:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -238,12 +239,20 @@ def is_idle(status: dict[str, Any]) -> bool:
     return status["inbox"] == 0 and all(s[k] == 0 for s in status["stages"].values() for k in busy)
 
 
-def wait_until_idle(redis: Redis, settings: Settings, timeout_s: float = 0, poll_s: float = 0.2) -> bool:
-    """Block until the pipeline is idle twice in a row, `poll_s` apart (a job between two stages is never
-    missed); False if `timeout_s` (0: never) passed first."""
+def wait_until_idle(
+    redis: Redis,
+    settings: Settings,
+    timeout_s: float = 0,
+    poll_s: float = 0.2,
+    done: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Block until `done()` or the pipeline is idle twice in a row, `poll_s` apart (a job between two
+    stages is never missed); False if `timeout_s` (0: never) passed first."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     idle_rounds = 0
     while True:
+        if done():
+            return True
         idle_rounds = idle_rounds + 1 if is_idle(distributed_status(redis, settings)) else 0
         if idle_rounds == 2:
             return True
