@@ -209,3 +209,43 @@ def test_the_readers_of_whole_tables_stream_in_bounded_memory(tmp_path):
         n, before, peak = out.stdout.split()
         assert int(n) == 200_000
         assert float(peak) - float(before) < 80, (reader, before, peak)  # main: 180 to 840 MB
+
+
+@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
+def test_new_rows_join_the_ann_index_as_deltas_merged_past_a_bound(tmp_path, monkeypatch):
+    """A maintenance adds the new rows to the ANN index as a delta of their own, never rewriting the
+    trained index; past ANN_MAX_DELTAS the deltas (not the base) are merged into one. The index is
+    trained with ANN_PARTITION_ROWS rows per partition. Search sees the rows of every delta."""
+    import lance
+
+    from shared.store_lance import ANN_MAX_DELTAS, ANN_PARTITION_ROWS
+
+    monkeypatch.setenv("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+    store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=10_000))
+    for p in range(20):  # 10,240 chunks: the index is trained over them (and not again before 20,480)
+        store.upsert(*part(f"p{p}", 512, p))
+    store.wait_for_index()
+    dataset = str(tmp_path / f"{store.collection}.lance")
+
+    def segments() -> list[dict]:
+        return lance.dataset(dataset).stats.index_stats("vector_idx")["indices"]
+
+    (base,) = segments()
+    assert base["num_partitions"] == 10_240 // ANN_PARTITION_ROWS
+    query = clustered(1, 4321)[0]
+    counts = []
+    for p in range(20, 21 + ANN_MAX_DELTAS):
+        chunks, vectors, docs = part(f"p{p}", 512, p)
+        if p == 22:
+            vectors[7] = query  # planted in a delta that the merge folds in later
+        store.upsert(chunks, vectors, docs)
+        store.optimize()
+        store.wait_for_index()
+        counts.append(len(segments()))
+        assert store.index_stats()["vector_idx"]["unindexed"] == 0
+        if p >= 22:
+            assert store.search(query, 5)[0].chunk_id == "p22-7"
+    # one more segment per round up to the bound, then the deltas merged into one beside the base
+    assert counts == [*range(2, ANN_MAX_DELTAS + 2), 2]
+    assert store.index_stats()["vector_idx"]["indexed"] == 512 * (21 + ANN_MAX_DELTAS)
+    store.close()
