@@ -104,6 +104,7 @@ def main() -> None:
     )
     ap.add_argument("--milestone-searches", type=int, default=20, help="searches per milestone; 0: a writer's RSS")
     ap.add_argument("--malloc-arenas", type=int, default=Settings().malloc_arenas, help="EMBEDPIPE_MALLOC_ARENAS")
+    ap.add_argument("--index-cache-mb", type=int, default=Settings().index_cache_mb, help="a writer's: 64")
     args = ap.parse_args()
     build_log = BuildLog()
     for name in ("shared.store_lance", "shared.store_pg"):
@@ -111,7 +112,9 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
     try:
-        settings = Settings(ann_min_rows=args.ann_min_rows, malloc_arenas=args.malloc_arenas)
+        settings = Settings(
+            ann_min_rows=args.ann_min_rows, malloc_arenas=args.malloc_arenas, index_cache_mb=args.index_cache_mb
+        )
         store = open_store(args.store, SPEC, settings=settings)
     except TypeError:  # main's store, before this change
         store = open_store(args.store, SPEC)

@@ -111,6 +111,9 @@ class Settings:
     index_cache_mb: int = setting(
         1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."
     )
+    writer_index_cache_mb: int = setting(
+        64, "LanceDB index cache of the chunk and write workers: they look IDs up (BTREE pages), never search."
+    )
     malloc_arenas: int = setting(
         2, "glibc malloc arenas of a process opening a LanceDB store, its large blocks mmapped; 0 = glibc's defaults."
     )
@@ -177,6 +180,7 @@ class Settings:
             "search_nprobes",
             "ef_search",
             "index_cache_mb",
+            "writer_index_cache_mb",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be positive, got {getattr(self, name)}")

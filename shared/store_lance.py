@@ -1,13 +1,16 @@
 """The embedded default store: LanceDB on local disk. Collections are tables; store.json lists them.
 
 At scale: BTREE indexes on chunk_id and doc_id (the merge and the `doc_id IN (...)` lookups use them),
-and an IVF_SQ vector index once a collection holds `ann_min_rows` chunks. Both are kept current by the
-collection's maintenance (optimize): compaction, which adds new fragments to every index, and the ANN
-index's build when due. It runs in a child process started by the writer, under a file lock (one per
-collection at a time, across processes): a write never waits on it nor grows with it, and a failed run
-is logged, counted and tried again later. Search probes the ANN index and scans the rows not yet in it
-(LanceDB's default), so it sees every row. IVF_SQ, because it builds fast: 4.5 s at 200k chunks of
-384-d on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not finish in 9 minutes at 600k."""
+and an IVF_SQ vector index once a collection holds `ann_min_rows` chunks, trained again each time the
+collection doubles. Both are kept current by the collection's maintenance (optimize): compaction of the
+new fragments, which then join the BTREEs and, as a small delta index, the ANN index (so a maintenance
+costs what was written since the last, not the table's size). It runs in a child process started by the
+writer, under a file lock (one per collection at a time, across processes): a write never waits on it
+nor grows with it, and a failed run is logged, counted and tried again later. Search probes the ANN
+index and scans the rows not yet in it (LanceDB's default), so it sees every row. IVF_SQ, because it
+builds fast: 4.5 s at 200k chunks of 384-d on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not
+finish in 9 minutes at 600k. The maintenance goes through pylance (Lance itself): LanceDB's optimize()
+merges every index into one each time, rewriting the whole ANN index, and takes no options."""
 
 from __future__ import annotations
 

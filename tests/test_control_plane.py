@@ -120,3 +120,15 @@ def test_a_cache_ttl_of_zero_keeps_no_vectors_in_redis(redis_url, tokenizer):
     vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
     assert len(vectors) == len(chunks) == 3 and not failed
     assert not list(redis.scan_iter(keys.vector_cache("*")))
+
+
+@pytest.mark.slow
+def test_the_chunk_and_write_workers_keep_their_own_small_index_cache(redis_url, tmp_path):
+    """They only look IDs up (BTREE pages): their LanceDB index cache is EMBEDPIPE_WRITER_INDEX_CACHE_MB,
+    so their memory stays flat as the store grows; the search processes keep EMBEDPIPE_INDEX_CACHE_MB."""
+    redis = Redis.from_url(redis_url)
+    env = {"EMBEDPIPE_STORE": str(tmp_path / "store"), "EMBEDPIPE_WRITER_INDEX_CACHE_MB": "48"}
+    settings = Settings.from_env(env, redis_url=redis_url)
+    assert settings.index_cache_mb == 1024
+    for stage in ("chunk", "write"):
+        assert init_context(settings, stage, redis).store.settings.index_cache_mb == 48

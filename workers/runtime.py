@@ -77,7 +77,9 @@ def _resources(lane: Lane, stage: str, redis: Redis, tokenizers: dict[str, Token
     settings = lane.settings
     loaded = StageResources(spec=spec_for(settings))
     if stage in ("chunk", "write"):  # chunk: skips documents the store holds unchanged
-        loaded.store = open_store(settings.store, loaded.spec, settings=settings)
+        # they only look IDs up: a small index cache keeps their memory flat as the store grows
+        lookups = replace(settings, index_cache_mb=settings.writer_index_cache_mb)
+        loaded.store = open_store(settings.store, loaded.spec, settings=lookups)
     if stage == "chunk":
         if settings.model not in tokenizers:
             tokenizers[settings.model] = load_tokenizer(settings.model, settings.api_max_input_tokens)
