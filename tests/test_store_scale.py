@@ -69,7 +69,7 @@ def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
     stats = store.index_stats()
     assert stats["vector_idx"]["unindexed"] == 0 and stats["vector_idx"]["indexed"] == 2560
     assert stats["chunk_id_idx"]["unindexed"] == 0 and stats["doc_id_idx"]["unindexed"] == 0
-    # grown 4x since the training: the index is trained again, over everything
+    # grown 2x (ANN_RETRAIN_GROWTH) since the training: the index is trained again, over everything
     for p in range(5, 16):
         store.upsert(*part(f"p{p}", 512, p))
     store.wait_for_index()
