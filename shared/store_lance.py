@@ -9,8 +9,7 @@ writer, under a file lock (one per collection at a time, across processes): a wr
 nor grows with it, and a failed run is logged, counted and tried again later. Search probes the ANN
 index and scans the rows not yet in it (LanceDB's default), so it sees every row. IVF_SQ, because it
 builds fast: 4.5 s at 200k chunks of 384-d on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not
-finish in 9 minutes at 600k. The maintenance goes through pylance (Lance itself): LanceDB's optimize()
-merges every index into one each time, rewriting the whole ANN index, and takes no options."""
+finish in 9 minutes at 600k. The maintenance itself: shared/lance_maintenance.py."""
 
 from __future__ import annotations
 
@@ -41,22 +40,10 @@ log = logging.getLogger(__name__)
 OPTIMIZE_EVERY_WRITES = 50  # each LanceDB commit adds a fragment; compact (and index the new ones) from time to time
 MANIFEST = "store.json"
 SCALAR_INDEXED = {"": ("chunk_id", "doc_id"), "__docs": ("doc_id",)}
-ANN_INDEX = "vector_idx"
 # The IVF partitions are trained on the rows there at the build; new rows join the nearest partition, so
 # partitions grow with the table. Retrain once it holds this many times the trained rows.
 ANN_RETRAIN_GROWTH = 2
-# Rows per IVF partition at the training. LanceDB's default (8,192) left 31 partitions at 254k chunks, so
-# 20 probes scanned 65% of the table; at 4,096 a query scans 20 partitions of 4-8k rows whatever the size.
-ANN_PARTITION_ROWS = 4096
-# Each maintenance indexes the new rows as a delta index of its own: merging them into one index rewrote
-# the whole index each time (8 s at 826k chunks, ~1 min at 4M, beside the writes). Search probes every
-# delta, so past this many the deltas (never the big trained base) are merged into one.
-ANN_MAX_DELTAS = 8
 ANN_RETRY_S = 60.0  # wait after a failed build
-# Cleanup removes the versions a compaction or index update replaced; they stayed on disk for LanceDB's
-# default 7 days (at 800k chunks: 7.4 GB on disk for 1.3 GB of data). A reader of a version older than
-# this (a whole-table stream running longer) fails.
-KEEP_VERSIONS = timedelta(minutes=10)
 METADATA_CACHE_BYTES = 64 * 2**20
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 2**20
@@ -92,7 +79,7 @@ class LanceStore:
         self.settings = settings or Settings()
         _bound_malloc(self.settings.malloc_arenas)  # before connect() starts LanceDB's threads
         self._db = lancedb.connect(
-            str(path), read_consistency_interval=timedelta(0), session=_session(self.settings.index_cache_mb)
+            str(path), read_consistency_interval=timedelta(0), session=lance_session(self.settings.index_cache_mb)
         )
         manifest = self._manifest()
         self.collection = choose_collection(spec, collection, manifest["active"])
@@ -456,14 +443,16 @@ class LanceStore:
         min_rows = self.settings.ann_min_rows
         if not min_rows or time.monotonic() < self._retry_at:
             return False
-        rows = self.count()
-        trained = self._manifest()["collections"].get(self.collection or "", {}).get("ann_rows", 0)
-        return rows >= min_rows and (not trained or rows >= trained * ANN_RETRAIN_GROWTH)
+        return ann_due(self.count(), self._trained_rows(), min_rows)
+
+    def _trained_rows(self) -> int:
+        """The chunks the ANN index was last trained over (store.json), 0 before its first build."""
+        return self._manifest()["collections"].get(self.collection or "", {}).get("ann_rows", 0)
 
     def _maintain(self) -> None:
-        """Run the maintenance in a child process (python -m shared.store_lance): a compaction copies up
-        to a million rows and an index build reads every vector, and memory a process once held stays
-        with it, so the writer's own memory stays flat. A failure (never the writer's) is logged, counted,
+        """Run the maintenance in a child process (python -m shared.lance_maintenance): an index build
+        reads every vector, and memory a process once held stays with it, so the writer's own memory
+        stays flat. A failure (never the writer's) is logged, counted,
         and the index build tried again after ANN_RETRY_S."""
         started = time.monotonic()
         try:
@@ -471,7 +460,7 @@ class LanceStore:
                 [
                     sys.executable,
                     "-m",
-                    "shared.store_lance",
+                    "shared.lance_maintenance",
                     str(self.path),
                     self.collection or "",
                     str(self.settings.ann_min_rows),
@@ -499,8 +488,13 @@ class LanceStore:
         self.wait_for_index()
 
 
+def ann_due(rows: int, trained: int, min_rows: int) -> bool:
+    """Past `min_rows` chunks with no index yet, or grown ANN_RETRAIN_GROWTH times since its training."""
+    return bool(min_rows) and rows >= min_rows and (not trained or rows >= trained * ANN_RETRAIN_GROWTH)
+
+
 @functools.cache
-def _session(index_cache_mb: int = 256) -> Any:
+def lance_session(index_cache_mb: int = 256) -> Any:
     """One LanceDB session per process (and cache size), its caches bounded: LanceDB's defaults (6 GiB
     of index, 1 GiB of metadata) let a process grow with the store it reads."""
     import lancedb
@@ -527,35 +521,6 @@ def _bound_malloc(arenas: int) -> None:
         return
     mallopt(M_ARENA_MAX, arenas)
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def _compact(uri: str, name: str) -> None:
-    """Compact the table's new fragments and add them to every index: the BTREEs merged into one (cheap),
-    the ANN index's new rows as a delta (see ANN_MAX_DELTAS); then drop the versions this replaced.
-    LanceDB's own optimize() merges every index into one, rewriting the whole ANN index each time, and
-    cannot say otherwise: so through pylance. A compaction can lose the commit race to a writer updating
-    rows it rewrote ("Retryable commit conflict"): it is tried once more, then left to the next one.
-    (Index builds and compactions never race: one lock.)"""
-    import lance
-
-    for attempt in (1, 2):
-        try:
-            lance.dataset(uri).optimize.compact_files()
-            indexes = [i["name"] for i in lance.dataset(uri).list_indices()]
-            scalar = sorted({i for i in indexes if i != ANN_INDEX})
-            if scalar:
-                lance.dataset(uri).optimize.optimize_indices(index_names=scalar)
-            deltas = indexes.count(ANN_INDEX)
-            if deltas:
-                merge = deltas - 1 if deltas > ANN_MAX_DELTAS else 0  # all but the base, or a new delta
-                lance.dataset(uri).optimize.optimize_indices(index_names=[ANN_INDEX], num_indices_to_merge=merge)
-            lance.dataset(uri).cleanup_old_versions(older_than=KEEP_VERSIONS)
-            return
-        except Exception as e:  # pylance raises OSError or RuntimeError for a lost commit race
-            if "commit conflict" not in str(e).lower():
-                raise
-            if attempt == 2:
-                log.warning("compaction of %s lost to a concurrent commit; left to the next one: %s", name, e)
 
 
 def _docs_schema() -> Any:
@@ -589,43 +554,3 @@ def _schema(dim: int) -> Any:
             pa.field("vector", pa.list_(pa.float32(), dim)),
         ]
     )
-
-
-def maintain(path: Path, name: str, ann_min_rows: int) -> str:
-    """The maintenance of one collection, in the child process optimize() starts, under the collection's
-    index lock (a file lock: one at a time across processes): the ANN index built (or trained again,
-    replacing the old one) when due, then both tables compacted, their new fragments into every index."""
-    import fcntl
-
-    import lancedb
-    from lancedb.index import IvfSq
-
-    handle = LanceStore(path, collection=name)
-    db = lancedb.connect(str(path), session=_session())
-    with open(path / f".{name}.index.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "another process maintains it"
-        done = []
-        table = db.open_table(name)
-        rows = table.count_rows()
-        trained = handle._manifest()["collections"].get(name, {}).get("ann_rows", 0)
-        if ann_min_rows and rows >= ann_min_rows and (not trained or rows >= trained * ANN_RETRAIN_GROWTH):
-            started = time.monotonic()
-            partitions = max(1, rows // ANN_PARTITION_ROWS)
-            config = IvfSq(distance_type="cosine", num_partitions=partitions)
-            table.create_index("vector", config=config, name=ANN_INDEX, replace=True)
-            handle._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
-            took = time.monotonic() - started
-            done.append(f"ANN index built over {rows} chunks ({partitions} partitions) in {took:.1f} s")
-        started = time.monotonic()
-        for kind in ("", "__docs"):
-            if name + kind in db.list_tables().tables:
-                _compact(str(path / f"{name}{kind}.lance"), name + kind)
-        done.append(f"compacted in {time.monotonic() - started:.1f} s")
-        return ", ".join(done)
-
-
-if __name__ == "__main__":  # python -m shared.store_lance STORE COLLECTION ANN_MIN_ROWS: optimize()'s child
-    print(maintain(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -218,7 +218,7 @@ def test_new_rows_join_the_ann_index_as_deltas_merged_past_a_bound(tmp_path, mon
     trained with ANN_PARTITION_ROWS rows per partition. Search sees the rows of every delta."""
     import lance
 
-    from shared.store_lance import ANN_MAX_DELTAS, ANN_PARTITION_ROWS
+    from shared.lance_maintenance import ANN_MAX_DELTAS, ANN_PARTITION_ROWS
 
     monkeypatch.setenv("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=10_000))
