@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,33 +31,48 @@ ANN_MAX_DELTAS = 8
 KEEP_VERSIONS = timedelta(minutes=10)
 
 
-def compact(uri: str, name: str) -> None:
+@contextmanager
+def _timed(took: dict[str, float], label: str) -> Iterator[None]:
+    """Add the seconds the block takes to took[label]."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        took[label] = took.get(label, 0.0) + time.monotonic() - started
+
+
+def compact(uri: str, name: str) -> dict[str, float]:
     """Compact the table's new fragments and add them to every index: the BTREEs merged into one (cheap),
     the ANN index's new rows as a delta (see ANN_MAX_DELTAS); then drop the versions this replaced.
-    LanceDB's own optimize() merges every index into one, rewriting the whole ANN index each time, and
-    cannot say otherwise: so through pylance. A compaction can lose the commit race to a writer updating
-    rows it rewrote ("Retryable commit conflict"): it is tried once more, then left to the next one.
-    (Index builds and compactions never race: one lock.)"""
+    Returns the seconds of each step. A compaction can lose the commit race to a writer updating rows it
+    rewrote ("Retryable commit conflict"): it is tried once more, then left to the next one. (Index
+    builds and compactions never race: one lock.)"""
     import lance
 
+    took: dict[str, float] = {}
     for attempt in (1, 2):
         try:
-            lance.dataset(uri).optimize.compact_files()
+            with _timed(took, "files"):
+                lance.dataset(uri).optimize.compact_files()
             indexes = [i["name"] for i in lance.dataset(uri).list_indices()]
             scalar = sorted({i for i in indexes if i != ANN_INDEX})
             if scalar:
-                lance.dataset(uri).optimize.optimize_indices(index_names=scalar)
+                with _timed(took, "BTREE"):
+                    lance.dataset(uri).optimize.optimize_indices(index_names=scalar)
             deltas = indexes.count(ANN_INDEX)
             if deltas:
                 merge = deltas - 1 if deltas > ANN_MAX_DELTAS else 0  # all but the base, or a new delta
-                lance.dataset(uri).optimize.optimize_indices(index_names=[ANN_INDEX], num_indices_to_merge=merge)
-            lance.dataset(uri).cleanup_old_versions(older_than=KEEP_VERSIONS)
-            return
+                with _timed(took, "ANN"):
+                    lance.dataset(uri).optimize.optimize_indices(index_names=[ANN_INDEX], num_indices_to_merge=merge)
+            with _timed(took, "cleanup"):
+                lance.dataset(uri).cleanup_old_versions(older_than=KEEP_VERSIONS)
+            return took
         except Exception as e:  # pylance raises OSError or RuntimeError for a lost commit race
             if "commit conflict" not in str(e).lower():
                 raise
             if attempt == 2:
                 log.warning("compaction of %s lost to a concurrent commit; left to the next one: %s", name, e)
+    return took
 
 
 def maintain(path: Path, name: str, ann_min_rows: int) -> str:
@@ -86,10 +103,13 @@ def maintain(path: Path, name: str, ann_min_rows: int) -> str:
             took = time.monotonic() - started
             done.append(f"ANN index built over {rows} chunks ({partitions} partitions) in {took:.1f} s")
         started = time.monotonic()
+        steps: dict[str, float] = {}
         for kind in ("", "__docs"):
             if name + kind in db.list_tables().tables:
-                compact(str(path / f"{name}{kind}.lance"), name + kind)
-        done.append(f"compacted in {time.monotonic() - started:.1f} s")
+                for label, seconds in compact(str(path / f"{name}{kind}.lance"), name + kind).items():
+                    steps[label] = steps.get(label, 0.0) + seconds
+        each = ", ".join(f"{label} {seconds:.1f}" for label, seconds in steps.items())
+        done.append(f"compacted in {time.monotonic() - started:.1f} s ({each})")
         return ", ".join(done)
 
 
