@@ -22,8 +22,8 @@ ANN_INDEX = "vector_idx"
 # 20 probes scanned 65% of the table; at 4,096 a query scans 20 partitions of 4-8k rows whatever the size.
 ANN_PARTITION_ROWS = 4096
 # Each maintenance indexes the new rows as a delta index of its own: merging them into one index rewrote
-# the whole index each time (8 s at 826k chunks, ~1 min at 4M, beside the writes). Search probes every
-# delta, so past this many the deltas (never the big trained base) are merged into one.
+# the whole index each time (8 s at 826k chunks, where a delta took 0.3 s: bench/README.md). Search probes
+# every delta, so past this many the deltas (never the big trained base) are merged into one.
 ANN_MAX_DELTAS = 8
 # Cleanup removes the versions a compaction or index update replaced; they stayed on disk for LanceDB's
 # default 7 days (at 800k chunks: 7.4 GB on disk for 1.3 GB of data). A reader of a version older than

@@ -3,8 +3,8 @@
 At scale: BTREE indexes on chunk_id and doc_id (the merge and the `doc_id IN (...)` lookups use them),
 and an IVF_SQ vector index once a collection holds `ann_min_rows` chunks, trained again each time the
 collection doubles. Both are kept current by the collection's maintenance (optimize): compaction of the
-new fragments, which then join the BTREEs and, as a small delta index, the ANN index (so a maintenance
-costs what was written since the last, not the table's size). It runs in a child process started by the
+new fragments, which then join the BTREEs and, as a small delta index, the ANN index (which is no longer
+rewritten whole each time). It runs in a child process started by the
 writer, under a file lock (one per collection at a time, across processes): a write never waits on it
 nor grows with it, and a failed run is logged, counted and tried again later. Search probes the ANN
 index and scans the rows not yet in it (LanceDB's default), so it sees every row. IVF_SQ, because it
@@ -452,8 +452,8 @@ class LanceStore:
     def _maintain(self) -> None:
         """Run the maintenance in a child process (python -m shared.lance_maintenance): an index build
         reads every vector, and memory a process once held stays with it, so the writer's own memory
-        stays flat. A failure (never the writer's) is logged, counted,
-        and the index build tried again after ANN_RETRY_S."""
+        stays flat. A failure (never the writer's) is logged, counted, and the index build tried again
+        after ANN_RETRY_S."""
         started = time.monotonic()
         try:
             done = subprocess.run(
