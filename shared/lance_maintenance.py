@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+import lance  # pylance: this module runs only in the maintenance's child process
+
 from shared.store_lance import LanceStore, ann_due, lance_session
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ def compact(uri: str, name: str) -> dict[str, float]:
     Returns the seconds of each step. A compaction can lose the commit race to a writer updating rows it
     rewrote ("Retryable commit conflict"): it is tried once more, then left to the next one. (Index
     builds and compactions never race: one lock.)"""
-    import lance
-
     took: dict[str, float] = {}
     for attempt in (1, 2):
         try:
