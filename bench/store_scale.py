@@ -104,7 +104,8 @@ def main() -> None:
     )
     ap.add_argument("--milestone-searches", type=int, default=20, help="searches per milestone; 0: a writer's RSS")
     ap.add_argument("--malloc-arenas", type=int, default=Settings().malloc_arenas, help="EMBEDPIPE_MALLOC_ARENAS")
-    ap.add_argument("--index-cache-mb", type=int, default=Settings().index_cache_mb, help="a writer's: 64")
+    cache_help = "EMBEDPIPE_INDEX_CACHE_MB; 64: as a write worker"
+    ap.add_argument("--index-cache-mb", type=int, default=Settings().index_cache_mb, help=cache_help)
     args = ap.parse_args()
     build_log = BuildLog()
     for name in ("shared.store_lance", "shared.store_pg"):
