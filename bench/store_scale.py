@@ -4,11 +4,17 @@ complete, as the writer does) growing one collection to --chunks, then search ag
     nice -n 5 python bench/store_scale.py --store /tmp/scale --chunks 1000000
     nice -n 5 python bench/store_scale.py --store /tmp/scale --chunks 4000000   # continues that store
     nice -n 5 python bench/store_scale.py --store postgresql://... --chunks 100000
+    nice -n 5 python bench/store_scale.py --store /tmp/big --bulk-until 3900096 --chunks 4000256
+
+--bulk-until reaches that size by appending whole parts in groups of ~1M rows (LanceDB only; the parts are
+new, so an append is what an upsert would do, without the merge) and one maintenance, which builds the ANN
+index, in a child process: the part upserts after it then measure a writer at that size (its latency and
+memory, in this process) in minutes rather than 40.
 
 Vectors are deterministic and clustered (4,096 centres, within-cluster cosine ~0.7) so that recall@10
 means something; queries are fresh points of the same clusters; exact top-10 is computed by regenerating
 every part, never holding the collection. Reports, per milestone (100k, then every doubling, and the
-end): part-upsert latency (median and p95 over the last 20 parts), search p50/p95 and recall@10, RSS
+end): part-upsert latency (median and p95 over the last WINDOW parts), search p50/p95 and recall@10, RSS
 now and peak (VmHWM) of this process; and the ANN index builds (LanceDB logs them) with their times.
 Runs against main's store too (no `settings` argument there): the before/after in one place.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -31,6 +38,8 @@ from shared.spec import EmbeddingSpec
 from shared.store import DocRecord, open_store
 
 DIM, PART, PER_DOC, CENTRES = 384, 512, 8, 4096
+WINDOW = 100  # parts in a milestone's upsert figures: two maintenance rounds (one per 50 writes)
+BULK_PARTS = 2048  # parts per append of --bulk-until: 1,048,576 rows, Lance's largest file
 SPEC = EmbeddingSpec("bench-scale", "rev", "mean", True, 256, 0, "", 254, 25)
 CENTRE_VECTORS = np.random.default_rng(0).normal(size=(CENTRES, DIM)).astype(np.float32)
 
@@ -50,6 +59,29 @@ def part(p: int) -> tuple[list[Chunk], np.ndarray, list[DocRecord]]:
         DocRecord(f"p{p}-d{j}", f"h{p}-{j}", PER_DOC, f"document {j} of part {p}", {}) for j in range(PART // PER_DOC)
     ]
     return chunks, vectors(p, PART), docs
+
+
+def bulk_load(uri: str, settings: Settings, first: int, last: int) -> None:
+    """Parts first..last-1 appended to both tables in groups of BULK_PARTS, then one maintenance (the ANN
+    index's build, compaction, the BTREEs). Run in a child process: its memory is not the writer's."""
+    import pyarrow as pa
+
+    from shared.store_lance import chunk_rows, doc_rows
+
+    BuildLog.install()
+    store = open_store(uri, SPEC, settings=settings)
+    if first == 0:  # the first part through upsert: it creates the tables, their BTREEs and the manifest
+        store.upsert(*part(0))
+        first = 1
+    started = time.perf_counter()
+    for group in range(first, last, BULK_PARTS):
+        parts = [part(p) for p in range(group, min(group + BULK_PARTS, last))]
+        store._table("").add(pa.concat_tables([chunk_rows(c, v) for c, v, _ in parts]))
+        store._table("__docs").add(pa.concat_tables([doc_rows(d) for *_, d in parts]))
+        print(f"  appended to {min(group + BULK_PARTS, last) * PART:,} chunks", flush=True)
+    store.optimize()
+    store.wait_for_index()
+    print(f"bulk load and its maintenance took {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def exact_top10(queries: np.ndarray, parts: int) -> list[list[str]]:
@@ -85,13 +117,16 @@ def search_figures(store, queries: np.ndarray, parts: int, with_recall: bool) ->
 
 
 class BuildLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
+    """Prints the stores' log lines (index builds, maintenance rounds with their steps' times)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{time.strftime('%H:%M:%S')} {record.getMessage()}")
-        print("  [index]", self.lines[-1], flush=True)
+        print("  [index]", time.strftime("%H:%M:%S"), record.getMessage(), flush=True)
+
+    @classmethod
+    def install(cls) -> None:
+        for name in ("shared.store_lance", "shared.store_pg"):
+            logging.getLogger(name).addHandler(cls())
+            logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main() -> None:
@@ -106,11 +141,9 @@ def main() -> None:
     ap.add_argument("--malloc-arenas", type=int, default=Settings().malloc_arenas, help="EMBEDPIPE_MALLOC_ARENAS")
     cache_help = "EMBEDPIPE_INDEX_CACHE_MB; 64: as a write worker"
     ap.add_argument("--index-cache-mb", type=int, default=Settings().index_cache_mb, help=cache_help)
+    ap.add_argument("--bulk-until", type=int, default=0, help="reach this many chunks by appends first (LanceDB)")
     args = ap.parse_args()
-    build_log = BuildLog()
-    for name in ("shared.store_lance", "shared.store_pg"):
-        logging.getLogger(name).addHandler(build_log)
-        logging.getLogger(name).setLevel(logging.INFO)
+    BuildLog.install()
 
     try:
         settings = Settings(
@@ -120,6 +153,15 @@ def main() -> None:
     except TypeError:  # main's store, before this change
         store = open_store(args.store, SPEC)
     start_part = store.count() // PART  # continue a store grown by an earlier run
+    if args.bulk_until // PART > start_part:
+        loader = multiprocessing.get_context("spawn").Process(
+            target=bulk_load, args=(args.store, settings, start_part, args.bulk_until // PART)
+        )
+        loader.start()
+        loader.join()
+        if loader.exitcode:
+            sys.exit(f"the bulk load failed (exit code {loader.exitcode})")
+        start_part = store.count() // PART
     parts = args.chunks // PART
     queries = vectors(10**9, args.queries) + np.random.default_rng(1).normal(scale=0.01, size=(args.queries, DIM))
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
@@ -134,7 +176,7 @@ def main() -> None:
         chunks, vecs, docs = part(p)
         t0 = time.perf_counter()
         store.upsert(chunks, vecs, docs)
-        recent = [*recent[-19:], time.perf_counter() - t0]
+        recent = [*recent[-(WINDOW - 1) :], time.perf_counter() - t0]
         if p + 1 in milestones and p + 1 > start_part:
             if p + 1 == args.ann_min_rows // PART and hasattr(store, "wait_for_index"):
                 store.optimize()  # as a writer after a drained load: pgvector builds its index now

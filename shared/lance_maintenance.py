@@ -6,8 +6,10 @@ optimize() merges every index into one each time, rewriting the whole ANN index,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -23,10 +25,23 @@ ANN_INDEX = "vector_idx"
 # Rows per IVF partition at the training. LanceDB's default (8,192) left 31 partitions at 254k chunks, so
 # 20 probes scanned 65% of the table; at 4,096 a query scans 20 partitions of 4-8k rows whatever the size.
 ANN_PARTITION_ROWS = 4096
-# Each maintenance indexes the new rows as a delta index of its own: merging them into one index rewrote
-# the whole index each time (8 s at 826k chunks, where a delta took 0.3 s: bench/README.md). Search probes
-# every delta, so past this many the deltas (never the big trained base) are merged into one.
-ANN_MAX_DELTAS = 8
+# Each maintenance indexes the new rows as a delta index of its own, for the ANN index and the BTREEs
+# alike: merging them into one index rewrote the whole index each time (the ANN's: 8 s at 826k chunks,
+# where a delta took 0.3 s; a BTREE's: 1.5-2 s at 4.4M: bench/README.md). A lookup or search probes every
+# delta, so past this many they are merged: the BTREE's all into one, the ANN's all but the trained base.
+MAX_DELTAS = 8
+# Compaction merges the fragments smaller than this into ones of this size (Lance's default, 1,048,576,
+# rewrote up to a million rows a round).
+COMPACT_TARGET_ROWS = 131_072
+# Compacting a fragment that an index covers makes Lance rewrite ("remap") every index segment over it:
+# the whole BTREE at each round (2-3 s at 4.4M chunks). So a round compacts only the new, unindexed
+# fragments, and leaves the indexed ones (one small fragment a round) until more than this many are
+# small; an indexed fragment with deletions to drop (MAX_DELETED of its rows) is compacted at once.
+MAX_SMALL_INDEXED = 32
+MAX_DELETED = 0.1
+# The child yields the CPU to the writer that started it (and to searches): at 4M chunks the maintenance
+# runs much of the time, beside a writer on the same cores.
+NICE = 10
 # Cleanup removes the versions a compaction or index update replaced; they stayed on disk for LanceDB's
 # default 7 days (at 800k chunks: 7.4 GB on disk for 1.3 GB of data). A reader of a version older than
 # this (a whole-table stream running longer) fails.
@@ -44,26 +59,25 @@ def _timed(took: dict[str, float], label: str) -> Iterator[None]:
 
 
 def compact(uri: str, name: str) -> dict[str, float]:
-    """Compact the table's new fragments and add them to every index: the BTREEs merged into one (cheap),
-    the ANN index's new rows as a delta (see ANN_MAX_DELTAS); then drop the versions this replaced.
-    Returns the seconds of each step. A compaction can lose the commit race to a writer updating rows it
-    rewrote ("Retryable commit conflict"): it is tried once more, then left to the next one. (Index
-    builds and compactions never race: one lock.)"""
+    """Compact the table's new fragments and add them to every index as a delta (see MAX_DELTAS); then
+    drop the versions this replaced. Returns the seconds of each step. A compaction can lose the commit
+    race to a writer updating rows it rewrote ("Retryable commit conflict"): it is tried once more, then
+    left to the next one. (Index builds and compactions never race: one lock.)"""
     took: dict[str, float] = {}
     for attempt in (1, 2):
         try:
             with _timed(took, "files"):
-                lance.dataset(uri).optimize.compact_files()
-            indexes = [i["name"] for i in lance.dataset(uri).list_indices()]
-            scalar = sorted({i for i in indexes if i != ANN_INDEX})
-            if scalar:
-                with _timed(took, "BTREE"):
-                    lance.dataset(uri).optimize.optimize_indices(index_names=scalar)
-            deltas = indexes.count(ANN_INDEX)
-            if deltas:
-                merge = deltas - 1 if deltas > ANN_MAX_DELTAS else 0  # all but the base, or a new delta
-                with _timed(took, "ANN"):
-                    lance.dataset(uri).optimize.optimize_indices(index_names=[ANN_INDEX], num_indices_to_merge=merge)
+                dataset = lance.dataset(uri)
+                dataset.optimize.compact_files(
+                    target_rows_per_fragment=COMPACT_TARGET_ROWS, excluded_fragment_ids=_settled(dataset)
+                )
+            segments = Counter(i["name"] for i in lance.dataset(uri).list_indices())
+            for index, count in sorted(segments.items()):
+                merge = 0  # a new delta
+                if count > MAX_DELTAS:
+                    merge = count - 1 if index == ANN_INDEX else count  # the ANN's trained base stays
+                with _timed(took, "ANN" if index == ANN_INDEX else "BTREE"):
+                    lance.dataset(uri).optimize.optimize_indices(index_names=[index], num_indices_to_merge=merge)
             with _timed(took, "cleanup"):
                 lance.dataset(uri).cleanup_old_versions(older_than=KEEP_VERSIONS)
             return took
@@ -73,6 +87,16 @@ def compact(uri: str, name: str) -> dict[str, float]:
             if attempt == 2:
                 log.warning("compaction of %s lost to a concurrent commit; left to the next one: %s", name, e)
     return took
+
+
+def _settled(dataset: lance.LanceDataset) -> list[int]:
+    """The fragments a compaction should leave alone: those an index covers (see MAX_SMALL_INDEXED),
+    except the ones with deletions to drop; none once more than MAX_SMALL_INDEXED of them are small."""
+    indexed = {f for index in dataset.list_indices() for f in index["fragment_ids"]}
+    fragments = [f.metadata for f in dataset.get_fragments() if f.fragment_id in indexed]
+    if sum(f.physical_rows < COMPACT_TARGET_ROWS for f in fragments) > MAX_SMALL_INDEXED:
+        return []
+    return [f.id for f in fragments if f.num_deletions < MAX_DELETED * f.physical_rows]
 
 
 def maintain(path: Path, name: str, ann_min_rows: int) -> str:
@@ -114,4 +138,5 @@ def maintain(path: Path, name: str, ann_min_rows: int) -> str:
 
 
 if __name__ == "__main__":  # python -m shared.lance_maintenance STORE COLLECTION ANN_MIN_ROWS: optimize()'s child
+    os.nice(NICE)
     print(maintain(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -190,30 +190,12 @@ class LanceStore:
         """Insert or update chunks by chunk_id. Documents in `complete` have all their chunks in this
         call: their other chunks (from an earlier version) go in the same commit, then their records
         are written (an unchanged resubmission is then skipped)."""
-        import pyarrow as pa
-
         if not chunks:
             return
         if vectors.shape[0] != len(chunks):
             raise ValueError(f"{len(chunks)} chunks but {vectors.shape[0]} vectors")
         table = self._table("", dim=vectors.shape[1])
-        dim = vectors.shape[1]
-        rows = pa.table(
-            {
-                "chunk_id": [c.chunk_id for c in chunks],
-                "doc_id": [c.doc_id for c in chunks],
-                "idx": [c.index for c in chunks],
-                "text": [c.text for c in chunks],
-                "tokens": [c.tokens for c in chunks],
-                "char_start": [c.char_start for c in chunks],
-                "char_end": [c.char_end for c in chunks],
-                "metadata": _metadata_column(chunks),
-                "vector": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim
-                ),
-            },
-            schema=_schema(dim),
-        )
+        rows = chunk_rows(chunks, vectors)
         merge = table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all()
         # Complete documents replace their earlier chunks in this same commit. Deleting by source makes
         # the merge a full outer join over the table (4x a plain merge at 40k rows), so it is asked only
@@ -281,22 +263,9 @@ class LanceStore:
         return len(stale)
 
     def _record(self, done: list[DocRecord]) -> None:
-        import pyarrow as pa
-
         docs = self._table("__docs", dim=0)
         if done:
-            rows = pa.table(
-                {
-                    "doc_id": [d.doc_id for d in done],
-                    "content_hash": [d.content_hash for d in done],
-                    "chunks": [d.chunks for d in done],
-                    "text": [d.text for d in done],
-                    "metadata": [json.dumps(d.metadata, sort_keys=True) for d in done],
-                    "updated": [time.time()] * len(done),
-                },
-                schema=_docs_schema(),
-            )
-            docs.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            docs.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(doc_rows(done))
             STORE_WRITES.labels("documents").inc()
             self._index_scalars("__docs")
 
@@ -521,6 +490,46 @@ def _bound_malloc(arenas: int) -> None:
         return
     mallopt(M_ARENA_MAX, arenas)
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def chunk_rows(chunks: list[Chunk], vectors: np.ndarray) -> Any:
+    """Chunks and their vectors as an Arrow table of the chunks table's schema."""
+    import pyarrow as pa
+
+    dim = vectors.shape[1]
+    return pa.table(
+        {
+            "chunk_id": [c.chunk_id for c in chunks],
+            "doc_id": [c.doc_id for c in chunks],
+            "idx": [c.index for c in chunks],
+            "text": [c.text for c in chunks],
+            "tokens": [c.tokens for c in chunks],
+            "char_start": [c.char_start for c in chunks],
+            "char_end": [c.char_end for c in chunks],
+            "metadata": _metadata_column(chunks),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim
+            ),
+        },
+        schema=_schema(dim),
+    )
+
+
+def doc_rows(done: list[DocRecord]) -> Any:
+    """Document records as an Arrow table of the documents table's schema."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "doc_id": [d.doc_id for d in done],
+            "content_hash": [d.content_hash for d in done],
+            "chunks": [d.chunks for d in done],
+            "text": [d.text for d in done],
+            "metadata": [json.dumps(d.metadata, sort_keys=True) for d in done],
+            "updated": [time.time()] * len(done),
+        },
+        schema=_docs_schema(),
+    )
 
 
 def _docs_schema() -> Any:

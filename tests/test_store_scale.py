@@ -214,11 +214,11 @@ def test_the_readers_of_whole_tables_stream_in_bounded_memory(tmp_path):
 @pytest.mark.slow  # the index is built in a child process (the store's maintenance)
 def test_new_rows_join_the_ann_index_as_deltas_merged_past_a_bound(tmp_path, monkeypatch):
     """A maintenance adds the new rows to the ANN index as a delta of their own, never rewriting the
-    trained index; past ANN_MAX_DELTAS the deltas (not the base) are merged into one. The index is
+    trained index; past MAX_DELTAS the deltas (not the base) are merged into one. The index is
     trained with ANN_PARTITION_ROWS rows per partition. Search sees the rows of every delta."""
     import lance
 
-    from shared.lance_maintenance import ANN_MAX_DELTAS, ANN_PARTITION_ROWS
+    from shared.lance_maintenance import ANN_PARTITION_ROWS, MAX_DELTAS
 
     monkeypatch.setenv("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
     store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=10_000))
@@ -234,7 +234,7 @@ def test_new_rows_join_the_ann_index_as_deltas_merged_past_a_bound(tmp_path, mon
     assert base["num_partitions"] == 10_240 // ANN_PARTITION_ROWS
     query = clustered(1, 4321)[0]
     counts = []
-    for p in range(20, 21 + ANN_MAX_DELTAS):
+    for p in range(20, 21 + MAX_DELTAS):
         chunks, vectors, docs = part(f"p{p}", 512, p)
         if p == 22:
             vectors[7] = query  # planted in a delta that the merge folds in later
@@ -246,6 +246,60 @@ def test_new_rows_join_the_ann_index_as_deltas_merged_past_a_bound(tmp_path, mon
         if p >= 22:
             assert store.search(query, 5)[0].chunk_id == "p22-7"
     # one more segment per round up to the bound, then the deltas merged into one beside the base
-    assert counts == [*range(2, ANN_MAX_DELTAS + 2), 2]
-    assert store.index_stats()["vector_idx"]["indexed"] == 512 * (21 + ANN_MAX_DELTAS)
+    assert counts == [*range(2, MAX_DELTAS + 2), 2]
+    assert store.index_stats()["vector_idx"]["indexed"] == 512 * (21 + MAX_DELTAS)
+    store.close()
+
+
+def test_a_maintenance_compacts_new_fragments_only_and_adds_btree_deltas_merged_past_a_bound(tmp_path, monkeypatch):
+    """Compaction leaves the fragments an index covers alone (compacting one makes Lance rewrite every
+    index over it) until more than MAX_SMALL_INDEXED are small, or one has deletions to drop; the
+    BTREEs take the new rows as deltas, merged into one past MAX_DELTAS. Lookups and the merge of an
+    upsert see the rows of every delta."""
+    import lance
+
+    from shared import lance_maintenance
+    from shared.lance_maintenance import MAX_DELTAS, compact
+
+    monkeypatch.setattr(lance_maintenance, "MAX_SMALL_INDEXED", MAX_DELTAS + 2)
+    store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=0))
+    table = str(tmp_path / f"{store.collection}.lance")
+
+    def fragments() -> list[int]:
+        return [f.fragment_id for f in lance.dataset(table).get_fragments()]
+
+    def btree_segments() -> int:
+        return sum(i["name"] == "chunk_id_idx" for i in lance.dataset(table).list_indices())
+
+    store.upsert(*part("r0", 64, 0))
+    store.wait_for_index()  # the handle's own maintenance never runs below: OPTIMIZE_EVERY_WRITES
+    segments = []
+    for r in range(1, MAX_DELTAS + 3):
+        settled = fragments()  # all indexed: the last round indexed what it compacted
+        for w in range(3):
+            store.upsert(*part(f"r{r}w{w}", 64, 10 * r + w))
+        compact(table, store.collection)
+        after = fragments()
+        assert after[: len(settled)] == settled and len(after) == len(settled) + 1  # the 3 new ones into 1
+        segments.append(btree_segments())
+        assert store.index_stats()["chunk_id_idx"]["unindexed"] == 0
+        assert store.chunk_ids(["r1w0-d2"]) == {"r1w0-d2": {f"r1w0-{i}" for i in range(16, 24)}}
+    assert segments == [*range(2, MAX_DELTAS + 2), 1, 2]  # a delta a round; past the bound all merged
+    rows = store.count()
+    chunks, vectors, docs = part("r1w0", 64, 10)  # again: the merge finds them through the BTREE
+    store.upsert([c.__class__(**{**c.__dict__, "text": "edited"}) for c in chunks], vectors, docs)
+    assert store.count() == rows
+
+    monkeypatch.setattr(lance_maintenance, "MAX_SMALL_INDEXED", 3)  # past it: the small ones merged too
+    compact(table, store.collection)
+    assert len(fragments()) < 4
+    held = len(fragments())
+    gone = [f"r{r}w{w}-d{j}" for r in (1, 2) for w in range(3) for j in range(8)]  # 384 of 1,984 rows
+    store.forget_documents(gone)
+    assert sum(f.metadata.num_deletions for f in lance.dataset(table).get_fragments()) > 198  # > 10%
+    compact(table, store.collection)  # deletions to drop (past MAX_DELETED): rewritten
+    dataset = lance.dataset(table)
+    assert all(f.metadata.num_deletions == 0 for f in dataset.get_fragments()) and len(fragments()) <= held
+    assert dataset.count_rows() == rows - 384 == store.count()
+    assert store.chunk_ids(["r3w0-d0"]) == {"r3w0-d0": {f"r3w0-{i}" for i in range(8)}}
     store.close()
