@@ -66,7 +66,7 @@ def bulk_load(uri: str, settings: Settings, first: int, last: int) -> None:
     index's build, compaction, the BTREEs). Run in a child process: its memory is not the writer's."""
     import pyarrow as pa
 
-    from shared.store_lance import chunk_rows, doc_rows
+    from shared.lance_rows import chunk_rows, doc_rows
 
     BuildLog.install()
     store = open_store(uri, SPEC, settings=settings)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ConfigError
+from shared.lance_rows import chunk_rows, chunk_schema, doc_rows, docs_schema
 from shared.messages import Chunk
 from shared.metrics import MAINTENANCE, STORE_WRITES
 from shared.settings import Settings
@@ -48,12 +49,6 @@ METADATA_CACHE_BYTES = 64 * 2**20
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 2**20
 STREAM_ROWS = 2000  # rows per page of the streaming readers: their memory is bounded by this, not the table
-
-
-def _metadata_column(chunks: list[Chunk]) -> list[str]:
-    """Each chunk's metadata as JSON, encoded once per document (its chunks share the document's)."""
-    by_doc: dict[str, str] = {}
-    return [by_doc.get(c.doc_id) or by_doc.setdefault(c.doc_id, json.dumps(c.metadata, sort_keys=True)) for c in chunks]
 
 
 def _sql_list(values: list[str]) -> str:
@@ -180,7 +175,7 @@ class LanceStore:
                 self._tables[name] = self._db.open_table(name)
             elif dim is not None:
                 self._register()
-                schema = _schema(dim) if kind == "" else _docs_schema()
+                schema = chunk_schema(dim) if kind == "" else docs_schema()
                 self._tables[name] = self._db.create_table(name, schema=schema, exist_ok=True)
             else:
                 return None
@@ -490,76 +485,3 @@ def _bound_malloc(arenas: int) -> None:
         return
     mallopt(M_ARENA_MAX, arenas)
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def chunk_rows(chunks: list[Chunk], vectors: np.ndarray) -> Any:
-    """Chunks and their vectors as an Arrow table of the chunks table's schema."""
-    import pyarrow as pa
-
-    dim = vectors.shape[1]
-    return pa.table(
-        {
-            "chunk_id": [c.chunk_id for c in chunks],
-            "doc_id": [c.doc_id for c in chunks],
-            "idx": [c.index for c in chunks],
-            "text": [c.text for c in chunks],
-            "tokens": [c.tokens for c in chunks],
-            "char_start": [c.char_start for c in chunks],
-            "char_end": [c.char_end for c in chunks],
-            "metadata": _metadata_column(chunks),
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dim
-            ),
-        },
-        schema=_schema(dim),
-    )
-
-
-def doc_rows(done: list[DocRecord]) -> Any:
-    """Document records as an Arrow table of the documents table's schema."""
-    import pyarrow as pa
-
-    return pa.table(
-        {
-            "doc_id": [d.doc_id for d in done],
-            "content_hash": [d.content_hash for d in done],
-            "chunks": [d.chunks for d in done],
-            "text": [d.text for d in done],
-            "metadata": [json.dumps(d.metadata, sort_keys=True) for d in done],
-            "updated": [time.time()] * len(done),
-        },
-        schema=_docs_schema(),
-    )
-
-
-def _docs_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("doc_id", pa.string()),
-            pa.field("content_hash", pa.string()),
-            pa.field("chunks", pa.int32()),
-            pa.field("text", pa.string()),
-            pa.field("metadata", pa.string()),
-            pa.field("updated", pa.float64()),
-        ]
-    )
-
-
-def _schema(dim: int) -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("chunk_id", pa.string()),
-            pa.field("doc_id", pa.string()),
-            pa.field("idx", pa.int32()),
-            pa.field("text", pa.string()),
-            pa.field("tokens", pa.int32()),
-            pa.field("char_start", pa.int64()),
-            pa.field("char_end", pa.int64()),
-            pa.field("metadata", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dim)),
-        ]
-    )
