@@ -10,9 +10,10 @@ Reported:
 
   throughput   documents stored per second in each tenth of the run (from the ledger's counters,
                sampled every 0.5 s), and the last tenth's over the first's: flat means >= 0.8
-  memory       Redis's peak used_memory over the run (INFO), what is left in it at the end, and each
-               process's peak RSS (the process and its children, polled every 0.1 s), in all and in
-               each phase (first run, re-run, prune)
+  memory       Redis's peak used_memory over the run (INFO), what is left in it at the end, each
+               process's peak RSS (the process and its children, polled every 0.1 s, and the process
+               alone) in all and in each phase (first run, re-run, prune), and each process's largest
+               RSS (alone) in each tenth of the first run: does it grow with the store?
   re-run       the same documents enqueued again: every one skipped as unchanged, 0 chunks written and
                0 embed jobs run (rq's finished-jobs registry of the embed queue)
   prune        `enqueue --prune` of the documents less every 100th: 1% deleted from the store (its rows
@@ -67,12 +68,27 @@ def write_corpus(n: int, path: Path, scifact: Path) -> dict:
 
 
 class Sampler(threading.Thread):
-    """Every 0.5 s: the ledger's counters, the dead letters and Redis's used memory."""
+    """Every 0.5 s: the ledger's counters, the dead letters, Redis's used memory and the RSS of each pool's
+    process alone (its children left out: a writer's maintenance comes and goes)."""
 
-    def __init__(self, redis) -> None:
+    def __init__(self, redis, pids: dict[str, int]) -> None:
+        import psutil
+
         super().__init__(daemon=True)
         self.redis, self.samples, self._stop_event = redis, [], threading.Event()
+        self.procs = {n: psutil.Process(pid) for n, pid in pids.items()}
         self.start()
+
+    def rss(self) -> dict[str, int]:
+        import psutil
+
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                out[name] = proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return out
 
     def run(self) -> None:
         from shared import keys
@@ -84,7 +100,7 @@ class Sampler(threading.Thread):
                 pipe.info("memory")
                 counters, dead, memory = pipe.execute()
             c = {k.decode(): int(v) for k, v in counters.items()}
-            self.samples.append((time.perf_counter(), c, int(dead), int(memory["used_memory"])))
+            self.samples.append((time.perf_counter(), c, int(dead), int(memory["used_memory"]), self.rss()))
             self._stop_event.wait(0.5)
 
     def stop(self) -> list:
@@ -96,7 +112,24 @@ class Sampler(threading.Thread):
 def tenths(samples: list, started: float, n: int) -> list[float]:
     """Documents per second in each tenth of the run: when the stored (or failed) documents passed each
     tenth of n, interpolated between the samples around it."""
-    points = [(started, 0)] + [(at, c.get("documents_done", 0) + dead) for at, c, dead, _ in samples]
+    return [round((n / 10) / max(b - a, 1e-9)) for a, b in itertools.pairwise(tenth_ends(samples, started, n))]
+
+
+def rss_by_tenth(samples: list, started: float, n: int) -> dict[str, list[float]]:
+    """Each process's largest sampled RSS (MB, the process alone) in each tenth of the run."""
+    ends = tenth_ends(samples, started, n)
+    out: dict[str, list[float]] = {}
+    for a, b in itertools.pairwise(ends):
+        inside = [rss for at, *_, rss in samples if a <= at <= b]
+        for name in {k for r in inside for k in r}:
+            out.setdefault(name, []).append(round(max(r.get(name, 0) for r in inside) / 2**20))
+    return out
+
+
+def tenth_ends(samples: list, started: float, n: int) -> list[float]:
+    """The start, and when the stored (or failed) documents passed each tenth of n, interpolated between
+    the samples around it."""
+    points = [(started, 0)] + [(at, c.get("documents_done", 0) + dead) for at, c, dead, *_ in samples]
     crossings = [started]
     for k in range(1, 11):
         target = k * n / 10
@@ -104,7 +137,7 @@ def tenths(samples: list, started: float, n: int) -> list[float]:
             if d1 >= target > d0 or (d1 >= target and d0 == d1):
                 crossings.append(t0 + (t1 - t0) * (target - d0) / max(d1 - d0, 1))
                 break
-    return [round((n / 10) / max(b - a, 1e-9)) for a, b in itertools.pairwise(crossings)]
+    return crossings
 
 
 def store_rows(store: Path) -> dict[str, int]:
@@ -150,7 +183,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     try:
         monitors = tp.start_pools(tmp, env, env, 1, args.pools, procs)
         phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}  # each phase's peak RSS apart
-        sampler = Sampler(redis)
+        sampler = Sampler(redis, {n: p.pid for n, p in procs.items()})
         started = time.perf_counter()
         tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
         enqueued_s = time.perf_counter() - started
@@ -173,9 +206,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "store_rows": rows,
             "redis_peak_mb": round(int(memory["used_memory_peak"]) / 2**20, 1),
             "redis_peak_sampled_mb": round(max(s[3] for s in samples) / 2**20, 1) if samples else None,
+            "rss_mb_by_tenth": rss_by_tenth(samples, started, args.docs),
             "redis_after_mb": round(int(memory["used_memory"]) / 2**20, 1),
             "redis_keys_after": int(redis.dbsize()),
             "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
+            "peak_rss_own_mb": {n: m.own_mb() for n, m in phase.items()},
         }
         print(f"first run: {json.dumps(result['first_run'])}", flush=True)
 
@@ -215,6 +250,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         redis_proc.terminate()
         redis_proc.wait(timeout=30)
     result["peak_rss_mb"] = {n: m.stop() for n, m in monitors.items()}
+    result["peak_rss_own_mb"] = {n: m.own_mb() for n, m in monitors.items()}
     return result
 
 
@@ -237,8 +273,9 @@ def main() -> None:
     print(
         f"{args.docs:,} documents in {r['seconds']} s: {r['documents_per_s']:,} documents/s, {r['chunks_per_s']:,} "
         f"chunks/s; by tenth {r['documents_per_s_by_tenth']} (last/first {r['last_over_first_tenth']}); Redis peak "
-        f"{results['redis_peak_mb']} MB; peak RSS MB "
-        + ", ".join(f"{n} {v:.0f}" for n, v in results["peak_rss_mb"].items()),
+        f"{results['redis_peak_mb']} MB; peak RSS MB with children (alone) "
+        + ", ".join(f"{n} {v:.0f} ({results['peak_rss_own_mb'][n]:.0f})" for n, v in results["peak_rss_mb"].items())
+        + f"; RSS MB by tenth {r['rss_mb_by_tenth']}",
         flush=True,
     )
     if args.out:

@@ -73,13 +73,14 @@ ROWS = (
 
 
 class PeakRss(threading.Thread):
-    """Polls the RSS of a process and all its children every 0.1 s; keeps the maximum (bytes)."""
+    """Polls the RSS of a process and all its children every 0.1 s; keeps the maximum (bytes) of the sum
+    (`peak`) and of the process alone (`own`: a writer's children are its maintenance, which comes and goes)."""
 
     def __init__(self, pid: int) -> None:
         import psutil
 
         super().__init__(daemon=True)
-        self.proc, self.peak, self._stop_event = psutil.Process(pid), 0, threading.Event()
+        self.proc, self.peak, self.own, self._stop_event = psutil.Process(pid), 0, 0, threading.Event()
         self.start()
 
     def run(self) -> None:
@@ -87,21 +88,27 @@ class PeakRss(threading.Thread):
 
         try:
             while not self._stop_event.is_set():
-                total = 0
-                for p in [self.proc, *self.proc.children(recursive=True)]:
+                own = self.proc.memory_info().rss
+                total = own
+                for p in self.proc.children(recursive=True):
                     try:
                         total += p.memory_info().rss
                     except psutil.Error:
                         pass
-                self.peak = max(self.peak, total)
+                self.peak, self.own = max(self.peak, total), max(self.own, own)
                 time.sleep(0.1)
         except psutil.Error:
             pass  # the process is gone
 
     def stop(self) -> float:
+        """The peak of the process and its children, in MB."""
         self._stop_event.set()
         self.join()
         return round(self.peak / 2**20, 1)
+
+    def own_mb(self) -> float:
+        """The peak of the process alone, in MB (after stop())."""
+        return round(self.own / 2**20, 1)
 
 
 def cpu_seconds(pid: int) -> float:
