@@ -1,14 +1,18 @@
 """Stateless parts of the OpenAI embeddings protocol: prices, packing requests within the API's
-limits, and reading how long a 429 asks us to wait. Used by workers/embed_api.py and `estimate`."""
+limits, reading a response's embeddings and usage, and how long a 429 asks us to wait. Used by
+workers/embed_api.py and `estimate`."""
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import math
 import re
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from shared.errors import ConfigError
 from shared.settings import env_name
@@ -64,6 +68,48 @@ def pack_requests(rows: Sequence[int], tokens: Sequence[int], max_inputs: int, m
     if current:
         requests.append(current)
     return requests
+
+
+def billed_tokens(doc: Any) -> int | None:
+    """The tokens a response says were billed (usage.prompt_tokens, else total_tokens); None if it says
+    nothing usable."""
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    billed = usage.get("prompt_tokens", usage.get("total_tokens")) if isinstance(usage, dict) else None
+    return billed if isinstance(billed, int) and not isinstance(billed, bool) and billed >= 0 else None
+
+
+def embeddings_in(doc: Any, count: int) -> list[np.ndarray]:
+    """The `count` embeddings of a response, in input order: a 'data' list with one item per input, each
+    index once, each embedding finite and non-zero (float64). ValueError says what is wrong."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("no 'data' list")
+    if len(data) != count:
+        raise ValueError(f"{len(data)} embeddings for {count} inputs")
+    rows: list[Any] = [None] * count
+    for item in data:
+        index = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or rows[index] is not None:
+            raise ValueError(f"bad or repeated index {index!r}")
+        rows[index] = embedding_vector(item.get("embedding"))
+    return rows
+
+
+def embedding_vector(embedding: Any) -> np.ndarray:
+    """One embedding: a list of numbers or base64 of little-endian float32, finite and non-zero.
+    ValueError (binascii.Error is one) says what is wrong."""
+    if isinstance(embedding, str):
+        raw = base64.b64decode(embedding, validate=True)
+        if len(raw) % 4:
+            raise ValueError("base64 payload is not float32")
+        vector = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    elif isinstance(embedding, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
+        vector = np.asarray(embedding, dtype=np.float64)
+    else:
+        raise ValueError(f"an embedding must be a list of numbers or base64, got {type(embedding).__name__}")
+    if not len(vector) or not np.all(np.isfinite(vector)) or not np.any(vector):
+        raise ValueError("an embedding is empty, zero, NaN or infinite")
+    return vector
 
 
 MAX_RETRY_AFTER_S = 3600.0  # a server asking for longer (inf, 1e12) is asking for an hour: then we ask again

@@ -28,8 +28,6 @@ client opened and closed inside it, so nothing outlives the call.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import random
@@ -57,7 +55,15 @@ from shared.metrics import (
 from shared.ratelimit import Limits, LocalBudget, RedisBudget, make_budget
 from shared.settings import Settings, env_name
 from shared.tokenizer_api import ApiTokenizer, api_model_name
-from workers.api_protocol import cost_usd, duration_s, plan_requests, price_table, retry_after_s
+from workers.api_protocol import (
+    billed_tokens,
+    cost_usd,
+    duration_s,
+    embeddings_in,
+    plan_requests,
+    price_table,
+    retry_after_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -447,9 +453,7 @@ class ApiEmbedder:
             doc = json.loads(body)
         except ValueError as e:
             raise ApiRetryable(f"malformed response from {self.host}: not JSON ({e})") from None
-        usage = doc.get("usage") if isinstance(doc, dict) else None
-        billed = usage.get("prompt_tokens", usage.get("total_tokens")) if isinstance(usage, dict) else None
-        billed = billed if isinstance(billed, int) and not isinstance(billed, bool) and billed >= 0 else None
+        billed = billed_tokens(doc)
         try:
             vectors = self._validate(doc, count)
         except ApiRetryable:
@@ -460,19 +464,12 @@ class ApiEmbedder:
         return vectors
 
     def _validate(self, doc: Any, count: int) -> list[np.ndarray]:
-        """JSON with one embedding per input, each index once, one dimension, finite and non-zero
-        numbers. Returns unit vectors, cut to `dimensions` when the server was not asked to."""
-        data = doc.get("data") if isinstance(doc, dict) else None
-        if not isinstance(data, list):
-            raise ApiRetryable(f"malformed response from {self.host}: no 'data' list")
-        if len(data) != count:
-            raise ApiRetryable(f"malformed response from {self.host}: {len(data)} embeddings for {count} inputs")
-        rows: list[Any] = [None] * count
-        for item in data:
-            index = item.get("index") if isinstance(item, dict) else None
-            if not isinstance(index, int) or not 0 <= index < count or rows[index] is not None:
-                raise ApiRetryable(f"malformed response from {self.host}: bad or repeated index {index!r}")
-            rows[index] = self._vector(item.get("embedding"))
+        """One embedding per input, of one dimension (see embeddings_in). Returns unit vectors, cut to
+        `dimensions` when the server was not asked to."""
+        try:
+            rows = embeddings_in(doc, count)
+        except ValueError as e:
+            raise ApiRetryable(f"malformed response from {self.host}: {e}") from None
         dims = sorted({len(r) for r in rows})
         native = self._native or dims[0]  # the first response of an unknown model sets it
         if dims != [native]:
@@ -488,25 +485,6 @@ class ApiEmbedder:
             matrix = matrix[:, : self.dimension]
         matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
         return list(matrix.astype(np.float32))
-
-    def _vector(self, embedding: Any) -> np.ndarray:
-        try:
-            if isinstance(embedding, str):
-                raw = base64.b64decode(embedding, validate=True)
-                if len(raw) % 4:
-                    raise ValueError("base64 payload is not float32")
-                vector = np.frombuffer(raw, dtype="<f4").astype(np.float64)
-            elif isinstance(embedding, list) and all(
-                isinstance(x, int | float) and not isinstance(x, bool) for x in embedding
-            ):
-                vector = np.asarray(embedding, dtype=np.float64)
-            else:
-                raise ValueError(f"an embedding must be a list of numbers or base64, got {type(embedding).__name__}")
-        except (ValueError, binascii.Error) as e:
-            raise ApiRetryable(f"malformed response from {self.host}: {e}") from None
-        if not len(vector) or not np.all(np.isfinite(vector)) or not np.any(vector):
-            raise ApiRetryable(f"malformed response from {self.host}: an embedding is empty, zero, NaN or infinite")
-        return vector
 
     def _set_dimension(self) -> None:
         self.dimension = min(self.dimensions, self._native) if self.dimensions else self._native
