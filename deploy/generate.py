@@ -9,7 +9,7 @@
   (kustomize reads files only below the kustomization, hence the copies).
 
     python deploy/generate.py           # after editing any of those sources
-    python deploy/generate.py --check   # exit 1 if a generated file is out of date (tests/test_deploy.py)
+    python deploy/generate.py --check   # exit 1 if a generated file is out of date (tests/test_kubernetes.py)
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from redis import Redis
 from rq import Worker
 from rq.executions import Execution
@@ -38,6 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 EMBEDPIPE = str(Path(sys.executable).with_name("embedpipe"))
+# The compose services and Kubernetes deployments that scale, and the longest job they may be running
+# when stopped (the default embed timeout of a full part: shared/settings.py): tests/test_deploy.py
+# and tests/test_kubernetes.py.
+SCALED = ("loader", "chunker", "embedder", "writer")
+LONGEST_JOB_S = 60 + 131072 // 100
 
 T = TypeVar("T")
 
@@ -314,3 +321,11 @@ def assert_windows(sends: list[tuple[float, int, int]], limits: Limits, windows:
             inside = [s for s in sends[i:] if s[0] <= start + w + 1e-4]
             assert len(inside) <= limits.requests.bound(w + 2e-4) + 1e-6, (w, start, len(inside))
             assert sum(n for _, n, _ in inside) <= limits.tokens.bound(w + 2e-4) + 1e-3, (w, start)
+
+
+def tool(name: str) -> str:
+    """A command-line tool the tests use (kubectl, hadolint...), on PATH or beside the venv's embedpipe."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(EMBEDPIPE).parent))
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make test`, which installs it")
+    return path
