@@ -115,7 +115,9 @@ class Settings:
         64, "LanceDB index cache of the chunk and write workers: they look IDs up (BTREE pages), never search."
     )
     malloc_arenas: int = setting(
-        2, "glibc malloc arenas of a process opening a LanceDB store, its large blocks mmapped; 0 = glibc's defaults."
+        2,
+        "glibc malloc arenas of a process opening a LanceDB store, its large blocks mmapped, pyarrow's allocations"
+        " through it; 0 = glibc's and pyarrow's defaults.",
     )
     # --- throughput -----------------------------------------------------------------------------
     backend: str = setting(

@@ -476,9 +476,15 @@ def _bound_malloc(arenas: int) -> None:
     large free, so Arrow and I/O buffers were carved from those arenas, fragmented them and stayed: a
     writer's RSS grew with the store while the heap in use did not (bench/README.md, store_scale). So: at
     most `arenas` arenas (M_ARENA_MAX), and blocks of MMAP_THRESHOLD_BYTES and more mmapped, unmapped when
-    freed (M_MMAP_THRESHOLD, which also stops the threshold's rise). Once per process; a no-op off glibc."""
+    freed (M_MMAP_THRESHOLD, which also stops the threshold's rise). pyarrow's own allocations (the rows
+    an upsert builds) go there too: its default pool, mimalloc, kept what it freed, 136 MB of a write
+    worker at 71k documents and growing (bench/README.md, scale.py). Once per process; off glibc, only
+    the pyarrow part."""
     if arenas <= 0:
         return
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS)

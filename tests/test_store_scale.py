@@ -5,6 +5,7 @@ readers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -303,3 +304,29 @@ def test_a_maintenance_compacts_new_fragments_only_and_adds_btree_deltas_merged_
     assert dataset.count_rows() == rows - 384 == store.count()
     assert store.chunk_ids(["r3w0-d0"]) == {"r3w0-d0": {f"r3w0-{i}" for i in range(8)}}
     store.close()
+
+
+# The allocator a process opening a LanceDB store ends up with, in a fresh process each time.
+POOL = textwrap.dedent("""
+    import sys
+    import pyarrow as pa
+    from shared.settings import Settings
+    from shared.spec import EmbeddingSpec
+    from shared.store import open_store
+    open_store(sys.argv[1], EmbeddingSpec("m", "rev", "mean", True, 256, 0, "", 254, 25), settings=Settings.from_env())
+    print(pa.default_memory_pool().backend_name)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arenas", "pool"), [("2", "system"), ("0", "mimalloc")])
+def test_a_process_opening_a_lance_store_gives_pyarrow_glibcs_bounded_malloc(tmp_path, arenas, pool):
+    """pyarrow's allocations (the rows every upsert builds) go through glibc's malloc, bounded as LanceDB's
+    are: its default pool, mimalloc, kept what it freed and grew the write worker with its work
+    (bench/README.md, scale.py); EMBEDPIPE_MALLOC_ARENAS=0 leaves both allocators at their defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDPIPE_", "ARROW_"))}
+    env["EMBEDPIPE_MALLOC_ARENAS"] = arenas
+    out = subprocess.run(
+        [sys.executable, "-c", POOL, str(tmp_path / "store")], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == pool
