@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE)]
 
 import fast  # noqa: E402  (bench/fast.py: cpu_name, static_model)
-import throughput as tp  # noqa: E402  (bench/throughput.py: write_docs, clean_env, EMBEDPIPE)
+import harness as h  # noqa: E402  (bench/harness.py: write_docs, clean_env, EMBEDPIPE)
 
 TREES = ("shared", "workers", "producer")
 
@@ -110,7 +110,7 @@ def cli_seconds(env: dict[str, str], *args: str, best_of: int = 2) -> float:
     times = []
     for _ in range(best_of):
         started = time.perf_counter()
-        subprocess.run([tp.EMBEDPIPE, *args], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run([h.EMBEDPIPE, *args], env=env, stdout=subprocess.DEVNULL, check=True)
         times.append(time.perf_counter() - started)
     return round(min(times), 3)
 
@@ -153,7 +153,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
             with redis.pipeline() as pipe:
                 enqueue_jobs(queue(redis, stage, ""), settings, stage, args, pipe)
                 pipe.execute()
-    env = tp.clean_env(EMBEDPIPE_REDIS_URL=redis_url, PYTHONPATH=os.environ["PYTHONPATH"])  # the tree measured
+    env = h.clean_env(EMBEDPIPE_REDIS_URL=redis_url, PYTHONPATH=os.environ["PYTHONPATH"])  # the tree measured
 
     def best(f, n: int = 3) -> float:
         times = []
@@ -179,7 +179,7 @@ def child_backlog(redis_url: str, dead: int, jobs: int, failed_jobs: int) -> dic
         "failed_cli_s": cli_seconds(env, "failed"),
         "failed_json_cli_s": cli_seconds(env, "failed", "--json"),
         "failed_lines": subprocess.run(
-            [tp.EMBEDPIPE, "failed"], env=env, capture_output=True, text=True, check=True
+            [h.EMBEDPIPE, "failed"], env=env, capture_output=True, text=True, check=True
         ).stdout.count("\n"),
         "status_s": best(lambda: distributed_status(redis, settings)),
         "export_s": best(lambda: export_state(redis, "", ledger, distributed_status(redis, settings))),
@@ -215,8 +215,8 @@ def child_memory(redis_url: str, docs: int, scifact: str, model: str) -> dict:
     redis = Redis.from_url(redis_url)
     with tempfile.TemporaryDirectory(prefix="embedpipe-cp-") as tmp:
         docs_file = Path(tmp) / "docs.jsonl"
-        tp.write_docs(docs, docs_file, Path(scifact))
-        env = tp.clean_env(
+        h.write_docs(docs, docs_file, Path(scifact))
+        env = h.clean_env(
             EMBEDPIPE_REDIS_URL=redis_url, EMBEDPIPE_STORE=str(Path(tmp) / "store"), EMBEDPIPE_MODEL=model
         )
         empty = used_memory(redis)
@@ -227,7 +227,7 @@ def child_memory(redis_url: str, docs: int, scifact: str, model: str) -> dict:
         for name, cmd in steps.items():
             if cmd:
                 subprocess.run(
-                    [tp.EMBEDPIPE, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+                    [h.EMBEDPIPE, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
                 )
             out[name] = round((used_memory(redis) - empty) / docs)
         # what each kind of key holds now, to see what stays behind
@@ -258,7 +258,7 @@ def run_child(tree: Path, tmp: Path, *args: str) -> dict:
     workdir = Path(tempfile.mkdtemp(dir=tmp))
     redis, port = start_redis(workdir)
     try:
-        env = {**tp.clean_env(), "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)])}
+        env = {**h.clean_env(), "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)])}
         cmd = [sys.executable, __file__, "--child", args[0], f"redis://127.0.0.1:{port}/0", *args[1:]]
         out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
         if out.returncode:
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="also measure this git revision's code")
     parser.add_argument("--memory-docs", type=int, default=2560, help="documents for the memory row (0: none)")
     parser.add_argument("--model", type=Path, help="a static model directory (default: fast.py's)")
-    parser.add_argument("--scifact", type=Path, default=tp.SCIFACT)
+    parser.add_argument("--scifact", type=Path, default=h.SCIFACT)
     parser.add_argument("--only", nargs="+", choices=("inbox", "backlog", "memory"), help="only these rows")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

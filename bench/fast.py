@@ -6,7 +6,7 @@ what does everything around the embedder cost per chunk?
 
 The fast embedder is a static model (model2vec) distilled from the default model: --model DIR, or one
 distilled once into .bench/static-minilm (`embedpipe distill`, ~40 s). The corpus: the first --docs
-SciFact abstracts (past 5,183 they repeat under new IDs), as bench/throughput.py writes it. Rows, each
+SciFact abstracts (past 5,183 they repeat under new IDs), as bench/harness.py writes it. Rows, each
 in processes of its own, one after the other:
 
   chunker      the chunk stage's batch function (chunk_batch) against the model's raw tokenizer
@@ -51,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-import throughput as tp  # noqa: E402  (bench/throughput.py: the distributed row and its helpers)
+import harness as h  # noqa: E402  (bench/harness.py: the run's model and device, clean_env, the corpus)
+import throughput as tp  # noqa: E402  (bench/throughput.py: the distributed row, the pipeline's chunks)
 
 STATIC_DIR = ROOT / ".bench" / "static-minilm"
 SUPPORT = ("janitor", "load", "chunk", "write", "redis")
@@ -74,7 +75,7 @@ def static_model(path: Path | None) -> Path:
         return path
     if not (STATIC_DIR / "model.safetensors").is_file():
         print(f"distilling a static model into {STATIC_DIR} (once)", flush=True)
-        subprocess.run([tp.EMBEDPIPE, "distill", "--out", str(STATIC_DIR), "--force"], env=tp.clean_env(), check=True)
+        subprocess.run([h.EMBEDPIPE, "distill", "--out", str(STATIC_DIR), "--force"], env=h.clean_env(), check=True)
     return STATIC_DIR
 
 
@@ -92,7 +93,7 @@ def child_chunker(docs_file: str) -> dict:
 
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
-    tokenizer = load_tokenizer(tp.MODEL)
+    tokenizer = load_tokenizer(h.MODEL)
     policy = chunk_policy(Settings(), tokenizer)
     texts = [d.text for d in docs]
 
@@ -161,7 +162,7 @@ def child_chunker_baseline(docs_file: str, rev: str) -> dict:
     old_models, old_chunk = old_module("shared/models.py"), old_module("workers/chunk.py")
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
-    new_tok, old_tok = ModelTokenizer(tp.MODEL), old_models.ModelTokenizer(tp.MODEL)
+    new_tok, old_tok = ModelTokenizer(h.MODEL), old_models.ModelTokenizer(h.MODEL)
     policy = chunk_policy(Settings(), new_tok)
     old_policy = old_chunk.ChunkPolicy(policy.max_tokens, policy.overlap_tokens)
     texts = [d.text for d in docs]
@@ -188,7 +189,7 @@ def child_bare(docs_file: str, batches: str) -> dict:
 
     chunks = tp.pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
-    embedder = LocalEmbedder(tp.MODEL, tp.DEVICE).warm_up()
+    embedder = LocalEmbedder(h.MODEL, h.DEVICE).warm_up()
     model = embedder._model
     model.encode(texts[:64], batch_size=64)  # first-call costs outside the clock
     seconds = {}
@@ -210,7 +211,7 @@ def child_bare(docs_file: str, batches: str) -> dict:
 
 
 def child_quality(scifact: str, sizes: str) -> dict:
-    """SciFact recall@10 / nDCG@10 with tp.MODEL in the embedded mode: the subset, and the whole corpus
+    """SciFact recall@10 / nDCG@10 with h.MODEL in the embedded mode: the subset, and the whole corpus
     with each chunk size in `sizes` (0: the model's default; none: no whole-corpus run)."""
     from shared.quality import corpus_documents, evaluate, load_beir
     from shared.settings import Settings
@@ -226,7 +227,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
     out = {}
     for name, (eval_set, ids, chunk_tokens) in runs.items():
         with tempfile.TemporaryDirectory() as store:
-            settings = Settings.from_env({}, store=store, model=tp.MODEL, device=tp.DEVICE, chunk_tokens=chunk_tokens)
+            settings = Settings.from_env({}, store=store, model=h.MODEL, device=h.DEVICE, chunk_tokens=chunk_tokens)
             embedder = make_embedder(settings).warm_up()
             summary = run_embedded(settings, corpus_documents(eval_set, ids), embedder=embedder)
             out[name] = {
@@ -237,7 +238,7 @@ def child_quality(scifact: str, sizes: str) -> dict:
 
 
 def bare_row(me: list[str], model: str, device: str, docs_file: Path, batches: str) -> dict:
-    b, _, rss = tp.run_measured([*me, "bare", model, device, str(docs_file), batches], tp.clean_env())
+    b, _, rss = h.run_measured([*me, "bare", model, device, str(docs_file), batches], h.clean_env())
     best = min(b["seconds_by_batch"], key=b["seconds_by_batch"].get)
     return {**b, "best_batch": best, "seconds": b["seconds_by_batch"][best], "peak_rss_mb": rss}
 
@@ -273,7 +274,7 @@ def main() -> None:
     parser.add_argument("--embedders", type=int, nargs="+", default=[1], help="distributed rows: embed workers")
     parser.add_argument("--pools", default="", help="workers of the other pools, e.g. load=2,chunk=4,write=2")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--scifact", type=Path, default=tp.SCIFACT, help="BEIR SciFact directory")
+    parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for all rows")
     parser.add_argument("--reference", default="all-MiniLM-L6-v2", help="the model to compare speed with")
     parser.add_argument("--reference-docs", type=int, default=500, help="documents for the reference's bare row")
@@ -295,7 +296,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        tp.MODEL, tp.DEVICE = args.child[1], args.child[2]
+        h.MODEL, h.DEVICE = args.child[1], args.child[2]
         fn = {
             "chunker": child_chunker,
             "chunker_baseline": child_chunker_baseline,
@@ -304,19 +305,19 @@ def main() -> None:
         }[args.child[0]]
         print(json.dumps(fn(*args.child[3:])))
         return
-    tp.MODEL, tp.DEVICE = str(static_model(args.model)), args.device
-    tp.SETTINGS.update(kv.split("=", 1) for kv in args.set)
+    h.MODEL, h.DEVICE = str(static_model(args.model)), args.device
+    h.SETTINGS.update(kv.split("=", 1) for kv in args.set)
     pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
     wanted = set(args.only or ("chunker", "bare", "distributed"))
-    results: dict = {"cpu": cpu_name(), "model": tp.MODEL, "device": args.device, "documents": args.docs}
-    print(f"{results['cpu']}; model {tp.MODEL} on {args.device}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict = {"cpu": cpu_name(), "model": h.MODEL, "device": args.device, "documents": args.docs}
+    print(f"{results['cpu']}; model {h.MODEL} on {args.device}; load average {os.getloadavg()[0]:.2f}", flush=True)
     me = [sys.executable, __file__, "--child"]
     with tempfile.TemporaryDirectory(prefix="embedpipe-fast-") as tmp_name:
         tmp = Path(tmp_name)
         docs_file = tmp / "docs.jsonl"
-        tp.write_docs(args.docs, docs_file, args.scifact)
+        h.write_docs(args.docs, docs_file, args.scifact)
         if "chunker" in wanted:
-            c, _, _ = tp.run_measured([*me, "chunker", tp.MODEL, args.device, str(docs_file)], tp.clean_env())
+            c, _, _ = h.run_measured([*me, "chunker", h.MODEL, args.device, str(docs_file)], h.clean_env())
             results["chunker"] = c
             ratio = c["chunker_cpu_s"] / c["raw_tokenizer_cpu_s"]
             print(
@@ -327,7 +328,7 @@ def main() -> None:
             )
             if args.baseline:
                 cmd = [*me, "chunker_baseline", args.reference, args.device, str(docs_file), args.baseline]
-                c, _, _ = tp.run_measured(cmd, tp.clean_env())
+                c, _, _ = h.run_measured(cmd, h.clean_env())
                 results["chunker_baseline"] = c
                 raw_s = c["raw_tokenizer_cpu_s"]
                 print(
@@ -339,7 +340,7 @@ def main() -> None:
                 )
         bare = None
         if "bare" in wanted or "distributed" in wanted:
-            bare = results["bare"] = bare_row(me, tp.MODEL, args.device, docs_file, "256,1024,4096")
+            bare = results["bare"] = bare_row(me, h.MODEL, args.device, docs_file, "256,1024,4096")
             print(bare_line("this model", bare), flush=True)
             print(
                 f"vectors of a {min(1024, bare['chunks'])}-chunk part, per chunk: "
@@ -349,9 +350,9 @@ def main() -> None:
                 ),
                 flush=True,
             )
-        if "bare" in wanted and args.reference and args.reference != tp.MODEL:
+        if "bare" in wanted and args.reference and args.reference != h.MODEL:
             few = tmp / "reference.jsonl"
-            tp.write_docs(args.reference_docs, few, args.scifact)
+            h.write_docs(args.reference_docs, few, args.scifact)
             batches = "16,32,64" if args.device == "cpu" else "256,1024,4096"
             ref = results["reference_bare"] = bare_row(me, args.reference, args.device, few, batches)
             print(bare_line(f"{args.reference} ({args.reference_docs} documents)", ref), flush=True)
@@ -377,8 +378,8 @@ def main() -> None:
     if args.quality:
         results["quality"] = {}
         sweep = ",".join(map(str, args.quality_chunk_tokens))
-        for model, sizes in ((tp.MODEL, sweep), (args.reference, "")):
-            q, _, _ = tp.run_measured([*me, "quality", model, args.device, str(args.scifact), sizes], tp.clean_env())
+        for model, sizes in ((h.MODEL, sweep), (args.reference, "")):
+            q, _, _ = h.run_measured([*me, "quality", model, args.device, str(args.scifact), sizes], h.clean_env())
             results["quality"][model] = q
             for name, r in q.items():
                 print(

@@ -18,6 +18,11 @@ Reported:
                0 embed jobs run (rq's finished-jobs registry of the embed queue)
   prune        `enqueue --prune` of the documents less every 100th: 1% deleted from the store (its rows
                counted before and after), the other 99% skipped
+  search       at the end, in a fresh process (a reader, as `embedpipe search` is): SciFact's first 100
+               test queries embedded as the collection was, each timed through the store's search
+               (k=10: p50, p95), against exact top-10 from one streamed pass over every stored vector
+               (recall@10); the reader's peak RSS before that pass and with it. `--search STORE`
+               measures only this, on a store a run kept (`--keep`).
 
 The CPU is printed first: name it with every figure.
 """
@@ -29,18 +34,21 @@ import itertools
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import fast  # noqa: E402  (bench/fast.py: cpu_name, static_model)
-import throughput as tp  # noqa: E402  (bench/throughput.py: the pools, clean_env, embedpipe)
+import harness as h  # noqa: E402  (bench/harness.py: the pools, clean_env, embedpipe)
 
 SENTENCES_PER_DOC = (8, 16)  # SciFact sentences average ~25 tokens: a few hundred tokens a document
 
@@ -159,6 +167,65 @@ def counters_of(redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in redis.hgetall(keys.DEFAULT.COUNTERS).items()}
 
 
+def exact_top10(store, queries: np.ndarray, rows_per_pass: int = 65536) -> list[list[str]]:
+    """Each query's 10 nearest stored chunks by cosine, from one streamed pass over every vector: the
+    truth the index's answers are measured against (no index, no whole table in memory)."""
+    best_ids = [[] for _ in queries]
+    best = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    stream = store.vectors()
+    while part := list(itertools.islice(stream, rows_per_pass)):
+        ids = [chunk_id for chunk_id, _ in part]
+        vectors = np.stack([v for _, v in part])
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        scores = np.concatenate([best, queries @ vectors.T], axis=1)
+        top = np.argsort(-scores, axis=1)[:, :10]
+        kept = best.shape[1]  # columns 0..kept-1 of scores were the best so far, the rest this pass's
+        best_ids = [
+            [old[j] if j < kept else ids[j - kept] for j in row] for old, row in zip(best_ids, top, strict=True)
+        ]
+        best = np.take_along_axis(scores, top, axis=1)
+    return best_ids
+
+
+def search_figures(store_path: Path, scifact: Path, n_queries: int = 100) -> dict:
+    """Search latency and recall@10 on a store a run left, as a fresh reader (see the module's doc)."""
+    from producer.lifecycle import embedder_for
+    from shared.quality import load_beir
+    from shared.settings import Settings
+    from shared.store import open_store
+
+    settings = Settings.from_env(store=str(store_path))
+    store = open_store(settings.store, settings=settings)
+    try:
+        embedder = embedder_for(store, settings).warm_up()
+        texts = [store.spec.query_prefix + t for _, t in sorted(load_beir(scifact).queries.items())[:n_queries]]
+        queries = np.asarray(embedder.embed(texts), dtype=np.float32)
+        store.search(queries[0], 10)  # warm: the index and the table's metadata
+        latencies, found = [], []
+        for q in queries:
+            started = time.perf_counter()
+            found.append([hit.chunk_id for hit in store.search(q, 10)])
+            latencies.append(time.perf_counter() - started)
+        searching_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # a reader's: before the exact pass
+        started = time.perf_counter()
+        exact = exact_top10(store, queries)
+        exact_s = time.perf_counter() - started
+        return {
+            "chunks": store.count(),
+            "queries": len(queries),
+            "p50_ms": round(1000 * float(np.median(latencies)), 1),
+            "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 1),
+            "recall@10": round(
+                float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])), 3
+            ),
+            "exact_pass_s": round(exact_s, 1),
+            "peak_rss_searching_mb": round(searching_mb),
+            "indexes": store.index_stats(),
+        }
+    finally:
+        store.close()
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     from redis import Redis
 
@@ -174,20 +241,20 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     redis_proc, port = start_redis(tmp)
     redis = Redis(port=port)
     store = tmp / "store"
-    env = tp.clean_env(
+    env = h.clean_env(
         EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(store), EMBEDPIPE_LOG_LEVEL="WARNING"
     )
     procs: dict = {}
     monitors: dict = {}
     long_s = 7 * 86400
     try:
-        monitors = tp.start_pools(tmp, env, env, 1, args.pools, procs)
-        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}  # each phase's peak RSS apart
+        monitors = h.start_pools(tmp, env, env, 1, args.pools, procs)
+        phase = {n: h.PeakRss(p.pid) for n, p in procs.items()}  # each phase's peak RSS apart
         sampler = Sampler(redis, {n: p.pid for n, p in procs.items()})
         started = time.perf_counter()
-        tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
+        h.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
         enqueued_s = time.perf_counter() - started
-        tp.embedpipe(env, "wait", timeout=long_s)
+        h.embedpipe(env, "wait", timeout=long_s)
         seconds = time.perf_counter() - started
         samples = sampler.stop()
         first = counters_of(redis)
@@ -215,10 +282,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         print(f"first run: {json.dumps(result['first_run'])}", flush=True)
 
         embed_before = embed_jobs_run(redis)
-        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
+        phase = {n: h.PeakRss(p.pid) for n, p in procs.items()}
         started = time.perf_counter()
-        tp.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
-        tp.embedpipe(env, "wait", timeout=long_s)
+        h.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
+        h.embedpipe(env, "wait", timeout=long_s)
         again = counters_of(redis)
         result["rerun"] = {
             "seconds": round(time.perf_counter() - started, 1),
@@ -229,10 +296,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         }
         print(f"unchanged re-run: {json.dumps(result['rerun'])}", flush=True)
 
-        phase = {n: tp.PeakRss(p.pid) for n, p in procs.items()}
+        phase = {n: h.PeakRss(p.pid) for n, p in procs.items()}
         started = time.perf_counter()
-        tp.embedpipe(env, "enqueue", str(kept), "--prune", "--no-progress", timeout=long_s)
-        tp.embedpipe(env, "wait", timeout=long_s)
+        h.embedpipe(env, "enqueue", str(kept), "--prune", "--no-progress", timeout=long_s)
+        h.embedpipe(env, "wait", timeout=long_s)
         pruned = counters_of(redis)
         after = store_rows(store)
         result["prune"] = {
@@ -244,9 +311,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
         }
         print(f"prune of 1%: {json.dumps(result['prune'])}", flush=True)
+
+        me = [sys.executable, __file__, "--search", str(store), "--scifact", str(args.scifact)]
+        figures, _, reader_peak = h.run_measured(me, env, timeout=long_s)
+        result["search"] = figures | {"reader_peak_rss_mb": reader_peak}
+        print(f"search: {json.dumps(result['search'])}", flush=True)
         result["redis_peak_mb"] = round(int(redis.info("memory")["used_memory_peak"]) / 2**20, 1)
     finally:
-        tp.stop_pools(procs)
+        h.stop_pools(procs)
         redis_proc.terminate()
         redis_proc.wait(timeout=30)
     result["peak_rss_mb"] = {n: m.stop() for n, m in monitors.items()}
@@ -259,16 +331,32 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1_000_000, help="documents (default 1,000,000)")
     parser.add_argument("--model", type=Path, help="a static model directory (default: distil one, once)")
     parser.add_argument("--pools", default="", help="workers of the other pools, e.g. load=2,chunk=2,write=2")
-    parser.add_argument("--scifact", type=Path, default=tp.SCIFACT, help="BEIR SciFact directory")
+    parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--tmp", type=Path, help="where the corpus, Redis and the store go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the corpus and the store (in --tmp)")
+    parser.add_argument("--search", type=Path, metavar="STORE", help="only measure search on a store a run kept")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
+    if args.search:  # EMBEDPIPE_MODEL: the store's collection names its model (a static one's directory)
+        figures = search_figures(args.search, args.scifact)
+        print(
+            f"{fast.cpu_name()}; {args.search}: {figures['chunks']:,} chunks, search p50 {figures['p50_ms']} ms, "
+            f"p95 {figures['p95_ms']} ms, recall@10 {figures['recall@10']} against exact",
+            file=sys.stderr,
+        )
+        print(json.dumps(figures))  # the last line: what run() reads from its child
+        return
     args.pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
-    tp.MODEL = str(fast.static_model(args.model))
-    results = {"cpu": fast.cpu_name(), "model": tp.MODEL, "documents": args.docs, "pools": args.pools}
-    print(f"{results['cpu']}; model {tp.MODEL}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="embedpipe-scale-", dir=args.tmp) as tmp:
-        results |= run(args, Path(tmp))
+    h.MODEL = str(fast.static_model(args.model))
+    results = {"cpu": fast.cpu_name(), "model": h.MODEL, "documents": args.docs, "pools": args.pools}
+    print(f"{results['cpu']}; model {h.MODEL}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.keep:
+        kept = Path(tempfile.mkdtemp(prefix="embedpipe-scale-", dir=args.tmp))
+        results |= run(args, kept)
+        print(f"kept: {kept} (corpus.jsonl, store/)", flush=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="embedpipe-scale-", dir=args.tmp) as tmp:
+            results |= run(args, Path(tmp))
     r = results["first_run"]
     print(
         f"{args.docs:,} documents in {r['seconds']} s: {r['documents_per_s']:,} documents/s, {r['chunks_per_s']:,} "
@@ -276,6 +364,13 @@ def main() -> None:
         f"{results['redis_peak_mb']} MB; peak RSS MB with children (alone) "
         + ", ".join(f"{n} {v:.0f} ({results['peak_rss_own_mb'][n]:.0f})" for n, v in results["peak_rss_mb"].items())
         + f"; RSS MB by tenth {r['rss_mb_by_tenth']}",
+        flush=True,
+    )
+    q = results["search"]
+    print(
+        f"search at the end, {q['chunks']:,} chunks: p50 {q['p50_ms']} ms, p95 {q['p95_ms']} ms, recall@10 "
+        f"{q['recall@10']} against exact ({q['queries']} SciFact queries); the reader's peak RSS "
+        f"{q['peak_rss_searching_mb']} MB ({q['reader_peak_rss_mb']:.0f} MB with the exact pass)",
         flush=True,
     )
     if args.out:

@@ -38,25 +38,16 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness as h  # bench/harness.py: the processes, their environment and memory, the corpus
+from harness import ROOT, SCIFACT, clean_env, cpu_seconds, embedpipe, run_measured, start_pools, stop_pools
 
-BIN = Path(sys.executable).parent
-EMBEDPIPE = str(BIN / "embedpipe") if (BIN / "embedpipe").exists() else shutil.which("embedpipe") or "embedpipe"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 LLAMA_PY = ROOT / ".bench" / "venv-llamaindex" / "bin" / "python"
-MODEL = os.environ.get("EMBEDPIPE_MODEL", "all-MiniLM-L6-v2")  # children get both from clean_env()
-DEVICE = os.environ.get("EMBEDPIPE_DEVICE", "cpu")
-SETTINGS: dict[str, str] = {}  # --set EMBEDPIPE_X=V, for every row
 ROWS = (
     "bare",
     "bare-fast",
@@ -70,74 +61,6 @@ ROWS = (
     "textbook",
     "llamaindex",
 )
-
-
-class PeakRss(threading.Thread):
-    """Polls the RSS of a process and all its children every 0.1 s; keeps the maximum (bytes) of the sum
-    (`peak`) and of the process alone (`own`: a writer's children are its maintenance, which comes and goes)."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.own, self._stop_event = psutil.Process(pid), 0, 0, threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        import psutil
-
-        try:
-            while not self._stop_event.is_set():
-                own = self.proc.memory_info().rss
-                total = own
-                for p in self.proc.children(recursive=True):
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak, self.own = max(self.peak, total), max(self.own, own)
-                time.sleep(0.1)
-        except psutil.Error:
-            pass  # the process is gone
-
-    def stop(self) -> float:
-        """The peak of the process and its children, in MB."""
-        self._stop_event.set()
-        self.join()
-        return round(self.peak / 2**20, 1)
-
-    def own_mb(self) -> float:
-        """The peak of the process alone, in MB (after stop())."""
-        return round(self.own / 2**20, 1)
-
-
-def cpu_seconds(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any EMBEDPIPE_* setting, offline, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_")}
-    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path})
-    env.update({"EMBEDPIPE_MODEL": MODEL, "EMBEDPIPE_DEVICE": DEVICE, **SETTINGS})  # the run's model, device, --set
-    return {**env, **extra}
-
-
-def run_measured(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> tuple[dict, float, float]:
-    """Run cmd to the end: (its last stdout line as JSON), wall seconds, peak RSS in MB."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rss = PeakRss(proc.pid)
-    out, err = proc.communicate(timeout=timeout)
-    wall = time.perf_counter() - started
-    peak = rss.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1]), wall, peak
 
 
 def row(mode: str, chunks: int, tokens: int, seconds: float, rss: object, **extra: object) -> dict:
@@ -168,7 +91,7 @@ def pipeline_chunks(docs_file: Path) -> list:
 
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in docs_file.open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
-    tok = ModelTokenizer(MODEL)
+    tok = ModelTokenizer(h.MODEL)
     return chunk_batch(docs, tok, chunk_policy(Settings(), tok))
 
 
@@ -179,7 +102,7 @@ def child_bare(docs_file: str, backend: str) -> dict:
 
     chunks = pipeline_chunks(Path(docs_file))
     texts = [c.text for c in chunks]
-    embedder = LocalEmbedder(MODEL, DEVICE, backend=backend).warm_up()
+    embedder = LocalEmbedder(h.MODEL, h.DEVICE, backend=backend).warm_up()
     model = embedder._model
     if backend.startswith("torch"):
 
@@ -196,7 +119,7 @@ def child_bare(docs_file: str, backend: str) -> dict:
 
     model.encode(texts[:4], batch_size=4)  # one-off first-call costs, outside the clock
     seconds, cpu = {}, {}
-    for b in (16, 32, 64) if DEVICE == "cpu" else (64, 128, 256, 512):
+    for b in (16, 32, 64) if h.DEVICE == "cpu" else (64, 128, 256, 512):
         started, cpu0 = time.perf_counter(), time.process_time()
         encode(b)
         seconds[b], cpu[b] = time.perf_counter() - started, time.process_time() - cpu0
@@ -207,7 +130,7 @@ def child_bare(docs_file: str, backend: str) -> dict:
         "cpu_by_batch": cpu,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name() if h.DEVICE.startswith("cuda") else "cpu",
     }
 
 
@@ -247,9 +170,9 @@ def child_textbook(docs_file: str, store: str) -> dict:
     from workers.embedder import LocalEmbedder
     from workers.load import load_batch
 
-    model = LocalEmbedder(MODEL, DEVICE).warm_up()._model
+    model = LocalEmbedder(h.MODEL, h.DEVICE).warm_up()._model
     model.encode(["warm up", "the model once"])
-    tok = ModelTokenizer(MODEL)
+    tok = ModelTokenizer(h.MODEL)
     started = time.perf_counter()
     raw = [SourceDoc(**json.loads(line)).to_dict() for line in Path(docs_file).open()]
     docs, _ = load_batch(raw, Settings().max_doc_bytes)
@@ -339,7 +262,7 @@ def bench_bare(docs_file: Path, backend: str) -> dict:
 
 
 def bench_embedded_cli(docs_file: Path, tmp: Path) -> dict:
-    cmd = [EMBEDPIPE, "run", str(docs_file), "--json", "--no-progress", "--store", str(tmp / "cli")]
+    cmd = [h.EMBEDPIPE, "run", str(docs_file), "--json", "--no-progress", "--store", str(tmp / "cli")]
     s, wall, rss = run_measured(cmd, clean_env())
     return row("embedded: whole process", s["chunks"], s["tokens"], wall, rss, summary=s)
 
@@ -362,69 +285,9 @@ def bench_llamaindex(docs_file: Path) -> dict | None:
         return None
     from shared.models import resolve_model_path
 
-    cmd = [str(LLAMA_PY), __file__, "--child", "llamaindex", str(docs_file), str(resolve_model_path(MODEL))]
+    cmd = [str(LLAMA_PY), __file__, "--child", "llamaindex", str(docs_file), str(resolve_model_path(h.MODEL))]
     d, _, rss = run_measured(cmd, clean_env())
     return row("LlamaIndex IngestionPipeline", d["chunks"], d["tokens"], d["timed_seconds"], rss, detail=d)
-
-
-def embedpipe(env: dict[str, str], *args: str, timeout: float = 120) -> str:
-    done = subprocess.run([EMBEDPIPE, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"embedpipe {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return done.stdout
-
-
-def start_pools(
-    workdir: Path,
-    env: dict[str, str],
-    embed_env: dict[str, str],
-    embedders: int,
-    pools: dict[str, int],
-    procs: dict[str, subprocess.Popen],
-) -> dict[str, PeakRss]:
-    """The janitor, `embedders` embed workers and one worker per other pool (`pools` adds more), each
-    logging to workdir/NAME.log, added to `procs` as they start (the caller stops them, see stop_pools);
-    returns once every worker has registered with rq, with a peak-RSS monitor per process."""
-    counts = {"load": pools.get("load", 1), "chunk": pools.get("chunk", 1), "write": pools.get("write", 1)}
-    commands = {"janitor": ["janitor"]}
-    for stage in ("load", "chunk", "embed", "write"):
-        n = embedders if stage == "embed" else counts[stage]
-        commands.update(
-            {f"{stage}{i + 1}" if n > 1 or stage == "embed" else stage: ["worker", stage] for i in range(n)}
-        )
-    for proc_name, args in commands.items():
-        with open(workdir / f"{proc_name}.log", "w") as log:  # the child keeps its own descriptor
-            procs[proc_name] = subprocess.Popen(
-                [EMBEDPIPE, *args],
-                env=embed_env if proc_name.startswith("embed") else env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-    monitors = {n: PeakRss(p.pid) for n, p in procs.items()}
-    deadline = time.monotonic() + 300
-    while True:  # a worker registers with rq only after it has loaded its model/tokenizer/store
-        dead = [n for n, p in procs.items() if p.poll() is not None]
-        if dead:
-            log_text = (workdir / f"{dead[0]}.log").read_text()[-4000:]
-            raise RuntimeError(f"{dead} exited while starting:\n{log_text}")
-        stages = json.loads(embedpipe(env, "status", "--json"))["stages"]
-        if all(stages[s]["workers"] >= n for s, n in {**counts, "embed": embedders}.items()):
-            return monitors
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"workers not ready after 300 s: {stages}")
-        time.sleep(1)
-
-
-def stop_pools(procs: dict[str, subprocess.Popen]) -> None:
-    """SIGTERM to every process (each finishes its job), then wait; kill what does not end in 60 s."""
-    for p in procs.values():
-        p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, pools: dict[str, int]) -> dict:
@@ -444,7 +307,7 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
     # On a CPU, several embedders share its cores: one thread each (torch and ONNX Runtime follow
     # OMP_NUM_THREADS; two cores here). On a GPU they share the GPU and keep torch's defaults.
     embed_env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // embedders))} if embedders > 1 else env
-    if DEVICE != "cpu":
+    if h.DEVICE != "cpu":
         embed_env = env
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -510,20 +373,6 @@ def bench_distributed(docs_file: Path, tmp: Path, backend: str, embedders: int, 
 # --- main --------------------------------------------------------------------------------------------
 
 
-def write_docs(n: int, path: Path, scifact: Path) -> int:
-    """The first n SciFact abstracts; past the corpus's end it starts again under new IDs (id#2, ...)."""
-    if not (scifact / "corpus.jsonl").is_file():
-        sys.exit(f"no SciFact corpus at {scifact}/corpus.jsonl: the benchmark needs the shared data set")
-    from shared.quality import corpus_documents, load_beir
-
-    corpus = list(corpus_documents(load_beir(scifact)))
-    with path.open("w") as f:
-        for i in range(n):
-            d, lap = corpus[i % len(corpus)], i // len(corpus)
-            f.write(json.dumps({"id": d.id + (f"#{lap + 1}" if lap else ""), "text": d.text}) + "\n")
-    return n
-
-
 def print_table(rows: list[dict], bare: dict) -> None:
     head = f"{'row':<36}{'chunks':>7}{'tokens':>8}{'seconds':>9}{'chunks/s':>9}{'tokens/s':>9}{'ratio':>7}  peak RSS MB"
     print(head)
@@ -576,7 +425,6 @@ def outside_cost(rows: dict[str, dict], bare: dict, bare_fast: dict | None) -> l
 
 
 def main() -> None:
-    global MODEL, DEVICE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=500, help="how many SciFact abstracts (default 500)")
     parser.add_argument(
@@ -586,7 +434,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="run every row this many times, keep the fastest")
     parser.add_argument("--quality", action="store_true", help="also SciFact recall@10 (subset): torch vs --backend")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: bare encode and the workers")
-    parser.add_argument("--model", default=MODEL, help="model name or local directory (default the bundled one)")
+    parser.add_argument("--model", default=h.MODEL, help="model name or local directory (default the bundled one)")
     parser.add_argument("--scifact", type=Path, default=SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for all rows")
     parser.add_argument("--pools", default="", help="workers of the other pools, e.g. load=2,chunk=4,write=4")
@@ -603,8 +451,8 @@ def main() -> None:
         }[args.child[0]]
         print(json.dumps(fn(*args.child[1:])))
         return
-    MODEL, DEVICE = args.model, args.device
-    SETTINGS.update(kv.split("=", 1) for kv in args.set)
+    h.MODEL, h.DEVICE = args.model, args.device
+    h.SETTINGS.update(kv.split("=", 1) for kv in args.set)
     pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
     wanted = set(args.only or [r for r in ROWS if r != "distributed-4"]) | {"bare"}
     if args.backend is None:
@@ -615,7 +463,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="embedpipe-bench-") as tmp_name:
         tmp = Path(tmp_name)
         docs_file = tmp / "docs.jsonl"
-        n = write_docs(args.docs, docs_file, args.scifact)
+        n = h.write_docs(args.docs, docs_file, args.scifact)
         print(f"{n} SciFact documents; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
         rounds: dict[str, list[dict]] = {}
         for r in range(args.rounds):
