@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ANN_INDEX = "vector_idx"
 # Rows per IVF partition at the training. LanceDB's default (8,192) left 31 partitions at 254k chunks, so
-# 20 probes scanned 65% of the table; at 4,096 a query scans 20 partitions of 4-8k rows whatever the size.
+# 20 probes scanned 65% of the table; at 4,096 a query scans search_nprobes partitions of 4-8k rows.
 ANN_PARTITION_ROWS = 4096
 # Each maintenance indexes the new rows as a delta index of its own, for the ANN index and the BTREEs
 # alike: merging them into one index rewrote the whole index each time (the ANN's: 8 s at 826k chunks,
