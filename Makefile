@@ -14,7 +14,7 @@ test:
 	scripts/setup.sh --system
 	$(BIN)/ruff check embedpipe workers producer shared tests bench
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25  # the slowest tests, for whoever shortens the suite
 
 setup $(VENV)/.installed: pyproject.toml
 	scripts/setup.sh
