@@ -126,15 +126,17 @@ def test_a_worker_whose_redis_goes_away_mid_job_ends_itself(tmp_path, outage):
     env = lease_env(f"redis://127.0.0.1:{port}/0", tmp_path, len(docs), EMBEDPIPE_JOB_LEASE_S="4")
     try:
         with worker_pool(env, tmp_path / "logs", redis, workers={"load": 1, "chunk": 1, "embed": 1}) as pool:
-            enqueue(env, tmp_path, docs)
-            running_job(redis, "embed")
-            server.send_signal(outage)
-            assert pool.procs["embed-0"].wait(60) == LEASE_LOST_EXIT_CODE
-            log = (tmp_path / "logs" / "embed-0.log").read_text()
-            assert f"exiting with code {LEASE_LOST_EXIT_CODE}" in log, log[-2000:]
+            try:
+                enqueue(env, tmp_path, docs)
+                running_job(redis, "embed")
+                server.send_signal(outage)
+                assert pool.procs["embed-0"].wait(60) == LEASE_LOST_EXIT_CODE
+                log = (tmp_path / "logs" / "embed-0.log").read_text()
+                assert f"exiting with code {LEASE_LOST_EXIT_CODE}" in log, log[-2000:]
+            finally:  # before the pool's SIGTERM, which they would wait out for a minute each
+                for name, alive in pool.alive().items():
+                    if alive:  # the others retry Redis forever: nothing more to learn from them
+                        pool.kill(name)
     finally:
-        for name, alive in pool.alive().items():
-            if alive:  # the others retry Redis forever: nothing more to learn from them
-                pool.kill(name)
         server.kill()  # SIGKILL ends a stopped process too
         server.wait(10)
