@@ -87,6 +87,17 @@ class PgStore:
         self.table = f"embedpipe_{self.collection}"
         self.docs = f"{self.table}__docs"
 
+    def _exists(self) -> bool:
+        """The collection's tables exist. A handle opened before its first write (a long-lived worker's)
+        looks again until they do (it kept seeing none: a re-run through the pools skipped no unchanged document)."""
+        if self._dim is None:
+            with self._pool.connection() as conn:
+                row = conn.execute(f"SELECT spec, dim FROM {REGISTRY} WHERE name = %s", (self.collection,)).fetchone()
+            if row:  # written in one transaction with the tables (_ensure_tables)
+                self.spec = self.spec or EmbeddingSpec.from_dict(row[0])
+                self._dim = row[1]
+        return self._dim is not None
+
     def _ensure_tables(self, dim: int) -> None:
         if self._dim is not None:
             return
@@ -160,7 +171,7 @@ class PgStore:
 
     def chunk_ids(self, doc_ids: list[str]) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {d: set() for d in doc_ids}
-        if self._dim is None or not doc_ids:
+        if not self._exists() or not doc_ids:
             return out
         with self._pool.connection() as conn:
             for piece in slices(doc_ids):
@@ -170,7 +181,7 @@ class PgStore:
         return out
 
     def delete_chunks(self, chunk_ids: list[str]) -> None:
-        if self._dim is None:
+        if not self._exists():
             return
         with self._pool.connection() as conn:
             for piece in slices(sorted(chunk_ids)):
@@ -180,7 +191,7 @@ class PgStore:
     # --- documents -----------------------------------------------------------------------------
     def doc_hashes(self, doc_ids: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
-        if self._dim is None:
+        if not self._exists():
             return out
         with self._pool.connection() as conn:
             for piece in slices(doc_ids):
@@ -191,7 +202,7 @@ class PgStore:
     def commit_documents(self, done: list[DocRecord], expected: dict[str, list[str]], failed: list[str]) -> int:
         """In one transaction: delete stale chunks of done documents and record their hashes; remove
         every chunk and record of failed ones. Returns the chunks deleted."""
-        if self._dim is None or not (done or failed):
+        if not self._exists() or not (done or failed):
             return 0
         stale = sorted(stale_chunks(self.chunk_ids([*expected, *failed]), expected, failed))
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
@@ -212,7 +223,7 @@ class PgStore:
     def forget_documents(self, doc_ids: list[str]) -> int:
         """Delete documents and all their chunks, one transaction per slice; returns how many it held."""
         held = 0
-        if self._dim is None:
+        if not self._exists():
             return held
         for piece in slices(sorted(doc_ids)):
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
@@ -232,7 +243,7 @@ class PgStore:
 
     def _stream(self, sql: str) -> Iterator[Any]:
         """The query's rows through a server-side cursor, STREAM_ROWS per fetch."""
-        if self._dim is None:
+        if not self._exists():
             return
         with self._pool.connection() as conn, conn.transaction(), conn.cursor(name="embedpipe_stream") as cur:
             cur.itersize = STREAM_ROWS
@@ -287,7 +298,7 @@ class PgStore:
         return "\n".join(r[0] for r in self._search(vector, k, "EXPLAIN "))
 
     def _search(self, vector: np.ndarray, k: int, explain: str, where: Mapping[str, Any] | None = None) -> list[Any]:
-        if self._dim is None:
+        if not self._exists():
             return []
         query = np.asarray(vector, dtype=np.float32)
         filtered = " WHERE metadata @> %s::jsonb" if where else ""  # containment: every field, that value
@@ -300,7 +311,7 @@ class PgStore:
             ).fetchall()
 
     def count(self) -> int:
-        if self._dim is None:
+        if not self._exists():
             return 0
         with self._pool.connection() as conn:
             return int(conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
@@ -315,7 +326,7 @@ class PgStore:
         built once), not while writing: every row written after the build pays its insertion into the
         graph, 78x the cost of a part without it (bench/README.md), so a bulk load is indexed after."""
         min_rows = self.settings.ann_min_rows
-        if self._dim is None or not min_rows or (self._ann is not None and self._ann.is_alive()) or self.has_index():
+        if not self._exists() or not min_rows or (self._ann is not None and self._ann.is_alive()) or self.has_index():
             return
         if time.monotonic() < self._ann_next_check:
             return  # a build failed a moment ago

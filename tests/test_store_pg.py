@@ -236,3 +236,20 @@ def test_a_switch_keeps_the_previous_collection_for_a_rollback(pg_url):
     assert rows == {first.collection: (True, False), second.collection: (False, True)}
     first.close()
     second.close()
+
+
+def test_a_handle_opened_before_the_collections_first_write_sees_what_others_write(pg_url):
+    """A long-lived worker opens its handle before its collection exists. It must see what another
+    process's handle writes later: it saw nothing, so a re-run through the pools skipped no unchanged
+    document (every one embedded and written again)."""
+    early = open_store(pg_url, spec())
+    writer = open_store(pg_url, spec())
+    a, va = chunks("a", 3)
+    writer.upsert(a, va)
+    writer.commit_documents([DocRecord("a", "h1", 3, "text of a", {})], {"a": [c.chunk_id for c in a]}, [])
+    assert early.doc_hashes(["a", "b"]) == {"a": "h1"}
+    assert early.chunk_ids(["a"]) == {"a": {"a-0", "a-1", "a-2"}}
+    assert early.count() == 3
+    assert early.search(va[1], 1)[0].chunk_id == "a-1"
+    early.close()
+    writer.close()
