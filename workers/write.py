@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
-from rq import Queue
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError, PruneRefused
@@ -106,15 +105,18 @@ def _finalize(ctx: WorkerContext, batch: RedisBatch) -> Outcome | None:
     result = finalize_batch(batch, ctx.store)
     if result is not None:
         log.info("batch %s done: %d documents stored, %d failed", batch.id, len(result.done), len(result.failed))
-    if load_drained(ctx.queues):  # after a bulk load: build the pgvector index, compact LanceDB
+    if load_drained(ctx):  # after a bulk load: build the pgvector index, compact LanceDB
         store_retry(ctx.store.optimize)(OPTIMIZE_AFTER_DRAIN_WRITES)
         export_collection(ctx.store)
     return result
 
 
-def load_drained(queues: dict[str, Queue]) -> bool:
-    """No embed or write work is waiting: a bulk load has just ended."""
-    return queues["embed"].count == 0 and queues["write"].count == 0
+def load_drained(ctx: WorkerContext) -> bool:
+    """Nothing waits anywhere: the inbox and every stage's queue are empty, a bulk load has ended. (The
+    embed and write queues alone empty mid-load behind a fast embedder: pgvector then got its HNSW index
+    early and every later part paid its insertion, 5-10x slower: bench/README.md, scale.py on pgvector.)"""
+    queues_empty = all(q.count == 0 for q in ctx.queues.values())
+    return queues_empty and ctx.redis.llen(ctx.settings.keys.INBOX) == 0
 
 
 def export_collection(store: Store) -> None:
