@@ -148,13 +148,16 @@ def tenth_ends(samples: list, started: float, n: int) -> list[float]:
     return crossings
 
 
-def store_rows(store: Path) -> dict[str, int]:
-    import lancedb
+def store_rows(store: str) -> dict[str, int]:
+    """Each collection's chunks, and its documents (under NAME__docs), from the store's own listing."""
+    from shared.store import open_store
 
-    db = lancedb.connect(str(store))
-    listed = db.list_tables()
-    names = listed.tables if hasattr(listed, "tables") else list(db.table_names())
-    return {t: db.open_table(t).count_rows() for t in names}
+    handle = open_store(store)
+    try:
+        listed = handle.collections()
+    finally:
+        handle.close()
+    return {k: v for c in listed for k, v in ((c["name"], c["chunks"]), (c["name"] + "__docs", c["documents"]))}
 
 
 def embed_jobs_run(redis) -> int:
@@ -187,14 +190,14 @@ def exact_top10(store, queries: np.ndarray, rows_per_pass: int = 65536) -> list[
     return best_ids
 
 
-def search_figures(store_path: Path, scifact: Path, n_queries: int = 100) -> dict:
+def search_figures(location: str, scifact: Path, n_queries: int = 100) -> dict:
     """Search latency and recall@10 on a store a run left, as a fresh reader (see the module's doc)."""
     from producer.lifecycle import embedder_for
     from shared.quality import load_beir
     from shared.settings import Settings
     from shared.store import open_store
 
-    settings = Settings.from_env(store=str(store_path))
+    settings = Settings.from_env(store=location)
     store = open_store(settings.store, settings=settings)
     try:
         embedder = embedder_for(store, settings).warm_up()
@@ -220,7 +223,7 @@ def search_figures(store_path: Path, scifact: Path, n_queries: int = 100) -> dic
             ),
             "exact_pass_s": round(exact_s, 1),
             "peak_rss_searching_mb": round(searching_mb),
-            "indexes": store.index_stats(),
+            "indexes": store.index_stats() if hasattr(store, "index_stats") else {"hnsw": store.has_index()},
         }
     finally:
         store.close()
@@ -240,9 +243,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
 
     redis_proc, port = start_redis(tmp)
     redis = Redis(port=port)
-    store = tmp / "store"
+    store = args.store or str(tmp / "store")
+    log_level = h.SETTINGS.get("EMBEDPIPE_LOG_LEVEL", "WARNING")
     env = h.clean_env(
-        EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=str(store), EMBEDPIPE_LOG_LEVEL="WARNING"
+        EMBEDPIPE_REDIS_URL=f"redis://127.0.0.1:{port}/0", EMBEDPIPE_STORE=store, EMBEDPIPE_LOG_LEVEL=log_level
     )
     procs: dict = {}
     monitors: dict = {}
@@ -312,7 +316,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         }
         print(f"prune of 1%: {json.dumps(result['prune'])}", flush=True)
 
-        me = [sys.executable, __file__, "--search", str(store), "--scifact", str(args.scifact)]
+        me = [sys.executable, __file__, "--search", store, "--scifact", str(args.scifact)]
         figures, _, reader_peak = h.run_measured(me, env, timeout=long_s)
         result["search"] = figures | {"reader_peak_rss_mb": reader_peak}
         print(f"search: {json.dumps(result['search'])}", flush=True)
@@ -334,7 +338,11 @@ def main() -> None:
     parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--tmp", type=Path, help="where the corpus, Redis and the store go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the store (in --tmp)")
-    parser.add_argument("--search", type=Path, metavar="STORE", help="only measure search on a store a run kept")
+    parser.add_argument("--store", help="a postgresql:// URL (an empty database) instead of LanceDB in --tmp")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for every process"
+    )
+    parser.add_argument("--search", metavar="STORE", help="only measure search on a store a run kept")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
     if args.search:  # EMBEDPIPE_MODEL: the store's collection names its model (a static one's directory)
@@ -347,6 +355,7 @@ def main() -> None:
         print(json.dumps(figures))  # the last line: what run() reads from its child
         return
     args.pools = {k: int(v) for k, v in (p.split("=") for p in args.pools.split(",") if p)}
+    h.SETTINGS.update(kv.split("=", 1) for kv in args.set)
     h.MODEL = str(fast.static_model(args.model))
     results = {"cpu": fast.cpu_name(), "model": h.MODEL, "documents": args.docs, "pools": args.pools}
     print(f"{results['cpu']}; model {h.MODEL}; load average {os.getloadavg()[0]:.2f}", flush=True)
