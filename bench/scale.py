@@ -365,6 +365,8 @@ def main() -> None:
     h.MODEL = str(fast.static_model(args.model))
     results = {"cpu": fast.cpu_name(), "model": h.MODEL, "documents": args.docs, "pools": args.pools}
     print(f"{results['cpu']}; model {h.MODEL}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.tmp:
+        args.tmp.mkdir(parents=True, exist_ok=True)
     if args.keep:
         kept = Path(tempfile.mkdtemp(prefix="embedpipe-scale-", dir=args.tmp))
         results |= run(args, kept)
