@@ -109,8 +109,8 @@ class Settings:
     # (bench/README.md, scale.py's search); synthetic clustered vectors had hidden it (1.0 at 20).
     search_nprobes: int = setting(100, "LanceDB ANN search: IVF partitions probed per query.")
     search_refine: int = setting(5, "LanceDB ANN search: re-rank k x this candidates on full vectors; 0 = off.")
-    # recall@10 on real text (bench/README.md): 87k chunks, 100: 0.914, 800: 0.987 at p50 7.3 ms; 869k
-    # chunks, 400: 0.923, 800: 0.956 at p50 34 ms, 1000 (pgvector's most): 0.964
+    # recall@10 on real text, the graph of ef_construction 64 (bench/README.md): 87k chunks, 100: 0.914,
+    # 800: 0.987 at p50 7.3 ms; 869k chunks, 400: 0.923, 800: 0.956 at p50 34 ms, 1000 (pgvector's most): 0.964
     ef_search: int = setting(800, "pgvector ANN search: HNSW candidates per query (hnsw.ef_search, at least k).")
     # pgvector's HNSW build, once per collection. On 869k chunks of real text (bench/README.md) the graph
     # of ef_construction 64 levelled off at recall@10 0.956 (ef_search 800: 0.954, 1000: 0.956); 128 gave

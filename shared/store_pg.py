@@ -369,13 +369,7 @@ class PgStore:
                 started = time.monotonic()
                 memory_mb = hnsw_build_memory_mb(rows, self._dim or 0, self.settings)
                 conn.execute(f"SET maintenance_work_mem = '{memory_mb}MB'")
-                # pgvector says when the graph outgrows the build memory (it inserts ~9x slower from there)
-                conn.add_notice_handler(
-                    lambda n: (
-                        "maintenance_work_mem" in (n.message_primary or "")
-                        and log.warning("HNSW build of %s: %s (EMBEDPIPE_HNSW_BUILD_MEMORY_MB)", t, n.message_primary)
-                    )
-                )
+                conn.add_notice_handler(self._log_memory_notice)
                 try:
                     self._create_index(conn)
                 except psycopg.errors.DiskFull as e:
@@ -399,6 +393,11 @@ class PgStore:
             MAINTENANCE.labels("failed").inc()
             self._ann_next_check = time.monotonic() + ANN_RETRY_S
             log.warning("HNSW index build of %s failed (retried in %.0f s): %s", t, ANN_RETRY_S, e)
+
+    def _log_memory_notice(self, notice: Any) -> None:
+        """pgvector says when the graph outgrows the build memory: it inserts ~9x slower from there."""
+        if "maintenance_work_mem" in (notice.message_primary or ""):
+            log.warning("HNSW build of %s: %s (EMBEDPIPE_HNSW_BUILD_MEMORY_MB)", self.table, notice.message_primary)
 
     def _create_index(self, conn: Any) -> None:
         """Drop what a failed build left (an invalid index), then build."""
