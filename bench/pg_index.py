@@ -1,6 +1,6 @@
 """pgvector's HNSW index on a large collection: build time, size and recall for each graph.
 
-    python bench/pg_index.py --store postgresql://... [--graphs 16:64,16:128] [--ef 200,400,800,1000]
+    python bench/pg_index.py --store postgresql://... [--graphs 16:64,16:128] [--ef 100,200,400,800,1000]
                              [--memory-mb 512,4096] [--out FILE.json]
 
 On the active collection of a store a run kept (e.g. `bench/scale.py --docs 200000 --store URL --keep
@@ -77,9 +77,13 @@ def sweep(store, settings, queries: np.ndarray, exact: list[list[str]], efs: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="a postgresql:// URL of a store a run kept")
-    parser.add_argument("--graphs", default="16:64", help="m:ef_construction, comma-separated (default 16:64)")
-    parser.add_argument("--ef", default="200,400,800,1000", help="ef_search values to measure recall at")
-    parser.add_argument("--memory-mb", default="512", help="build memories (maintenance_work_mem), comma-separated")
+    parser.add_argument("--graphs", default="16:128", help="m:ef_construction, comma-separated (default 16:128)")
+    parser.add_argument("--ef", default="100,200,400,800,1000", help="ef_search values to measure recall at")
+    parser.add_argument(
+        "--memory-mb",
+        default="2048",
+        help="EMBEDPIPE_HNSW_BUILD_MEMORY_MB values, comma-separated (the most a build asks for)",
+    )
     parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
