@@ -30,7 +30,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import fast  # noqa: E402  (bench/fast.py: cpu_name)
 import harness as h  # noqa: E402
-import scale  # noqa: E402  (bench/scale.py: embed_queries, exact_top10)
+import scale  # noqa: E402  (bench/scale.py: embed_queries, exact_top10, recall_at_10)
 
 
 def build(store, settings, m: int, ef_construction: int, memory_mb: int) -> dict:
@@ -51,7 +51,7 @@ def build(store, settings, m: int, ef_construction: int, memory_mb: int) -> dict
     return {"build_s": round(seconds, 1), "index_mb": round(size / 2**20)}
 
 
-def sweep(store, settings, queries: np.ndarray, exact: list[list[str]], efs: list[int]) -> list[dict]:
+def sweep(store, queries: np.ndarray, exact: list[list[str]], efs: list[int]) -> list[dict]:
     rows = []
     for ef in efs:
         store.settings = dataclasses.replace(store.settings, ef_search=ef)
@@ -59,13 +59,12 @@ def sweep(store, settings, queries: np.ndarray, exact: list[list[str]], efs: lis
             latencies, found = [], []
             for q in queries:
                 started = time.perf_counter()
-                found.append({hit.chunk_id for hit in store.search(q, 10)})
+                found.append([hit.chunk_id for hit in store.search(q, 10)])
                 latencies.append(time.perf_counter() - started)
-        recall = np.mean([len(f & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
         rows.append(
             {
                 "ef_search": ef,
-                "recall@10": round(float(recall), 3),
+                "recall@10": scale.recall_at_10(found, exact),
                 "p50_ms": round(1000 * float(np.median(latencies)), 1),
                 "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 1),
             }
@@ -115,7 +114,7 @@ def main() -> None:
                 row = {"m": m, "ef_construction": ef_construction, "memory_mb": memory_mb}
                 row |= build(store, settings, m, ef_construction, memory_mb)
                 print(f"    built in {row['build_s']} s, {row['index_mb']} MB", flush=True)
-                row["search"] = sweep(store, settings, queries, exact, [int(x) for x in args.ef.split(",")])
+                row["search"] = sweep(store, queries, exact, [int(x) for x in args.ef.split(",")])
                 result["builds"].append(row)
                 if args.out:
                     args.out.write_text(json.dumps(result, indent=2))

@@ -190,6 +190,11 @@ def exact_top10(store, queries: np.ndarray, rows_per_pass: int = 65536) -> list[
     return best_ids
 
 
+def recall_at_10(found: list, exact: list[list[str]]) -> float:
+    """The share of each query's exact top-10 that the search found, averaged over the queries."""
+    return round(float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])), 3)
+
+
 def embed_queries(store, settings, scifact: Path, n_queries: int) -> np.ndarray:
     """SciFact's first n test queries, embedded as the store's collection was."""
     from producer.lifecycle import embedder_for
@@ -224,9 +229,7 @@ def search_figures(location: str, scifact: Path, n_queries: int = 100) -> dict:
             "queries": len(queries),
             "p50_ms": round(1000 * float(np.median(latencies)), 1),
             "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 1),
-            "recall@10": round(
-                float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])), 3
-            ),
+            "recall@10": recall_at_10(found, exact),
             "exact_pass_s": round(exact_s, 1),
             "peak_rss_searching_mb": round(searching_mb),
             "indexes": store.index_stats() if hasattr(store, "index_stats") else {"hnsw": store.has_index()},
