@@ -1,11 +1,12 @@
 """pgvector's HNSW index on a large collection: build time, size and recall for each graph.
 
-    python bench/pg_index.py --store postgresql://... [--graphs 16:64,16:128] [--ef 100,200,400,800,1000]
+    python bench/pg_index.py --store postgresql://... [--graphs 16:128,16:128:halfvec] [--ef 100,200,400,800,1000]
                              [--memory-mb 512,4096] [--out FILE.json]
 
 On the active collection of a store a run kept (e.g. `bench/scale.py --docs 200000 --store URL --keep
 --set EMBEDPIPE_ANN_MIN_ROWS=0`: loaded, no index), first the exact top-10 of SciFact's first 100 test
-queries (one streamed pass over every vector), then for each graph (m:ef_construction) and build memory:
+queries (one streamed pass over every vector), then for each graph (m:ef_construction, :halfvec for a
+graph of half-precision vectors, EMBEDPIPE_HNSW_TYPE) and build memory:
 the index dropped and built again by the store's own code (`optimize()`, as a writer does after a load:
 CREATE INDEX CONCURRENTLY with EMBEDPIPE_HNSW_M, EMBEDPIPE_HNSW_EF_CONSTRUCTION and
 EMBEDPIPE_HNSW_BUILD_MEMORY_MB), its build time and size, and for each ef_search recall@10 and p50/p95 of
@@ -33,10 +34,15 @@ import harness as h  # noqa: E402
 import scale  # noqa: E402  (bench/scale.py: embed_queries, exact_top10, recall_at_10)
 
 
-def build(store, settings, m: int, ef_construction: int, memory_mb: int) -> dict:
+def build(store, settings, m: int, ef_construction: int, kind: str, memory_mb: int) -> dict:
     """Drop the collection's index and build it again with this graph; its build time and size."""
     store.settings = dataclasses.replace(
-        settings, hnsw_m=m, hnsw_ef_construction=ef_construction, hnsw_build_memory_mb=memory_mb, ann_min_rows=1
+        settings,
+        hnsw_m=m,
+        hnsw_ef_construction=ef_construction,
+        hnsw_type=kind,
+        hnsw_build_memory_mb=memory_mb,
+        ann_min_rows=1,
     )
     with store._pool.connection() as conn:
         conn.execute(f"DROP INDEX IF EXISTS {store.table}_hnsw")
@@ -76,7 +82,9 @@ def sweep(store, queries: np.ndarray, exact: list[list[str]], efs: list[int]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="a postgresql:// URL of a store a run kept")
-    parser.add_argument("--graphs", default="16:128", help="m:ef_construction, comma-separated (default 16:128)")
+    parser.add_argument(
+        "--graphs", default="16:128", help="m:ef_construction[:halfvec], comma-separated (default 16:128)"
+    )
     parser.add_argument("--ef", default="100,200,400,800,1000", help="ef_search values to measure recall at")
     parser.add_argument(
         "--memory-mb",
@@ -108,11 +116,11 @@ def main() -> None:
         print(f"{result['chunks']:,} chunks; exact top-10 in {result['exact_pass_s']} s", flush=True)
         result["builds"] = []
         for graph in args.graphs.split(","):
-            m, ef_construction = (int(x) for x in graph.split(":"))
+            m, ef_construction, kind = (graph + ":vector").split(":")[:3]
             for memory_mb in (int(x) for x in args.memory_mb.split(",")):
-                print(f"m {m}, ef_construction {ef_construction}, build memory {memory_mb} MB:", flush=True)
-                row = {"m": m, "ef_construction": ef_construction, "memory_mb": memory_mb}
-                row |= build(store, settings, m, ef_construction, memory_mb)
+                print(f"m {m}, ef_construction {ef_construction}, {kind}, build memory {memory_mb} MB:", flush=True)
+                row = {"m": int(m), "ef_construction": int(ef_construction), "type": kind, "memory_mb": memory_mb}
+                row |= build(store, settings, int(m), int(ef_construction), kind, memory_mb)
                 print(f"    built in {row['build_s']} s, {row['index_mb']} MB", flush=True)
                 row["search"] = sweep(store, queries, exact, [int(x) for x in args.ef.split(",")])
                 result["builds"].append(row)

@@ -119,6 +119,11 @@ class Settings:
     hnsw_ef_construction: int = setting(
         128, "pgvector HNSW index: candidates per insertion while building (4 to 1000, at least 2 x m)."
     )
+    hnsw_type: str = setting(
+        "vector",
+        "pgvector HNSW index: what its graph holds, vector (4 bytes a dimension) or halfvec (2: half the build"
+        " memory and index); past 2,000 dimensions (vector's most) always halfvec, past 4,000 none.",
+    )
     hnsw_build_memory_mb: int = setting(
         2048,
         "pgvector HNSW build: the most memory (maintenance_work_mem, MB) it asks for; it asks what its graph"
@@ -211,6 +216,8 @@ class Settings:
             raise ConfigError(f"{env_name('support_nice')} must be 0 (off) to 19, got {self.support_nice}")
         if not 3 <= self.job_lease_s <= 300:  # rq scores in whole seconds: a beat needs room in the lease
             raise ConfigError(f"{env_name('job_lease_s')} must be 3 to 300 s, got {self.job_lease_s}")
+        if self.hnsw_type not in ("vector", "halfvec"):
+            raise ConfigError(f"{env_name('hnsw_type')} must be vector or halfvec, got {self.hnsw_type!r}")
         if self.vector_dtype not in ("float32", "float16"):
             raise ConfigError(f"{env_name('vector_dtype')} must be float32 or float16, got {self.vector_dtype!r}")
         if self.stuck_job_s < 0:

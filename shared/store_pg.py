@@ -45,18 +45,37 @@ def _lock_schema(conn: Any) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
 
 
-def hnsw_method(settings: Settings) -> str:
+HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}  # pgvector's most dimensions an HNSW index holds
+
+
+def hnsw_type(dim: int, settings: Settings) -> str | None:
+    """What a collection's HNSW graph holds: EMBEDPIPE_HNSW_TYPE, halfvec where vector's 2,000 dimensions
+    are too few (text-embedding-3-large's 3,072), None past halfvec's 4,000 (no index: exact search)."""
+    kind = "halfvec" if settings.hnsw_type == "halfvec" or dim > HNSW_MAX_DIM["vector"] else "vector"
+    return kind if dim <= HNSW_MAX_DIM[kind] else None
+
+
+def hnsw_operand(kind: str, dim: int) -> str:
+    """The expression the index is built on, and search must order by to use it: a halfvec index is one
+    on the column cast to half precision; the table keeps float32."""
+    return "embedding" if kind == "vector" else f"(embedding::halfvec({dim}))"
+
+
+def hnsw_method(settings: Settings, dim: int) -> str:
     """The index method of a collection's HNSW index, with the graph's parameters from the settings."""
+    kind = hnsw_type(dim, settings)
+    assert kind, f"no HNSW index holds {dim} dimensions"
     m, ef = int(settings.hnsw_m), int(settings.hnsw_ef_construction)
-    return f"USING hnsw (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef})"
+    return f"USING hnsw ({hnsw_operand(kind, dim)} {kind}_cosine_ops) WITH (m = {m}, ef_construction = {ef})"
 
 
 def hnsw_build_memory_mb(rows: int, dim: int, settings: Settings) -> int:
     """The build memory (maintenance_work_mem) for the graph of `rows` vectors: pgvector keeps each one's
-    vector and 2m links of 16 bytes at the lowest layer, a few more above (measured: 512 MB held 312,212
-    rows of 256-d at m 16, 1,720 bytes each); a quarter more for the rows written during the build. At
-    most EMBEDPIPE_HNSW_BUILD_MEMORY_MB: a parallel build takes all it is given at once, in /dev/shm."""
-    per_row = 4 * dim + 32 * int(settings.hnsw_m) + 192
+    vector (4 bytes a dimension, 2 as halfvec) and 2m links of 16 bytes at the lowest layer, a few more
+    above (measured: 512 MB held 312,212 rows of 256-d at m 16, 1,720 bytes each); a quarter more for the
+    rows written during the build. At most EMBEDPIPE_HNSW_BUILD_MEMORY_MB: a parallel build takes all it
+    is given at once, in /dev/shm."""
+    per_row = (2 if hnsw_type(dim, settings) == "halfvec" else 4) * dim + 32 * int(settings.hnsw_m) + 192
     return min(int(settings.hnsw_build_memory_mb), max(64, math.ceil(1.25 * rows * per_row / 2**20)))
 
 
@@ -74,6 +93,7 @@ class PgStore:
         self.settings = settings or Settings()
         self._ann: threading.Thread | None = None  # the running HNSW build
         self._ann_next_check = 0.0  # after a failed build: monotonic time of the next try
+        self._indexed: str | None = None  # what the valid HNSW index holds, once seen (vector, halfvec)
         self._pool = ConnectionPool(
             url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=register_vector, open=False
         )
@@ -317,11 +337,13 @@ class PgStore:
             return []
         query = np.asarray(vector, dtype=np.float32)
         filtered = " WHERE metadata @> %s::jsonb" if where else ""  # containment: every field, that value
+        kind = self._indexed or self._index_kind() or "vector"  # exact scans in full precision
+        operand = hnsw_operand(kind, len(query))
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.settings.ef_search), k)}")
             return conn.execute(
                 f"{explain}SELECT doc_id, chunk_id, idx, 1 - (embedding <=> %s) AS score, text, metadata"
-                f" FROM {self.table}{filtered} ORDER BY embedding <=> %s LIMIT %s",
+                f" FROM {self.table}{filtered} ORDER BY {operand} <=> %s::{kind} LIMIT %s",
                 (query, *([json.dumps(dict(where))] if where else []), query, k),
             ).fetchall()
 
@@ -342,6 +364,11 @@ class PgStore:
         graph, 78x the cost of a part without it (bench/README.md), so a bulk load is indexed after."""
         min_rows = self.settings.ann_min_rows
         if not self._exists() or not min_rows or (self._ann is not None and self._ann.is_alive()) or self.has_index():
+            return
+        if hnsw_type(self._dim or 0, self.settings) is None:
+            if self._ann_next_check == 0.0:  # said once: no build to retry
+                log.warning("%s: %s dimensions, more than an HNSW index holds: searched exactly", self.table, self._dim)
+            self._ann_next_check = math.inf
             return
         if time.monotonic() < self._ann_next_check:
             return  # a build failed a moment ago
@@ -403,15 +430,23 @@ class PgStore:
         """Drop what a failed build left (an invalid index), then build."""
         index = f"{self.table}_hnsw"
         conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
-        conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {self.table} {hnsw_method(self.settings)}")
+        conn.execute(f"CREATE INDEX CONCURRENTLY {index} ON {self.table} {hnsw_method(self.settings, self._dim or 0)}")
 
     def has_index(self) -> bool:
         """The HNSW index exists and is valid (a concurrent build in progress, or one that failed, is not)."""
+        return self._index_kind() is not None
+
+    def _index_kind(self) -> str | None:
+        """What the valid HNSW index holds (vector or halfvec: its operator class), None without one. Kept
+        for search, which must order by the index's own expression or PostgreSQL scans the table."""
         with self._pool.connection() as conn:
             row = conn.execute(
-                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (f"{self.table}_hnsw",)
+                "SELECT i.indisvalid, o.opcname FROM pg_index i JOIN pg_opclass o ON o.oid = i.indclass[0]"
+                " WHERE i.indexrelid = to_regclass(%s)",
+                (f"{self.table}_hnsw",),
             ).fetchone()
-        return bool(row and row[0])
+        self._indexed = row[1].removesuffix("_cosine_ops") if row and row[0] else None
+        return self._indexed
 
     def wait_for_index(self, timeout_s: float | None = None) -> None:
         """Wait for this handle's running index build, if any (close() does)."""

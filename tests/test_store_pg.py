@@ -155,8 +155,11 @@ def test_processes_opening_new_databases_at_once_all_start(pg_server):
         store.close()
 
 
-def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, caplog):
-    graph = Settings(ann_min_rows=2000, ef_search=40, hnsw_m=12, hnsw_ef_construction=40, hnsw_build_memory_mb=1)
+@pytest.mark.parametrize("kind", ["vector", "halfvec"])
+def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, caplog, kind):
+    graph = Settings(
+        ann_min_rows=2000, ef_search=40, hnsw_m=12, hnsw_ef_construction=40, hnsw_build_memory_mb=1, hnsw_type=kind
+    )
     store = open_store(pg_url, spec(), settings=graph)
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(20, 8))
@@ -176,10 +179,11 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, ca
     assert store.has_index()
     assert f"Index Scan using {store.table}_hnsw" in store.search_plan(np.ones(8), 10)
     with store._pool.connection() as conn:  # the graph the settings asked for
-        options = conn.execute(
-            "SELECT reloptions FROM pg_class WHERE relname = %s", (f"{store.table}_hnsw",)
+        options, definition = conn.execute(
+            "SELECT reloptions, pg_get_indexdef(oid) FROM pg_class WHERE relname = %s", (f"{store.table}_hnsw",)
         ).fetchone()
-    assert sorted(options[0]) == ["ef_construction=40", "m=12"]
+    assert sorted(options) == ["ef_construction=40", "m=12"]
+    assert f"{kind}_cosine_ops" in definition
     # 3,000 rows outgrow a 1 MB build memory: pgvector's notice reaches the log (it tells to raise the setting)
     assert "no longer fits into maintenance_work_mem" in caplog.text
     # rows written after the build are in the index (PostgreSQL keeps it current): a planted near-duplicate
@@ -191,6 +195,33 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, ca
     hits = [h.chunk_id for h in store.search(query, 10)]
     assert exact[0][0] == "c-17" and hits[0] == "c-17"
     assert len(set(hits) & {cid for cid, _ in exact[:10]}) >= 9
+    store.close()
+
+
+def test_vectors_past_2000_dimensions_get_a_halfvec_index_and_past_4000_none(pg_url, caplog):
+    """pgvector's HNSW holds at most 2,000 dimensions of vector (text-embedding-3-large has 3,072): the
+    build failed and was retried every minute, for ever, and every search scanned the table."""
+    store = open_store(pg_url, spec("wide"), settings=Settings(ann_min_rows=500))
+    chunk_list, vectors = chunks("w", 600, dim=3072)
+    store.upsert(chunk_list, vectors)
+    store.optimize()
+    store.wait_for_index()
+    assert store.has_index() and "failed" not in caplog.text
+    with store._pool.connection() as conn:  # (that search uses a halfvec index: the test above)
+        definition = conn.execute("SELECT pg_get_indexdef(%s::regclass)", (f"{store.table}_hnsw",)).fetchone()[0]
+    assert "halfvec(3072)" in definition and "halfvec_cosine_ops" in definition
+    hits = store.search(vectors[5], 3)
+    assert hits[0].chunk_id == "w-5" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    store.close()
+
+    store = open_store(pg_url, spec("wider"), settings=Settings(ann_min_rows=10))
+    chunk_list, vectors = chunks("x", 20, dim=4096)
+    store.upsert(chunk_list, vectors)
+    for _ in range(2):  # no build to fail, retry or log again
+        store.optimize()
+        store.wait_for_index()
+    assert not store.has_index() and caplog.text.count("more than an HNSW index holds") == 1
+    assert store.search(vectors[7], 1)[0].chunk_id == "x-7"  # searched exactly
     store.close()
 
 
