@@ -111,6 +111,7 @@ class Settings:
     search_refine: int = setting(5, "LanceDB ANN search: re-rank k x this candidates on full vectors; 0 = off.")
     # recall@10 on real text, the graph of ef_construction 64 (bench/README.md): 87k chunks, 100: 0.914,
     # 800: 0.987 at p50 7.3 ms; 869k chunks, 400: 0.923, 800: 0.956 at p50 34 ms, 1000 (pgvector's most): 0.964
+    # ef_construction 128 (the default), 2.17M chunks: 400: 0.913-0.925, 800: 0.951 at p50 52-58 ms, 1000: 0.955
     ef_search: int = setting(800, "pgvector ANN search: HNSW candidates per query (hnsw.ef_search, at least k).")
     # pgvector's HNSW build, once per collection. On 869k chunks of real text (bench/README.md) the graph
     # of ef_construction 64 levelled off at recall@10 0.956 (ef_search 800: 0.954, 1000: 0.956); 128 gave
@@ -119,15 +120,17 @@ class Settings:
     hnsw_ef_construction: int = setting(
         128, "pgvector HNSW index: candidates per insertion while building (4 to 1000, at least 2 x m)."
     )
+    # 2.17M chunks of real text (bench/README.md): halfvec's graph had vector's recall@10 at ef_search 800
+    # (0.951 both; 0.006-0.014 less at 100-400), its index 0.61x the size, build 0.91x the time, p50 0.90x
     hnsw_type: str = setting(
-        "vector",
-        "pgvector HNSW index: what its graph holds, vector (4 bytes a dimension) or halfvec (2: half the build"
-        " memory and index); past 2,000 dimensions (vector's most) always halfvec, past 4,000 none.",
+        "halfvec",
+        "pgvector HNSW index: what its graph holds, halfvec (2 bytes a dimension) or vector (4); past 2,000"
+        " dimensions (vector's most) always halfvec, past 4,000 no index. Search follows the index there is.",
     )
     hnsw_build_memory_mb: int = setting(
         2048,
         "pgvector HNSW build: the most memory (maintenance_work_mem, MB) it asks for; it asks what its graph"
-        " needs (~2.8 KB a 384-d chunk), and inserts ~9x slower past it. A parallel build holds it in /dev/shm.",
+        " needs (~1.8 KB a 384-d chunk as halfvec), inserts ~9x slower past it. A parallel build holds it in /dev/shm.",
     )
     index_cache_mb: int = setting(
         1024, "LanceDB index cache per process (IVF partitions, BTREE pages): search needs the ANN index in it."

@@ -201,7 +201,7 @@ def test_hnsw_index_is_built_past_the_threshold_used_and_kept_current(pg_url, ca
 def test_vectors_past_2000_dimensions_get_a_halfvec_index_and_past_4000_none(pg_url, caplog):
     """pgvector's HNSW holds at most 2,000 dimensions of vector (text-embedding-3-large has 3,072): the
     build failed and was retried every minute, for ever, and every search scanned the table."""
-    store = open_store(pg_url, spec("wide"), settings=Settings(ann_min_rows=500))
+    store = open_store(pg_url, spec("wide"), settings=Settings(ann_min_rows=500, hnsw_type="vector"))
     chunk_list, vectors = chunks("w", 600, dim=3072)
     store.upsert(chunk_list, vectors)
     store.optimize()
