@@ -365,13 +365,12 @@ class PgStore:
         min_rows = self.settings.ann_min_rows
         if not self._exists() or not min_rows or (self._ann is not None and self._ann.is_alive()) or self.has_index():
             return
-        if hnsw_type(self._dim or 0, self.settings) is None:
-            if self._ann_next_check == 0.0:  # said once: no build to retry
-                log.warning("%s: %s dimensions, more than an HNSW index holds: searched exactly", self.table, self._dim)
-            self._ann_next_check = math.inf
-            return
         if time.monotonic() < self._ann_next_check:
-            return  # a build failed a moment ago
+            return  # a build failed a moment ago, or none can be
+        if hnsw_type(self._dim or 0, self.settings) is None:
+            log.warning("%s: %s dimensions, more than an HNSW index holds: searched exactly", self.table, self._dim)
+            self._ann_next_check = math.inf  # nothing to retry
+            return
         with self._pool.connection() as conn:
             rows = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
         if rows >= min_rows:
