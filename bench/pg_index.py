@@ -83,7 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="a postgresql:// URL of a store a run kept")
     parser.add_argument(
-        "--graphs", default="16:128", help="m:ef_construction[:halfvec], comma-separated (default 16:128)"
+        "--graphs",
+        default="16:128",
+        help="m:ef_construction[:vector or :halfvec; the store's type if none], comma-separated",
     )
     parser.add_argument("--ef", default="100,200,400,800,1000", help="ef_search values to measure recall at")
     parser.add_argument(
@@ -116,7 +118,7 @@ def main() -> None:
         print(f"{result['chunks']:,} chunks; exact top-10 in {result['exact_pass_s']} s", flush=True)
         result["builds"] = []
         for graph in args.graphs.split(","):
-            m, ef_construction, kind = (graph + ":vector").split(":")[:3]
+            m, ef_construction, kind = f"{graph}:{settings.hnsw_type}".split(":")[:3]  # the store's type unless named
             for memory_mb in (int(x) for x in args.memory_mb.split(",")):
                 print(f"m {m}, ef_construction {ef_construction}, {kind}, build memory {memory_mb} MB:", flush=True)
                 row = {"m": int(m), "ef_construction": int(ef_construction), "type": kind, "memory_mb": memory_mb}
