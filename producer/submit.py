@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 BACKPRESSURE_POLL_S = 0.5
+KEPT_SLICE = 10_000  # IDs per SADD of a prune's listing (~0.5 MB): no one command carries millions
 
 
 @dataclass
@@ -125,13 +126,18 @@ def _in_groups(
 
 def submit_prune(redis: Redis, settings: Settings, kept: set[str], scope: str = "", force: bool = False) -> str:
     """Ask the writers to delete every stored document under `scope` not in `kept` (a sync): one job on
-    the write queue, the request (IDs, scope, the guard's share, --force-prune) in a claim-check payload.
-    A prune the guard refuses becomes a dead letter `prune:<token>` with the numbers (`embedpipe failed`)."""
+    the write queue, the IDs in a Redis set (keys.kept_set) sent a slice at a time, the request (how many
+    IDs, scope, the guard's share, --force-prune) in a claim-check payload. A prune the guard refuses
+    becomes a dead letter `prune:<token>` with the numbers (`embedpipe failed`)."""
     if not kept and not force:
         raise ConfigError("--prune with no documents listed would empty the store: refused")
     token = uuid.uuid4().hex
-    request = PruneRequest(sorted(kept), scope, settings.prune_max_fraction, force)
+    kept_set = settings.keys.kept_set(token)
+    for piece in batched(kept, KEPT_SLICE):
+        redis.sadd(kept_set, *piece)
+    request = PruneRequest([], scope, settings.prune_max_fraction, force, listed=len(kept))
     with redis.pipeline() as pipe:
+        pipe.expire(kept_set, settings.payload_ttl_s)
         pipe.set(settings.keys.kept_ids(token), request.encode(), ex=settings.payload_ttl_s)
         enqueue_jobs(queue(redis, "write", settings.namespace), settings, "prune", [(token,)], pipe)
         pipe.execute()

@@ -127,8 +127,13 @@ class Keyspace:
         return f"{self.prefix}:committed:{batch_id}"
 
     def kept_ids(self, token: str) -> str:
-        """msgpack list of the document IDs a sync (`enqueue --prune`) keeps; claim check of a prune job."""
+        """msgpack PruneRequest of a sync (`enqueue --prune`): the claim check of a prune job."""
         return f"{self.prefix}:kept:{token}"
+
+    def kept_set(self, token: str) -> str:
+        """set of the document IDs a sync keeps, written by the client in slices and asked about the store's
+        IDs a slice at a time by the prune job: neither side sends or holds millions of IDs in one piece."""
+        return f"{self.prefix}:keptset:{token}"
 
     def batch_doc_ids(self, batch_id: str) -> str:
         """msgpack list of a batch's document IDs, kept as long as dead letters keep sources: if the batch's

@@ -280,14 +280,16 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class PruneRequest:
-    """A sync's prune (`enqueue --prune`): the document IDs the sources list now, the ID prefix it is
-    limited to, the guard's share and whether it is overridden. The claim check of a prune job
-    (keys.kept_ids), which only the `worker` and `admin` Redis users may write."""
+    """A sync's prune (`enqueue --prune`): how many document IDs the sources list now (`listed`: they are
+    in the Redis set keys.kept_set), the ID prefix it is limited to, the guard's share and whether it is
+    overridden. The claim check of a prune job (keys.kept_ids), which only the `worker` and `admin` Redis
+    users may write. A client before the set sent the IDs themselves in `kept` (`listed` None)."""
 
-    kept: list[str]
+    kept: list[str] = dataclasses.field(default_factory=list)
     scope: str = ""
     max_fraction: float = 0.1
     force: bool = False
+    listed: int | None = None
 
     def encode(self) -> bytes:
         return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
@@ -301,7 +303,7 @@ class PruneRequest:
         if isinstance(d, list):  # the bare ID list an older CLI sent: no scope, the default guard
             d = {"kept": d}
         if not isinstance(d, dict) or set(d) - {f.name for f in dataclasses.fields(cls)}:
-            raise DecodeError("prune request is missing or not a map of kept, scope, max_fraction, force")
+            raise DecodeError("prune request is missing or not a map of kept, scope, max_fraction, force, listed")
         request = cls(**d)
         kinds = (
             isinstance(request.kept, list)
@@ -310,9 +312,12 @@ class PruneRequest:
             and type(request.max_fraction) in (int, float)
             and 0 <= request.max_fraction <= 1
             and type(request.force) is bool
+            and (request.listed is None or (type(request.listed) is int and request.listed >= 0))
         )
         if not kinds:
-            raise DecodeError("prune request: kept must be a list of IDs, scope a string, max_fraction in [0, 1]")
+            raise DecodeError(
+                "prune request: kept must be a list of IDs, scope a string, max_fraction in [0, 1], listed a count"
+            )
         return request
 
 

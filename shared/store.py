@@ -9,7 +9,7 @@ writer processes may write the same store at once (LanceDB commits optimisticall
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from shared.errors import ConfigError, PruneRefused
@@ -21,6 +21,7 @@ __all__ = [
     "OPTIMIZE_AFTER_DRAIN_WRITES",
     "DocRecord",
     "Hit",
+    "KeptIds",
     "Store",
     "choose_collection",
     "delete_documents",
@@ -38,6 +39,9 @@ __all__ = [
 OPTIMIZE_AFTER_DRAIN_WRITES = 10
 # A prune of at most this many documents of a collection is never refused, whatever share they are.
 PRUNE_ALWAYS_ALLOWED = 10
+# Which of these document IDs (a slice of a store's) the sources list now: a sync's listing held
+# elsewhere (the distributed prune job asks Redis), so the store's side never holds it whole.
+KeptIds = Callable[[list[str]], list[bool]]
 
 
 def open_store(
@@ -78,29 +82,42 @@ def each_collection(location: str) -> Iterator[Store]:
             store.close()
 
 
+def _membership(ids: Collection[str]) -> KeptIds:
+    return lambda piece: [d in ids for d in piece]
+
+
 def delete_documents(location: str, doc_ids: list[str]) -> dict[str, int]:
     """Remove documents and their chunks from every collection: {collection: documents removed}."""
     return {store.collection or "": store.forget_documents(doc_ids) for store in each_collection(location)}
 
 
 def prune(
-    location: str, kept: set[str], *, scope: str = "", max_fraction: float = 0.1, force: bool = False
+    location: str,
+    kept: Collection[str] | KeptIds,
+    *,
+    listed: int | None = None,
+    scope: str = "",
+    max_fraction: float = 0.1,
+    force: bool = False,
 ) -> dict[str, int]:
     """Sync: remove from every collection the documents under `scope` (an ID prefix; '' = all) that
-    are not in `kept` (what the sources list now): {collection: documents removed}. Guarded, because a
-    listing of an unmounted or half-copied directory looks like a mass deletion: unless `force`,
-    nothing is deleted if in any collection it would be more than `max_fraction` of its documents and
-    more than PRUNE_ALWAYS_ALLOWED (PruneRefused, with the numbers). The store's IDs are streamed past
-    `kept`, never held as a set; the gone ones go in slices (store_types.ID_SLICE)."""
-    if not kept and not force:
+    are not in `kept` (what the sources list now: the IDs, or a KeptIds that answers for `listed` of
+    them): {collection: documents removed}. Guarded, because a listing of an unmounted or half-copied
+    directory looks like a mass deletion: unless `force`, nothing is deleted if in any collection it
+    would be more than `max_fraction` of its documents and more than PRUNE_ALWAYS_ALLOWED (PruneRefused,
+    with the numbers). The store's IDs are streamed past `kept` a slice at a time (store_types.ID_SLICE),
+    never held as a set; the gone ones are deleted in slices too."""
+    if not callable(kept):
+        listed = len(kept)
+        kept = _membership(kept)
+    if not listed and not force:
         raise PruneRefused("--prune with no documents listed would empty the store: refused")
     doomed: dict[str, list[str]] = {}
     for store in each_collection(location):
         total, gone = 0, []
-        for doc_id in store.doc_ids():
-            total += 1
-            if doc_id not in kept and doc_id.startswith(scope):
-                gone.append(doc_id)
+        for piece in slices(store.doc_ids()):
+            total += len(piece)
+            gone += [d for d, is_kept in zip(piece, kept(piece), strict=True) if not is_kept and d.startswith(scope)]
         doomed[store.collection or ""] = gone
         if not force and len(gone) > PRUNE_ALWAYS_ALLOWED and len(gone) > max_fraction * total:
             raise PruneRefused(

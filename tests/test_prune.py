@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from redis import Redis
 
-from shared import keys
+from producer import submit
+from shared import keys, store_types
 from shared.errors import DecodeError, PruneRefused
 from shared.ledger import RedisLedger
 from shared.messages import Chunk, PruneRequest
@@ -99,6 +100,43 @@ def test_the_prune_job_records_a_refusal_as_a_dead_letter_and_obeys_a_forced_req
     assert len(ctx.ledger.dead()) == 1
 
 
+def test_a_submitted_prune_sends_its_listing_in_slices_and_the_job_asks_for_it_a_slice_at_a_time(
+    tmp_path, redis_url, monkeypatch
+):
+    """What `enqueue --prune` sends: the IDs in a Redis set written a slice at a time, the claim check
+    only their count; the job streams the store's IDs past that set, never holding the listing whole.
+    A listing that is not all there (expired, cut short) would make every missing ID look deleted: the
+    job refuses it with a dead letter and deletes nothing."""
+    monkeypatch.setattr(submit, "KEPT_SLICE", 7)  # many SADDs and SMISMEMBERs for a small store
+    monkeypatch.setattr(store_types, "ID_SLICE", 9)
+    location = str(tmp_path / "store")
+    ids = [f"doc-{i:03d}" for i in range(60)]
+    fill(location, ids)
+    ctx = write_context(redis_url, location)
+    k = ctx.settings.keys
+    asked = []
+    monkeypatch.setattr(
+        ctx.redis, "smismember", lambda key, ids, real=ctx.redis.smismember: asked.append(len(ids)) or real(key, ids)
+    )
+
+    token = submit.submit_prune(ctx.redis, ctx.settings, set(ids[:55]))
+    request = PruneRequest.decode(ctx.redis.get(k.kept_ids(token)))
+    assert (request.kept, request.listed) == ([], 55) and ctx.redis.scard(k.kept_set(token)) == 55
+    assert 0 < ctx.redis.ttl(k.kept_set(token)) <= ctx.settings.payload_ttl_s
+    assert list(prune_job(ctx, token).values()) == [5]
+    assert set(*stored(location).values()) == set(ids[:55])
+    assert asked == [9] * 6 + [6], "the store's IDs were not asked about a slice at a time"
+    assert ctx.redis.exists(k.kept_ids(token), k.kept_set(token)) == 0
+
+    token = submit.submit_prune(ctx.redis, ctx.settings, set(ids[:50]), force=True)  # past the guard
+    ctx.redis.srem(k.kept_set(token), *ids[:30])  # 30 of the 50 IDs lost: without the check, 35 deleted
+    assert prune_job(ctx, token) == {"refused": 1}
+    assert set(*stored(location).values()) == set(ids[:55]), "a prune of an incomplete listing deleted something"
+    (letter,) = ctx.ledger.dead()
+    assert letter.doc_id == f"prune:{token}" and "holds 20 of the 50 IDs" in letter.message
+    assert ctx.redis.exists(k.kept_ids(token), k.kept_set(token)) == 0
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -108,6 +146,8 @@ def test_the_prune_job_records_a_refusal_as_a_dead_letter_and_obeys_a_forced_req
         b"\x82\xa4kept\x91\xa1a\xa5force\xa3yes",  # force a string
         b"\x82\xa4kept\x91\xa1a\xacmax_fraction\x02",  # over 1
         b"\x81\xa4what\xc0",  # a field it does not know
+        b"\x82\xa4kept\x90\xa6listed\xff",  # a negative count
+        b"\x82\xa4kept\x90\xa6listed\xc3",  # a count that is a bool
     ],
 )
 def test_a_malformed_prune_request_is_a_decode_error(payload):

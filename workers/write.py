@@ -10,17 +10,20 @@ model refused (already a dead letter), has all its chunks and its record removed
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
+from redis import Redis
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError, PruneRefused
 from shared.messages import Chunk, DeadLetter, Document, PruneRequest
 from shared.metrics import COLLECTION_CHUNKS, count_retry
-from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, Store, prune
+from shared.store import OPTIMIZE_AFTER_DRAIN_WRITES, DocRecord, KeptIds, Store, prune
 from workers.batch import BatchState, Outcome, completed_by, doc_records, kept_rows, outcome
 from workers.batch_redis import RedisBatch
 from workers.context import JobReport, WorkerContext, stage_job
@@ -127,14 +130,30 @@ def export_collection(store: Store) -> None:
         COLLECTION_CHUNKS.labels(store.collection, active).set(store.count())
 
 
+def _kept_in_redis(redis: Redis, key: str, ids: list[str]) -> list[bool]:
+    return [bool(x) for x in redis.smismember(key, ids)]
+
+
 def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
     """rq job (write queue): a sync removes the documents its sources no longer list, everywhere (under
-    its scope). A prune the guard refuses is a dead letter `prune:<token>` with the numbers, not retried."""
-    request = PruneRequest.decode(ctx.redis.get(ctx.settings.keys.kept_ids(token)))
+    its scope). A prune the guard refuses is a dead letter `prune:<token>` with the numbers, not retried.
+    The listing stays in Redis (keys.kept_set), asked about the store's IDs a slice at a time."""
+    keys = ctx.settings.keys
+    request = PruneRequest.decode(ctx.redis.get(keys.kept_ids(token)))
+    kept: Collection[str] | KeptIds = functools.partial(_kept_in_redis, ctx.redis, keys.kept_set(token))
+    if request.listed is None:  # an older client's request: the IDs in it
+        kept = set(request.kept)
+    ctx.redis.expire(keys.kept_set(token), ctx.settings.payload_ttl_s)  # it must not expire half-way through
     try:
+        if request.listed is not None and (found := ctx.redis.scard(keys.kept_set(token))) != request.listed:
+            raise PruneRefused(  # expired, or not written whole: every missing ID would look deleted
+                f"prune refused: its listing holds {found} of the {request.listed} IDs the client sent (expired "
+                "or cut short); nothing deleted: run the sync again"
+            )
         removed = prune(
             ctx.settings.store,
-            set(request.kept),
+            kept,
+            listed=request.listed,
             scope=request.scope,
             max_fraction=request.max_fraction,
             force=request.force,
@@ -143,6 +162,6 @@ def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
         log.warning("prune %s: %s", token, e)
         ctx.ledger.add_dead([DeadLetter(f"prune:{token}", STAGE, "job_failed", str(e))])
         removed = {"refused": 1}
-    ctx.redis.delete(ctx.settings.keys.kept_ids(token))
+    ctx.redis.delete(keys.kept_ids(token), keys.kept_set(token))
     log.info("prune %s: removed %s", token, removed)
     return removed
