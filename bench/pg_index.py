@@ -11,7 +11,8 @@ the index dropped and built again by the store's own code (`optimize()`, as a wr
 CREATE INDEX CONCURRENTLY with EMBEDPIPE_HNSW_M, EMBEDPIPE_HNSW_EF_CONSTRUCTION and
 EMBEDPIPE_HNSW_BUILD_MEMORY_MB), its build time and size, and for each ef_search recall@10 and p50/p95 of
 the store's search (k=10; the second round of the queries, the first warms). The last graph's index is
-left in place. The CPU is printed first: name it with every figure.
+left in place. `--graphs existing` measures the index in place without building one (the same index again
+after the server restarts with other settings, say). The CPU is printed first: name it with every figure.
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def build(store, settings, m: int, ef_construction: int, kind: str, memory_mb: i
     seconds = time.perf_counter() - started
     if not store.has_index():
         raise SystemExit(f"the build of m={m}, ef_construction={ef_construction} failed: see the log above")
+    return {"build_s": round(seconds, 1), "index_mb": index_mb(store)}
+
+
+def index_mb(store) -> int:
     with store._pool.connection() as conn:
         size = conn.execute("SELECT pg_relation_size(%s)", (f"{store.table}_hnsw",)).fetchone()[0]
-    return {"build_s": round(seconds, 1), "index_mb": round(size / 2**20)}
+    return round(size / 2**20)
 
 
 def sweep(store, queries: np.ndarray, exact: list[list[str]], efs: list[int]) -> list[dict]:
@@ -85,7 +90,8 @@ def main() -> None:
     parser.add_argument(
         "--graphs",
         default="16:128",
-        help="m:ef_construction[:vector or :halfvec; the store's type if none], comma-separated",
+        help="m:ef_construction[:vector or :halfvec; the store's type if none], or `existing` (the index in place, "
+        "not rebuilt), comma-separated",
     )
     parser.add_argument("--ef", default="100,200,400,800,1000", help="ef_search values to measure recall at")
     parser.add_argument(
@@ -114,10 +120,23 @@ def main() -> None:
             "exact_pass_s": round(time.perf_counter() - started, 1),
         }
         with store._pool.connection() as conn:
-            result["parallel_workers"] = conn.execute("SHOW max_parallel_maintenance_workers").fetchone()[0]
-        print(f"{result['chunks']:,} chunks; exact top-10 in {result['exact_pass_s']} s", flush=True)
+            for name in ("max_parallel_maintenance_workers", "shared_buffers"):
+                result[name] = conn.execute(f"SHOW {name}").fetchone()[0]
+        print(
+            f"{result['chunks']:,} chunks; exact top-10 in {result['exact_pass_s']} s; shared_buffers "
+            f"{result['shared_buffers']}",
+            flush=True,
+        )
         result["builds"] = []
         for graph in args.graphs.split(","):
+            if graph == "existing":  # the index in place, as a run or an earlier build left it
+                if not store.has_index():
+                    raise SystemExit("--graphs existing: the collection has no valid HNSW index")
+                row = {"graph": "existing", "type": store._indexed, "index_mb": index_mb(store)}
+                print(f"the index in place ({row['type']}, {row['index_mb']} MB):", flush=True)
+                row["search"] = sweep(store, queries, exact, [int(x) for x in args.ef.split(",")])
+                result["builds"].append(row)
+                continue
             m, ef_construction, kind = f"{graph}:{settings.hnsw_type}".split(":")[:3]  # the store's type unless named
             for memory_mb in (int(x) for x in args.memory_mb.split(",")):
                 print(f"m {m}, ef_construction {ef_construction}, {kind}, build memory {memory_mb} MB:", flush=True)
