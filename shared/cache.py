@@ -2,13 +2,18 @@
 
 A chunk whose text did not change, in an edited document or in another document (boilerplate),
 gets its vector from here instead of the model. Distributed: Redis keys that expire when unused for
-cache_ttl_s. Embedded: SQLite beside the store, at most cache_max_entries (least recently used go).
-Whatever is read back is checked (size, finite numbers): a bad entry counts as a miss.
+cache_ttl_s, added only while Redis is below cache_redis_share of its maxmemory: the cache shares Redis
+with the queues, whose `noeviction` must never be reached because of it (1M documents make ~6 GB of
+cache). Embedded: SQLite beside the store, at most cache_max_entries (least recently used go).
+Whatever is read back is checked (size, finite numbers): a bad entry counts as a miss. A cache write
+Redis refuses is skipped and counted: the part goes on without it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -16,8 +21,14 @@ from typing import Protocol
 
 import numpy as np
 from redis import Redis
+from redis.exceptions import RedisError, ResponseError
 
 from shared import keys as redis_keys
+from shared.metrics import EMBED_CACHE_SKIPPED
+
+log = logging.getLogger(__name__)
+
+ROOM_CHECK_S = 5.0  # how often a worker reads Redis's memory (INFO) to know whether the cache may grow
 
 
 def text_key(fingerprint: str, text: str) -> str:
@@ -37,9 +48,33 @@ def _decode(raw: bytes | None, dim: int) -> np.ndarray | None:
 
 
 class RedisVectorCache:
-    def __init__(self, redis: Redis, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, ttl_s: int, max_share: float = 0.5) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
+        self.max_share = max_share
+        self._room, self._room_checked = True, -math.inf
+
+    def has_room(self) -> bool:
+        """Redis uses less than max_share of its maxmemory (always, without one); read every ROOM_CHECK_S."""
+        if time.monotonic() - self._room_checked < ROOM_CHECK_S:
+            return self._room
+        self._room_checked = time.monotonic()
+        try:
+            info = self.redis.info("memory")
+            used, limit = int(info["used_memory"]), int(info.get("maxmemory", 0))
+        except (RedisError, KeyError, TypeError, ValueError) as e:
+            log.warning("embedding cache: Redis's memory unreadable (%s): keeping the last answer", e)
+            return self._room
+        room = not limit or used < self.max_share * limit
+        if room != self._room:
+            log.warning(
+                "embedding cache: Redis uses %.0f of %.0f MB: %s",
+                used / 2**20,
+                limit / 2**20,
+                "storing new vectors again" if room else f"past {self.max_share:g} of it, new vectors not stored",
+            )
+        self._room = room
+        return room
 
     def get_many(self, keys: list[str], dim: int) -> dict[str, np.ndarray]:
         if not keys:
@@ -54,10 +89,17 @@ class RedisVectorCache:
     def put_many(self, vectors: dict[str, np.ndarray]) -> None:
         if not vectors:
             return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key, vector in vectors.items():
-                pipe.set(redis_keys.vector_cache(key), np.asarray(vector, dtype="<f4").tobytes(), ex=self.ttl_s)
-            pipe.execute()
+        if not self.has_room():
+            EMBED_CACHE_SKIPPED.labels("full").inc(len(vectors))
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, vector in vectors.items():
+                    pipe.set(redis_keys.vector_cache(key), np.asarray(vector, dtype="<f4").tobytes(), ex=self.ttl_s)
+                pipe.execute()
+        except ResponseError as e:  # OOM past maxmemory, say: the part's vectors are good without the cache
+            log.warning("embedding cache: %d new vectors not stored: %s", len(vectors), e)
+            EMBED_CACHE_SKIPPED.labels("refused").inc(len(vectors))
 
 
 class LocalVectorCache:

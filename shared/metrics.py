@@ -79,6 +79,12 @@ DEAD_LETTERS = Counter(
 EMBED_CACHE = Counter(
     "embedpipe_embed_cache", "Chunk vectors looked up in the embedding cache, by result (hit, miss).", ["result"]
 )
+EMBED_CACHE_SKIPPED = Counter(
+    "embedpipe_embed_cache_skipped",
+    "New chunk vectors not put in the Redis embedding cache, by reason (full: Redis past "
+    "EMBEDPIPE_CACHE_REDIS_SHARE of its maxmemory; refused: Redis answered the write with an error).",
+    ["reason"],
+)
 STORE_WRITES = Counter(
     "embedpipe_store_writes", "Write operations on the store, by kind (upsert, delete, documents).", ["op"]
 )
@@ -193,6 +199,8 @@ def serve(port: int, stage: str, model: str = "") -> None:
         name = model.removeprefix("openai:")
         for result in ("hit", "miss"):
             EMBED_CACHE.labels(result)
+        for reason in ("full", "refused"):
+            EMBED_CACHE_SKIPPED.labels(reason)
         for outcome in ("ok", "rate_limited", "retried", "failed"):
             API_REQUESTS.labels(name, outcome)
         for metric in (API_REQUEST_SECONDS, API_TOKENS, API_COST, API_RATE_WAIT):

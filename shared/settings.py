@@ -97,6 +97,11 @@ class Settings:
     query_prefix: str = setting("", "Text put before every query when searching (e.g. 'query: ').")
     cache_ttl_s: int = setting(30 * 86400, "How long a cached chunk vector lives unused; 0: no cache in Redis.")
     cache_max_entries: int = setting(2_000_000, "Most chunk vectors the embedded mode's cache keeps.")
+    cache_redis_share: float = setting(
+        0.5,
+        "The Redis cache stores new vectors only while Redis uses less than this share of its maxmemory (the "
+        "rest is for the queues; none without a maxmemory).",
+    )
     promote_tolerance: float = setting(0.02, "promote refuses a collection whose recall@10 is lower by more.")
     prune_max_fraction: float = setting(
         0.1, "--prune refuses to delete more than this share of a collection's documents (and over 10) unless forced."
@@ -227,6 +232,8 @@ class Settings:
             raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
+        if not 0 < self.cache_redis_share <= 1:
+            raise ConfigError(f"{env_name('cache_redis_share')} must be in (0, 1], got {self.cache_redis_share}")
         if not 0 <= self.prune_max_fraction <= 1:
             raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
         if not 2 <= self.hnsw_m <= 100 or not max(4, 2 * self.hnsw_m) <= self.hnsw_ef_construction <= 1000:

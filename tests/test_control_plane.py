@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 from redis import Redis
+from redis.exceptions import OutOfMemoryError
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from producer import client
 from producer.cli import main as cli
+from shared import cache as cache_module
 from shared import keys
+from shared.cache import RedisVectorCache
 from shared.ledger import READ_PAGE, RedisLedger
 from shared.messages import DeadLetter, Document
 from shared.queues import queue
@@ -25,6 +30,8 @@ from workers.chunk import chunk_batch
 from workers.embed import embed_part
 from workers.janitor import FAILED_JOBS_PER_ROUND, Janitor, expand_failed_jobs
 from workers.runtime import init_context
+
+from .servers import start_redis
 
 
 def fill(redis: Redis, n: int) -> RedisLedger:
@@ -120,6 +127,45 @@ def test_a_cache_ttl_of_zero_keeps_no_vectors_in_redis(redis_url, tokenizer):
     vectors, failed, _ = embed_part(chunks, ctx.embedder, ctx.spec, ctx.cache)
     assert len(vectors) == len(chunks) == 3 and not failed
     assert not list(redis.scan_iter(keys.vector_cache("*")))
+
+
+@pytest.mark.slow  # a redis-server of its own, with a small maxmemory
+def test_the_cache_stops_growing_at_its_share_of_maxmemory_and_a_refused_write_fails_no_part(tmp_path, monkeypatch):
+    """A million documents make ~6 GB of cache, twice the deployed maxmemory (3 GB, noeviction): past its
+    share of maxmemory the cache stores no new vectors, and a write Redis refuses (OOM) is skipped."""
+    server, port = start_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
+    try:
+        redis = Redis(port=port)
+        skipped = {
+            r: lambda r=r: REGISTRY.get_sample_value("embedpipe_embed_cache_skipped_total", {"reason": r}) or 0
+            for r in ("full", "refused")
+        }
+        vectors = {f"fp:{i}": np.full(256, i, dtype=np.float32) for i in range(100)}
+        first, rest = dict(list(vectors.items())[:50]), dict(list(vectors.items())[50:])
+        cache = RedisVectorCache(redis, 3600, max_share=0.5)
+        cache.put_many(first)
+        assert len(cache.get_many(list(first), 256)) == 50
+
+        for i in range(40):  # 40 of 64 MB: past half
+            redis.set(f"ballast:{i}", b"x" * 2**20)
+        monkeypatch.setattr(cache_module, "ROOM_CHECK_S", 0)
+        full = skipped["full"]()
+        cache.put_many(rest)
+        assert cache.get_many(list(rest), 256) == {} and skipped["full"]() == full + 50
+        assert len(cache.get_many(list(first), 256)) == 50, "what the cache held is still served"
+
+        whole = RedisVectorCache(redis, 3600, max_share=1.0)  # up to maxmemory: it finds room ...
+        assert whole.has_room()
+        redis.config_set("maxmemory", "1mb")  # ... then Redis is full before its next look
+        with pytest.raises(OutOfMemoryError):
+            redis.set("queued-work", b"x")
+        monkeypatch.setattr(cache_module, "ROOM_CHECK_S", 3600)
+        refused = skipped["refused"]()
+        whole.put_many(rest)  # OOM from Redis: skipped, not raised
+        assert skipped["refused"]() == refused + 50 and whole.get_many(list(rest), 256) == {}
+    finally:
+        server.terminate()
+        server.wait()
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_HNSW_M": "32", "EMBEDPIPE_HNSW_EF_CONSTRUCTION": "40"},  # pgvector wants >= 2 x m
         {"EMBEDPIPE_HNSW_BUILD_MEMORY_MB": "0"},
         {"EMBEDPIPE_HNSW_TYPE": "bit"},
+        {"EMBEDPIPE_CACHE_REDIS_SHARE": "0"},
     ],
 )
 def test_invalid_settings_are_clear_errors(env):
