@@ -250,7 +250,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         out.writelines(line for i, line in enumerate(src) if i % 100 != 99)  # every 100th goes
     print(f"corpus: {result['corpus']} written in {time.perf_counter() - started:.1f} s", flush=True)
 
-    redis_proc, port = start_redis(tmp)
+    memory = ("--maxmemory", args.redis_maxmemory, "--maxmemory-policy", "noeviction") if args.redis_maxmemory else ()
+    redis_proc, port = start_redis(tmp, *memory)
     redis = Redis(port=port)
     store = args.store or str(tmp / "store")
     log_level = h.SETTINGS.get("EMBEDPIPE_LOG_LEVEL", "WARNING")
@@ -350,6 +351,11 @@ def main() -> None:
     parser.add_argument("--store", help="a postgresql:// URL (an empty database) instead of LanceDB in --tmp")
     parser.add_argument(
         "--set", action="append", default=[], metavar="EMBEDPIPE_X=V", help="a setting for every process"
+    )
+    parser.add_argument(
+        "--redis-maxmemory",
+        metavar="SIZE",
+        help="Redis's maxmemory, with noeviction as deployed (e.g. 3gb; default none)",
     )
     parser.add_argument("--search", metavar="STORE", help="only measure search on a store a run kept")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
