@@ -133,11 +133,10 @@ def submit_prune(redis: Redis, settings: Settings, kept: set[str], scope: str = 
         raise ConfigError("--prune with no documents listed would empty the store: refused")
     token = uuid.uuid4().hex
     kept_set = settings.keys.kept_set(token)
-    for piece in batched(kept, KEPT_SLICE):
-        redis.sadd(kept_set, *piece)
+    for piece in batched(kept, KEPT_SLICE):  # each with its expiry: a client that dies half-way leaks nothing
+        redis.pipeline(transaction=False).sadd(kept_set, *piece).expire(kept_set, settings.payload_ttl_s).execute()
     request = PruneRequest([], scope, settings.prune_max_fraction, force, listed=len(kept))
     with redis.pipeline() as pipe:
-        pipe.expire(kept_set, settings.payload_ttl_s)
         pipe.set(settings.keys.kept_ids(token), request.encode(), ex=settings.payload_ttl_s)
         enqueue_jobs(queue(redis, "write", settings.namespace), settings, "prune", [(token,)], pipe)
         pipe.execute()

@@ -88,8 +88,8 @@ def _resources(lane: Lane, stage: str, redis: Redis, tokenizers: dict[str, Token
     elif stage == "embed":
         loaded.embedder = make_embedder(settings, redis).warm_up()
         # 0: none (at millions of chunks the cache is most of Redis: deploy/README.md, Sizing Redis)
-        cache = RedisVectorCache(redis, settings.cache_ttl_s, settings.cache_redis_share)
-        loaded.cache = cache if settings.cache_ttl_s else None
+        share = settings.cache_redis_share  # of maxmemory: past it, new vectors are not cached
+        loaded.cache = RedisVectorCache(redis, settings.cache_ttl_s, share) if settings.cache_ttl_s else None
     return loaded
 
 
