@@ -1,7 +1,7 @@
 """pgvector's HNSW index on a large collection: build time, size and recall for each graph.
 
     python bench/pg_index.py --store postgresql://... [--graphs 16:128,16:128:halfvec] [--ef 100,200,400,800,1000]
-                             [--memory-mb 512,4096] [--out FILE.json]
+                             [--memory-mb 512,4096] [--latency-only] [--out FILE.json]
 
 On the active collection of a store a run kept (e.g. `bench/scale.py --docs 200000 --store URL --keep
 --set EMBEDPIPE_ANN_MIN_ROWS=0`: loaded, no index), first the exact top-10 of SciFact's first 100 test
@@ -11,8 +11,9 @@ the index dropped and built again by the store's own code (`optimize()`, as a wr
 CREATE INDEX CONCURRENTLY with EMBEDPIPE_HNSW_M, EMBEDPIPE_HNSW_EF_CONSTRUCTION and
 EMBEDPIPE_HNSW_BUILD_MEMORY_MB), its build time and size, and for each ef_search recall@10 and p50/p95 of
 the store's search (k=10; the second round of the queries, the first warms). The last graph's index is
-left in place. `--graphs existing` measures the index in place without building one (the same index again
-after the server restarts with other settings, say). The CPU is printed first: name it with every figure.
+left in place. `--graphs existing` measures the index in place without building one, and `--latency-only`
+skips the exact pass and recall (the same index timed again after the server restarts with another
+shared_buffers, say). The CPU is printed first: name it with every figure.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def index_mb(store) -> int:
     return round(size / 2**20)
 
 
-def sweep(store, queries: np.ndarray, exact: list[list[str]], efs: list[int]) -> list[dict]:
+def sweep(store, queries: np.ndarray, exact: list[list[str]] | None, efs: list[int]) -> list[dict]:
     rows = []
     for ef in efs:
         store.settings = dataclasses.replace(store.settings, ef_search=ef)
@@ -75,12 +76,13 @@ def sweep(store, queries: np.ndarray, exact: list[list[str]], efs: list[int]) ->
         rows.append(
             {
                 "ef_search": ef,
-                "recall@10": scale.recall_at_10(found, exact),
+                "recall@10": scale.recall_at_10(found, exact) if exact else None,
                 "p50_ms": round(1000 * float(np.median(latencies)), 1),
                 "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 1),
             }
         )
-        print(f"    ef_search {ef:5d}: recall@10 {rows[-1]['recall@10']:.3f}, p50 {rows[-1]['p50_ms']} ms", flush=True)
+        recall = f"recall@10 {rows[-1]['recall@10']:.3f}, " if exact else ""
+        print(f"    ef_search {ef:5d}: {recall}p50 {rows[-1]['p50_ms']} ms", flush=True)
     return rows
 
 
@@ -99,6 +101,9 @@ def main() -> None:
         default="2048",
         help="EMBEDPIPE_HNSW_BUILD_MEMORY_MB values, comma-separated (the most a build asks for)",
     )
+    parser.add_argument(
+        "--latency-only", action="store_true", help="no exact pass, no recall: the same index timed again"
+    )
     parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
@@ -113,7 +118,7 @@ def main() -> None:
     try:
         queries = scale.embed_queries(store, settings, args.scifact, 100)
         started = time.perf_counter()
-        exact = scale.exact_top10(store, queries)
+        exact = None if args.latency_only else scale.exact_top10(store, queries)
         result = {
             "cpu": fast.cpu_name(),
             "chunks": store.count(),
