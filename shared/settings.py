@@ -121,7 +121,7 @@ class Settings:
     # pgvector's HNSW build, once per collection. On 869k chunks of real text (bench/README.md) the graph
     # of ef_construction 64 levelled off at recall@10 0.956 (ef_search 800: 0.954, 1000: 0.956); 128 gave
     # 0.971 at ef_search 800, room for millions, for 1.8x the build time (1,126 s against 623 s on 2 cores)
-    hnsw_m: int = setting(16, "pgvector HNSW index: links per node (m) of an index built from now on (2 to 100).")
+    hnsw_m: int = setting(24, "pgvector HNSW index: links per node (m) of an index built from now on (2 to 100).")
     hnsw_ef_construction: int = setting(
         128, "pgvector HNSW index: candidates per insertion while building (4 to 1000, at least 2 x m)."
     )
