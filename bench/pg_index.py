@@ -127,11 +127,8 @@ def main() -> None:
         with store._pool.connection() as conn:
             for name in ("max_parallel_maintenance_workers", "shared_buffers"):
                 result[name] = conn.execute(f"SHOW {name}").fetchone()[0]
-        print(
-            f"{result['chunks']:,} chunks; exact top-10 in {result['exact_pass_s']} s; shared_buffers "
-            f"{result['shared_buffers']}",
-            flush=True,
-        )
+        exact_pass = f"exact top-10 in {result['exact_pass_s']} s" if exact else "no exact pass"
+        print(f"{result['chunks']:,} chunks; {exact_pass}; shared_buffers {result['shared_buffers']}", flush=True)
         result["builds"] = []
         for graph in args.graphs.split(","):
             if graph == "existing":  # the index in place, as a run or an earlier build left it
