@@ -123,8 +123,7 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"  listing in a {how}, {r['deleted']:,} documents deleted: job {r['job_s']} s; worker RSS "
-                f"{r['rss_before_mb']} MB before the job, "
-                f"peak {r['peak_rss_mb']} MB",
+                f"{r['rss_before_mb']} MB before the job, peak {r['peak_rss_mb']} MB; in Redis {r['redis_mb']} MB",
                 flush=True,
             )
     if args.out:

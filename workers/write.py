@@ -10,14 +10,12 @@ model refused (already a dead letter), has all its chunks and its record removed
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
-from redis import Redis
 from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.errors import DecodeError, PruneRefused
@@ -130,8 +128,19 @@ def export_collection(store: Store) -> None:
         COLLECTION_CHUNKS.labels(store.collection, active).set(store.count())
 
 
-def _kept_in_redis(redis: Redis, key: str, ids: list[str]) -> list[bool]:
-    return [bool(x) for x in redis.smismember(key, ids)]
+def _listing(ctx: WorkerContext, token: str, request: PruneRequest) -> Collection[str] | KeptIds:
+    """What the sync lists: the Redis set, asked a slice at a time (PruneRefused if it is not all there:
+    expired or not written whole, every missing ID would look deleted), or an older client's inline IDs."""
+    if request.listed is None:
+        return set(request.kept)
+    key = ctx.settings.keys.kept_set(token)
+    ctx.redis.expire(key, ctx.settings.payload_ttl_s)  # it must not expire half-way through the prune
+    if (found := ctx.redis.scard(key)) != request.listed:
+        raise PruneRefused(
+            f"prune refused: its listing holds {found} of the {request.listed} IDs the client sent (expired "
+            "or cut short); nothing deleted: run the sync again"
+        )
+    return lambda ids: [bool(x) for x in ctx.redis.smismember(key, ids)]
 
 
 def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
@@ -140,19 +149,10 @@ def prune_job(ctx: WorkerContext, token: str) -> dict[str, int]:
     The listing stays in Redis (keys.kept_set), asked about the store's IDs a slice at a time."""
     keys = ctx.settings.keys
     request = PruneRequest.decode(ctx.redis.get(keys.kept_ids(token)))
-    kept: Collection[str] | KeptIds = functools.partial(_kept_in_redis, ctx.redis, keys.kept_set(token))
-    if request.listed is None:  # an older client's request: the IDs in it
-        kept = set(request.kept)
-    ctx.redis.expire(keys.kept_set(token), ctx.settings.payload_ttl_s)  # it must not expire half-way through
     try:
-        if request.listed is not None and (found := ctx.redis.scard(keys.kept_set(token))) != request.listed:
-            raise PruneRefused(  # expired, or not written whole: every missing ID would look deleted
-                f"prune refused: its listing holds {found} of the {request.listed} IDs the client sent (expired "
-                "or cut short); nothing deleted: run the sync again"
-            )
         removed = prune(
             ctx.settings.store,
-            kept,
+            _listing(ctx, token, request),
             listed=request.listed,
             scope=request.scope,
             max_fraction=request.max_fraction,
