@@ -59,7 +59,15 @@ from shared.text import printable
     "Redis user `producer` is allowed (deploy/redis/users.acl.template).",
 )
 @settings_options(
-    *REDIS, "id_prefix", "batch_docs", "batch_bytes", "max_doc_bytes", "max_backlog_jobs", *JOBS, "prune_max_fraction"
+    *REDIS,
+    "id_prefix",
+    "batch_docs",
+    "batch_bytes",
+    "max_doc_bytes",
+    "max_backlog_jobs",
+    "hold_redis_share",
+    *JOBS,
+    "prune_max_fraction",
 )
 @fail_clearly
 def enqueue(
@@ -86,8 +94,8 @@ def enqueue(
     show = sys.stderr.isatty() if progress is None else progress
     with document_bar(count_documents(inputs), show, "enqueue") as bar:
 
-        def waiting(backlog: int) -> None:
-            bar.set_postfix_str(f"waiting: {backlog} jobs queued > {settings.max_backlog_jobs}")
+        def waiting(why: str) -> None:
+            bar.set_postfix_str(f"waiting: {why}")
 
         items = Listed(iter_sources(inputs, settings.max_doc_bytes))
         send = client.push_to_inbox if via_inbox else client.submit

@@ -29,7 +29,7 @@ from shared.settings import STAGES, Settings
 @click.command(cls=SettingsCommand)
 @click.argument("stage", type=click.Choice(STAGES))
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit 0.")
-@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "cache_redis_share", *JOBS, *RUNTIME)
+@settings_options(*REDIS, "store", *MODEL, *CHUNKING, *CACHE, "cache_redis_share", "hold_redis_share", *JOBS, *RUNTIME)
 @fail_clearly
 def worker(stage: str, burst: bool, settings: Settings) -> None:
     """Start one worker of the STAGE pool (run any number of each, in any order). It loads what its
@@ -44,7 +44,17 @@ def worker(stage: str, burst: bool, settings: Settings) -> None:
 
 @click.command(cls=SettingsCommand)
 @click.option("--burst", is_flag=True, help="Batch the inbox until it is empty, then exit 0.")
-@settings_options(*REDIS, "models", "batch_docs", "batch_bytes", "inbox_wait_s", *JOBS, *RUNTIME)
+@settings_options(
+    *REDIS,
+    "models",
+    "batch_docs",
+    "batch_bytes",
+    "inbox_wait_s",
+    "max_backlog_jobs",
+    "hold_redis_share",
+    *JOBS,
+    *RUNTIME,
+)
 @fail_clearly
 def janitor(burst: bool, settings: Settings) -> None:
     """Start the housekeeping process (run exactly one): batches the inbox into load jobs, runs rq's

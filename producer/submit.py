@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import msgpack
 from redis import Redis
 
+from shared.backpressure import Backpressure
 from shared.errors import ConfigError
 from shared.ledger import RedisLedger
 from shared.messages import DeadLetter, PruneRequest, SourceDoc, batched, batched_by_size
@@ -47,11 +48,14 @@ class SubmitResult:
     batch_ids: list[str] = field(default_factory=list)  # the load batches enqueued (`embedpipe wait --batch`)
 
 
-def wait_for_room(redis: Redis, settings: Settings, on_wait: Callable[[int], None] | None = None) -> None:
-    """Backpressure: block while the backlog is over settings.max_backlog_jobs, rather than fill Redis."""
-    while (waiting := backlog(redis, settings)) > settings.max_backlog_jobs:
+def wait_for_room(redis: Redis, settings: Settings, on_wait: Callable[[str], None] | None = None) -> None:
+    """Backpressure (shared/backpressure.py): block while the backlog is over settings.max_backlog_jobs, or
+    Redis is past settings.hold_redis_share of its maxmemory with work queued, rather than fill Redis;
+    `on_wait` gets the reason."""
+    pressure = Backpressure(redis, settings, "enqueue")
+    while why := pressure.held():
         if on_wait:
-            on_wait(waiting)
+            on_wait(why)
         time.sleep(BACKPRESSURE_POLL_S)
 
 
@@ -60,7 +64,7 @@ def submit(
     settings: Settings,
     items: Iterable[SourceDoc | DeadLetter],
     on_progress: Callable[[int], None] | None = None,
-    on_wait: Callable[[int], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
     backfill_from: str = "",
 ) -> SubmitResult:
     """Enqueue sources in batches of settings.batch_docs; items the client already rejected
@@ -87,7 +91,7 @@ def push_to_inbox(
     settings: Settings,
     items: Iterable[SourceDoc | DeadLetter],
     on_progress: Callable[[int], None] | None = None,
-    on_wait: Callable[[int], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> SubmitResult:
     """Push sources onto the inbox list (msgpack messages, one round trip per group), for the janitor to
     batch: all a client with the `producer` Redis user may do. Items the client already rejected are
@@ -106,7 +110,7 @@ def _in_groups(
     items: Iterable[SourceDoc | DeadLetter],
     send: Callable[[list[SourceDoc], list[DeadLetter]], None],
     on_progress: Callable[[int], None] | None,
-    on_wait: Callable[[int], None] | None,
+    on_wait: Callable[[str], None] | None,
 ) -> SubmitResult:
     """Hand `send` the items group by group (batch_docs and batch_bytes), under backpressure."""
     result = SubmitResult()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import sqlite3
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ from typing import Protocol
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from shared import keys as redis_keys
+from shared.backpressure import RedisMemory
 from shared.metrics import EMBED_CACHE_SKIPPED
 
 log = logging.getLogger(__name__)
@@ -52,25 +52,17 @@ class RedisVectorCache:
         self.redis = redis
         self.ttl_s = ttl_s
         self.max_share = max_share
-        self._room, self._room_checked = True, -math.inf
+        self.memory = RedisMemory(redis, ROOM_CHECK_S)
+        self._room = True
 
     def has_room(self) -> bool:
         """Redis uses less than max_share of its maxmemory (always, without one); read every ROOM_CHECK_S."""
-        if time.monotonic() - self._room_checked < ROOM_CHECK_S:
-            return self._room
-        self._room_checked = time.monotonic()
-        try:
-            info = self.redis.info("memory")
-            used, limit = int(info["used_memory"]), int(info.get("maxmemory", 0))
-        except (RedisError, KeyError, TypeError, ValueError) as e:
-            log.warning("embedding cache: Redis's memory unreadable (%s): keeping the last answer", e)
-            return self._room
-        room = not limit or used < self.max_share * limit
+        share = self.memory.share()
+        room = share is None or share < self.max_share
         if room != self._room:
             log.warning(
-                "embedding cache: Redis uses %.0f of %.0f MB: %s",
-                used / 2**20,
-                limit / 2**20,
+                "embedding cache: Redis at %.0f%% of its maxmemory: %s",
+                100 * (share or 0),
                 "storing new vectors again" if room else f"past {self.max_share:g} of it, new vectors not stored",
             )
         self._room = room

@@ -85,6 +85,13 @@ EMBED_CACHE_SKIPPED = Counter(
     "EMBEDPIPE_CACHE_REDIS_SHARE of its maxmemory; refused: Redis answered the write with an error).",
     ["reason"],
 )
+HELD = Counter(
+    "embedpipe_backpressure_held_seconds",
+    "Seconds the loaders, the chunkers and the janitor (batching the inbox) waited under backpressure, by "
+    "stage: Redis past EMBEDPIPE_HOLD_REDIS_SHARE of its maxmemory with later work queued (the janitor also "
+    "over EMBEDPIPE_MAX_BACKLOG_JOBS).",
+    ["stage"],
+)
 STORE_WRITES = Counter(
     "embedpipe_store_writes", "Write operations on the store, by kind (upsert, delete, documents).", ["op"]
 )
@@ -195,6 +202,8 @@ def serve(port: int, stage: str, model: str = "") -> None:
         DOCUMENTS.labels(stage, outcome)
     for outcome in ("ok", "failed"):
         JOBS.labels(stage, outcome)
+    if stage in ("load", "chunk", "janitor"):
+        HELD.labels(stage)
     if stage == "embed":
         name = model.removeprefix("openai:")
         for result in ("hit", "miss"):

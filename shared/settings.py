@@ -84,6 +84,11 @@ class Settings:
     max_backlog_jobs: int = setting(
         2000, "The producer, and the janitor batching the inbox, wait while more jobs than this are queued."
     )
+    hold_redis_share: float = setting(
+        0.8,
+        "Past this share of Redis's maxmemory, the producer, the janitor, the loaders and the chunkers wait while a "
+        "later stage has jobs queued: the work in flight drains before more grows it (none without a maxmemory).",
+    )
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")
     max_dead_letters: int = setting(100_000, "Most dead letters kept (distributed mode); the oldest go first.")
@@ -232,8 +237,12 @@ class Settings:
             raise ConfigError(f"{env_name('stuck_job_s')} must be >= 0 (0 = the job's rq timeout + 180 s)")
         if self.micro_batch_tokens < 0:
             raise ConfigError(f"{env_name('micro_batch_tokens')} must be >= 0 (0 = the device's default)")
-        if not 0 < self.cache_redis_share <= 1:
-            raise ConfigError(f"{env_name('cache_redis_share')} must be in (0, 1], got {self.cache_redis_share}")
+        if not 0 < self.cache_redis_share < self.hold_redis_share <= 1:
+            raise ConfigError(
+                f"{env_name('cache_redis_share')} ({self.cache_redis_share:g}) must be above 0 and below "
+                f"{env_name('hold_redis_share')} ({self.hold_redis_share:g}), which must be at most 1: the cache "
+                "stops growing before the pipeline holds its work"
+            )
         if not 0 <= self.prune_max_fraction <= 1:
             raise ConfigError(f"{env_name('prune_max_fraction')} must be in [0, 1], got {self.prune_max_fraction}")
         if not 2 <= self.hnsw_m <= 100 or not max(4, 2 * self.hnsw_m) <= self.hnsw_ef_construction <= 1000:

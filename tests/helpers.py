@@ -272,6 +272,20 @@ def worker_pool(
         pool.stop()
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One process's /metrics, as {(sample name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def running_job(redis: Redis, stage: str, timeout_s: float = 240) -> tuple[str, str]:
     """The first job of `stage` seen running, and the name of the rq worker running it."""
 

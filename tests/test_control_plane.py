@@ -18,7 +18,6 @@ from rq.serializers import JSONSerializer
 
 from producer import client
 from producer.cli import main as cli
-from shared import cache as cache_module
 from shared import keys
 from shared.cache import RedisVectorCache
 from shared.ledger import READ_PAGE, RedisLedger
@@ -130,7 +129,7 @@ def test_a_cache_ttl_of_zero_keeps_no_vectors_in_redis(redis_url, tokenizer):
 
 
 @pytest.mark.slow  # a redis-server of its own, with a small maxmemory
-def test_the_cache_stops_growing_at_its_share_of_maxmemory_and_a_refused_write_fails_no_part(tmp_path, monkeypatch):
+def test_the_cache_stops_growing_at_its_share_of_maxmemory_and_a_refused_write_fails_no_part(tmp_path):
     """A million documents make ~6 GB of cache, twice the deployed maxmemory (3 GB, noeviction): past its
     share of maxmemory the cache stores no new vectors, and a write Redis refuses (OOM) is skipped."""
     server, port = start_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
@@ -148,7 +147,7 @@ def test_the_cache_stops_growing_at_its_share_of_maxmemory_and_a_refused_write_f
 
         for i in range(40):  # 40 of 64 MB: past half
             redis.set(f"ballast:{i}", b"x" * 2**20)
-        monkeypatch.setattr(cache_module, "ROOM_CHECK_S", 0)
+        cache.memory.every_s = 0  # read Redis's memory at every put
         full = skipped["full"]()
         cache.put_many(rest)
         assert cache.get_many(list(rest), 256) == {} and skipped["full"]() == full + 50
@@ -159,7 +158,7 @@ def test_the_cache_stops_growing_at_its_share_of_maxmemory_and_a_refused_write_f
         redis.config_set("maxmemory", "1mb")  # ... then Redis is full before its next look
         with pytest.raises(OutOfMemoryError):
             redis.set("queued-work", b"x")
-        monkeypatch.setattr(cache_module, "ROOM_CHECK_S", 3600)
+        whole.memory.every_s = 3600
         refused = skipped["refused"]()
         whole.put_many(rest)  # OOM from Redis: skipped, not raised
         assert skipped["refused"]() == refused + 50 and whole.get_many(list(rest), 256) == {}

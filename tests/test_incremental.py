@@ -25,7 +25,7 @@ from workers.chunk import chunk_document
 from workers.embedded import run_embedded
 from workers.load import clean_text
 
-from .helpers import EXAMPLES, cli_env, embedpipe, worker_pool
+from .helpers import EXAMPLES, cli_env, embedpipe, scrape, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -210,20 +210,6 @@ def test_reembed_takes_the_text_from_the_store(tmp_path):
     assert rows[256]["documents"] == rows[0]["documents"] == documents
     assert rows[256]["chunks"] == rows[0]["chunks"]
     assert Path(store / "store.json").is_file()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """One process's /metrics, as {(sample name, sorted labels): value}."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_distributed_pools_skip_unchanged_documents_and_sync_deletions(redis_url, tmp_path, tokenizer):

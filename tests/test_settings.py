@@ -35,6 +35,8 @@ def test_secret_comes_from_a_file(tmp_path):
         {"EMBEDPIPE_HNSW_BUILD_MEMORY_MB": "0"},
         {"EMBEDPIPE_HNSW_TYPE": "bit"},
         {"EMBEDPIPE_CACHE_REDIS_SHARE": "0"},
+        {"EMBEDPIPE_CACHE_REDIS_SHARE": "0.9"},  # above the hold (0.8): the cache would grow past it
+        {"EMBEDPIPE_HOLD_REDIS_SHARE": "1.5"},
     ],
 )
 def test_invalid_settings_are_clear_errors(env):

@@ -1,5 +1,5 @@
 """The janitor: one per deployment (several are safe). It turns the inbox into load batches
-(workers/inbox.py) while the queues have room (EMBEDPIPE_MAX_BACKLOG_JOBS), runs rq's scheduler
+(workers/inbox.py) while the pipeline has room (shared/backpressure.py), runs rq's scheduler
 (retries with a delay need it) and runs rq's registry clean-up for every queue every few seconds, so
 a job of a killed worker is retried within CLEAN_INTERVAL_S of its lease running out (job_lease_s
 after its worker's last heartbeat: workers/lease.py), not when some idle worker next gets around to
@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
 from shared import metrics
+from shared.backpressure import Backpressure
 from shared.errors import DecodeError
 from shared.lanes import lanes
 from shared.ledger import RedisLedger
@@ -42,7 +43,6 @@ from shared.queues import (
     is_idle,
     pools,
     queue,
-    queue_lengths,
     queue_name,
     stage_of,
 )
@@ -74,6 +74,8 @@ class Janitor:
         self.keys = settings.keys
         self.ledger = RedisLedger(self.redis, self.keys, settings.dead_source_ttl_s)
         self.inbox = Inbox(self.redis, settings, self.ledger, uuid.uuid4().hex)
+        self.pressure = Backpressure(self.redis, settings, "inbox")
+        self._held_at: float | None = None  # since when the inbox is held (backpressure)
         queues = [queue(self.redis, p, settings.namespace) for p in pools(settings)]  # its namespace's only
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
@@ -122,12 +124,19 @@ class Janitor:
         return taken
 
     def _drain(self, now: float, flush: bool) -> int:
-        queued, inbox = queue_lengths(self.redis, self.settings)
-        waiting = inbox > 0
-        if waiting and queued > self.settings.max_backlog_jobs:
+        waiting = self.redis.llen(self.keys.INBOX) > 0
+        if waiting and (why := self.pressure.held()):
             # Backpressure, as for `enqueue`: documents wait in the inbox, their smallest form in Redis,
             # not as claim checks that grow at each stage (~7x the message after the embed pool).
+            if self._held_at is None:
+                log.info("inbox held: %s", why)
+            else:
+                metrics.HELD.labels("janitor").inc(now - self._held_at)
+            self._held_at = now
             return 0
+        if self._held_at is not None:
+            log.info("inbox no longer held")
+            self._held_at = None
         if waiting and self._inbox_waiting_since is None:
             self._inbox_waiting_since = now
         due = self._inbox_waiting_since is not None and now - self._inbox_waiting_since >= self.settings.inbox_wait_s

@@ -26,12 +26,14 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
+from rq.worker import WorkerStatus
 
+from shared.backpressure import HOLD_POLL_S, Backpressure
 from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
 from shared.lanes import Lane, lanes, own_lane
 from shared.ledger import RedisLedger
-from shared.metrics import JOBS, LOOP, RETRIES, observe_stored, running_job, serve
+from shared.metrics import HELD, JOBS, LOOP, RETRIES, observe_stored, running_job, serve
 from shared.queues import ALLOWED, ARGUMENTS, JOB_FUNCTIONS, MAX_ARGUMENT_CHARS, connect, embed_pool, queue, stage_of
 from shared.settings import STAGES, Settings
 from shared.spec import chunk_policy, spec_for
@@ -119,6 +121,24 @@ class StageWorker(SimpleWorker):
         self.lease_s = settings.job_lease_s
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
+        self.stage = stage_of(queues[0].name)
+        grows = self.stage in ("load", "chunk")  # the pools whose jobs grow the work in Redis
+        self.pressure = Backpressure(self.connection, settings, self.stage) if grows else None
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """A loader or chunker takes no job while Redis is past EMBEDPIPE_HOLD_REDIS_SHARE of its maxmemory
+        and a later stage has work queued (shared/backpressure.py): that work drains first."""
+        if self.pressure is not None and (why := self.pressure.held()):
+            self.set_state(WorkerStatus.IDLE)  # a SIGTERM now stops the worker at once (rq's StopRequested)
+            log.info("%s worker %s held: %s", self.stage, self.name, why)
+            waited_since = time.monotonic()
+            while self.pressure.held():
+                self.heartbeat()  # rq's registration and this loop's liveness
+                time.sleep(HOLD_POLL_S)
+                HELD.labels(self.stage).inc(time.monotonic() - waited_since)
+                waited_since = time.monotonic()
+            log.info("%s worker %s no longer held", self.stage, self.name)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         """The first registration of a job takes the lease too (SimpleWorker's: timeout + 60 s)."""

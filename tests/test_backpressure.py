@@ -1,0 +1,131 @@
+"""Backpressure in bytes: past EMBEDPIPE_HOLD_REDIS_SHARE of Redis's maxmemory the producer, the janitor,
+the loaders and the chunkers wait while a later stage has work queued, so loaders and chunkers running
+ahead of the embedders never fill Redis (noeviction: a full Redis refuses claim checks, and jobs fail).
+Each test runs a redis-server of its own with a small maxmemory."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from redis import Redis
+
+from shared import keys
+from shared.backpressure import Backpressure
+from shared.messages import SourceDoc
+from shared.queues import distributed_status, is_idle, queue
+from shared.settings import Settings
+from workers.janitor import Janitor
+
+from .helpers import assert_nothing_lost, cli_env, embedpipe, expected_chunks, scrape, wait_until, worker_pool
+from .servers import start_redis
+
+WORDS = "cell protein gene tumour patient dose trial immune receptor signal pathway growth mouse blood".split()
+
+
+@pytest.fixture
+def small_redis(tmp_path):
+    """A redis-server of this test's own with maxmemory 16 MB, noeviction (as deployed)."""
+    server, port = start_redis(tmp_path, "--maxmemory", "16mb", "--maxmemory-policy", "noeviction")
+    yield port
+    server.terminate()
+    server.wait()
+
+
+def fill_to(redis: Redis, share: float) -> None:
+    """Ballast keys until Redis uses `share` of its maxmemory."""
+    limit = int(redis.config_get("maxmemory")["maxmemory"])
+    i = 0
+    while int(redis.info("memory")["used_memory"]) < share * limit:
+        redis.set(f"ballast:{i}", b"x" * 2**18)
+        i += 1
+
+
+@pytest.mark.slow  # a redis-server of its own
+def test_past_the_share_each_stage_waits_only_while_a_later_stage_has_work(small_redis):
+    redis = Redis(port=small_redis)
+    settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{small_redis}/0")
+    load, chunk, embed = (queue(redis, s, "").key for s in ("load", "chunk", "embed"))
+    pressure = {who: Backpressure(redis, settings, who) for who in ("enqueue", "inbox", "load", "chunk")}
+    for p in pressure.values():
+        p.memory.every_s = 0
+    redis.rpush(embed, "a-job-id")
+    assert not any(p.held() for p in pressure.values()), "below the share nothing waits"
+
+    fill_to(redis, 0.85)
+    assert all((p.held() or "").startswith("Redis at 8") for p in pressure.values()), "embed work queued: all wait"
+    redis.delete(embed)
+    redis.rpush(chunk, "a-job-id")
+    assert pressure["load"].held() and not pressure["chunk"].held(), "the chunkers feed the embedders"
+    redis.delete(chunk)
+    redis.rpush(load, "a-job-id")
+    assert not pressure["load"].held() and pressure["enqueue"].held() and pressure["inbox"].held()
+    redis.delete(load)
+    assert not any(p.held() for p in pressure.values()), "nothing queued: Redis full of something else moves on"
+
+
+@pytest.mark.slow  # a redis-server of its own
+def test_the_janitor_keeps_the_inbox_while_redis_is_past_the_share_and_work_is_queued(small_redis):
+    redis = Redis(port=small_redis)
+    settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{small_redis}/0", batch_docs=4)
+    redis.rpush(keys.DEFAULT.INBOX, *[json.dumps({"v": 1, "id": f"doc-{i}", "text": "words"}) for i in range(8)])
+    janitor = Janitor(settings, redis)
+    janitor.pressure.memory.every_s = 0
+    fill_to(redis, 0.85)
+    assert janitor.tick() == 4, "nothing queued yet: the first batch goes"
+    assert janitor.tick() == 0 and redis.llen(keys.DEFAULT.INBOX) == 4, "its load job queued: the rest waits"
+    queue(redis, "load", "").empty()  # the loaders took it
+    assert janitor.tick() == 4
+
+
+@pytest.mark.slow  # real worker processes, the static model and a redis-server of their own
+def test_loaders_and_chunkers_ahead_of_the_embedders_hold_instead_of_filling_redis(small_redis, tmp_path, static_model):
+    """3,000 documents of ~2 KB: their sources fit in 16 MB of Redis, chunked they would not. With no
+    embedders yet, the loaders and chunkers stop at the share; the embedders then drain it all."""
+    rng = random.Random(3)
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"id": f"doc-{i:04d}", "text": " ".join(rng.choice(WORDS) for _ in range(250))} for i in range(3000)]
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    url = f"redis://127.0.0.1:{small_redis}/0"
+    env = cli_env(
+        EMBEDPIPE_REDIS_URL=url,
+        EMBEDPIPE_STORE=str(tmp_path / "store"),
+        EMBEDPIPE_MODEL=str(static_model),
+        EMBEDPIPE_BATCH_DOCS="20",  # a chunk job grows Redis by ~0.3 MB: well inside the 20% above the share
+    )
+    redis = Redis(port=small_redis)
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("EMBEDPIPE_")})
+    limit = int(redis.config_get("maxmemory")["maxmemory"])
+    peak = 0
+
+    def peak_memory() -> int:
+        nonlocal peak
+        peak = max(peak, int(redis.info("memory")["used_memory"]))
+        return peak
+
+    ahead = {"load": 1, "chunk": 1}
+    with worker_pool(env, tmp_path / "ahead", redis, ahead, metrics=True) as early:
+        embedpipe("enqueue", str(corpus), "--no-progress", env=env)  # the sources fit: ~5 MB
+
+        def held() -> bool:
+            peak_memory()
+            return all(
+                scrape(early.metrics_ports[f"{s}-0"])[("embedpipe_backpressure_held_seconds_total", (("stage", s),))]
+                > 0
+                for s in ahead
+            )
+
+        wait_until(held, 240, "the loaders and chunkers held at the share", interval_s=0.2)
+        assert queue(redis, "embed", "").count > 0, "the work waits for the embedders"
+        with worker_pool(env, tmp_path / "rest", redis, {"embed": 1, "write": 1}):
+            wait_until(lambda: peak_memory() and is_idle(distributed_status(redis, settings)), 300, "all stored")
+        failed = {
+            s: scrape(early.metrics_ports[f"{s}-0"])[("embedpipe_jobs_total", (("outcome", "failed"), ("stage", s)))]
+            for s in ahead
+        }
+        assert failed == {"load": 0, "chunk": 0}, "no job met a full Redis"
+    early.assert_clean_exit()
+    expected = expected_chunks(settings, [SourceDoc(d["id"], text=d["text"]) for d in docs])
+    assert assert_nothing_lost(env, expected) == {"stored": 3000, "dead": 0}
+    assert peak < limit, f"Redis peaked at {peak / 2**20:.1f} MB of {limit / 2**20:.0f}"  # it was never full
