@@ -7,13 +7,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from tqdm import tqdm
 
 from producer import client
@@ -200,6 +201,9 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
     return decorate
 
 
+PIPELINE_COMMAND = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
+
+
 def fail_clearly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn known errors into one clear line and exit status 1, not a traceback."""
 
@@ -212,7 +216,10 @@ def fail_clearly(command: Callable[..., Any]) -> Callable[..., Any]:
         except RedisError as e:
             settings = kwargs.get("settings")
             where = f" at {settings.redis_url_redacted}" if settings else ""
-            raise click.ClickException(f"cannot use Redis{where}: {e}") from e
+            message = PIPELINE_COMMAND.sub("", str(e))  # redis-py quotes the command: a document, perhaps
+            if isinstance(e, OutOfMemoryError):
+                message += " (Redis is full: raise its maxmemory, or let the pipeline drain and try again)"
+            raise click.ClickException(f"cannot use Redis{where}: {message}") from e
         except Exception as e:
             settings = kwargs.get("settings")
             if settings is not None and type(e).__module__.split(".")[0] in ("psycopg", "psycopg_pool"):

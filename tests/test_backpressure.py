@@ -9,8 +9,10 @@ import json
 import random
 
 import pytest
+from click.testing import CliRunner
 from redis import Redis
 
+from producer.cli import main as cli
 from shared import keys
 from shared.backpressure import Backpressure
 from shared.messages import SourceDoc
@@ -129,3 +131,16 @@ def test_loaders_and_chunkers_ahead_of_the_embedders_hold_instead_of_filling_red
     expected = expected_chunks(settings, [SourceDoc(d["id"], text=d["text"]) for d in docs])
     assert assert_nothing_lost(env, expected) == {"stored": 3000, "dead": 0}
     assert peak < limit, f"Redis peaked at {peak / 2**20:.1f} MB of {limit / 2**20:.0f}"  # it was never full
+
+
+@pytest.mark.slow  # a redis-server of its own
+def test_enqueue_into_a_full_redis_says_so_in_one_line_without_the_document(small_redis, tmp_path):
+    redis = Redis(port=small_redis)
+    redis.config_set("maxmemory", int(redis.info("memory")["used_memory"]) + 2**16)
+    corpus = tmp_path / "doc.jsonl"
+    corpus.write_text(json.dumps({"id": "d1", "text": "PRIVATE-TEXT " * 2000}) + "\n")
+    url = f"redis://127.0.0.1:{small_redis}/0"
+    result = CliRunner().invoke(cli, ["enqueue", str(corpus), "--no-progress", "--redis-url", url])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Redis is full" in lines[0] and "PRIVATE-TEXT" not in lines[0], result.output
