@@ -87,7 +87,7 @@ EMBED_CACHE_SKIPPED = Counter(
 )
 HELD = Counter(
     "embedpipe_backpressure_held_seconds",
-    "Seconds the loaders, the chunkers and the janitor (batching the inbox) waited under backpressure, by "
+    "Seconds the loaders, chunkers, embedders and the janitor (batching the inbox) waited under backpressure, by "
     "stage: Redis past EMBEDPIPE_HOLD_REDIS_SHARE of its maxmemory with later work queued (the janitor also "
     "over EMBEDPIPE_MAX_BACKLOG_JOBS).",
     ["stage"],
@@ -202,7 +202,7 @@ def serve(port: int, stage: str, model: str = "") -> None:
         DOCUMENTS.labels(stage, outcome)
     for outcome in ("ok", "failed"):
         JOBS.labels(stage, outcome)
-    if stage in ("load", "chunk", "janitor"):
+    if stage != "write":
         HELD.labels(stage)
     if stage == "embed":
         name = model.removeprefix("openai:")

@@ -86,8 +86,9 @@ class Settings:
     )
     hold_redis_share: float = setting(
         0.8,
-        "Past this share of Redis's maxmemory, the producer, the janitor, the loaders and the chunkers wait while a "
-        "later stage has jobs queued: the work in flight drains before more grows it (none without a maxmemory).",
+        "Past this share of Redis's maxmemory, the producer, the janitor, the loaders, chunkers and embedders wait "
+        "while a later stage has jobs queued: the work in flight drains before more grows it (none without a "
+        "maxmemory).",
     )
     dead_source_ttl_s: int = setting(30 * 86400, "How long a dead letter keeps its document for redrive.")
     dead_letter_ttl_s: int = setting(90 * 86400, "How long a dead letter is kept (distributed mode).")

@@ -1,6 +1,7 @@
 """Backpressure in bytes: past EMBEDPIPE_HOLD_REDIS_SHARE of Redis's maxmemory the producer, the janitor,
-the loaders and the chunkers wait while a later stage has work queued, so loaders and chunkers running
-ahead of the embedders never fill Redis (noeviction: a full Redis refuses claim checks, and jobs fail).
+the loaders, the chunkers and the embedders wait while a later stage has work queued, so no stage
+running ahead of the next fills Redis (noeviction: a full Redis refuses claim checks and rq's records:
+jobs fail, workers exit).
 Each test runs a redis-server of its own with a small maxmemory."""
 
 from __future__ import annotations
@@ -48,23 +49,23 @@ def fill_to(redis: Redis, share: float) -> None:
 def test_past_the_share_each_stage_waits_only_while_a_later_stage_has_work(small_redis):
     redis = Redis(port=small_redis)
     settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{small_redis}/0")
-    load, chunk, embed = (queue(redis, s, "").key for s in ("load", "chunk", "embed"))
-    pressure = {who: Backpressure(redis, settings, who) for who in ("enqueue", "inbox", "load", "chunk")}
-    for p in pressure.values():
-        p.memory.every_s = 0
-    redis.rpush(embed, "a-job-id")
-    assert not any(p.held() for p in pressure.values()), "below the share nothing waits"
+    who = ("enqueue", "inbox", "load", "chunk", "embed")
+    pressure = {w: Backpressure(redis, settings, w) for w in who}
 
+    def waiting() -> set[str]:
+        return {w for w, p in pressure.items() if p.held()}
+
+    redis.rpush(queue(redis, "write", "").key, "a-job-id")
+    assert waiting() == set(), "below the share nothing waits"
     fill_to(redis, 0.85)
-    assert all((p.held() or "").startswith("Redis at 8") for p in pressure.values()), "embed work queued: all wait"
-    redis.delete(embed)
-    redis.rpush(chunk, "a-job-id")
-    assert pressure["load"].held() and not pressure["chunk"].held(), "the chunkers feed the embedders"
-    redis.delete(chunk)
-    redis.rpush(load, "a-job-id")
-    assert not pressure["load"].held() and pressure["enqueue"].held() and pressure["inbox"].held()
-    redis.delete(load)
-    assert not any(p.held() for p in pressure.values()), "nothing queued: Redis full of something else moves on"
+    assert waiting() == set(who), "write jobs queued: everything before the writers waits"
+    assert pressure["embed"].held().startswith("Redis at 8")
+    for stage, moves in (("embed", {"embed"}), ("chunk", {"chunk", "embed"}), ("load", {"load", "chunk", "embed"})):
+        redis.delete(*(queue(redis, s, "").key for s in ("load", "chunk", "embed", "write")))
+        redis.rpush(queue(redis, stage, "").key, "a-job-id")
+        assert waiting() == set(who) - moves, f"{stage} jobs queued: the stage before them feeds them"
+    redis.delete(queue(redis, "load", "").key)
+    assert waiting() == set(), "nothing queued: whatever else fills Redis, new work moves on"
 
 
 @pytest.mark.slow  # a redis-server of its own
@@ -73,7 +74,6 @@ def test_the_janitor_keeps_the_inbox_while_redis_is_past_the_share_and_work_is_q
     settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{small_redis}/0", batch_docs=4)
     redis.rpush(keys.DEFAULT.INBOX, *[json.dumps({"v": 1, "id": f"doc-{i}", "text": "words"}) for i in range(8)])
     janitor = Janitor(settings, redis)
-    janitor.pressure.memory.every_s = 0
     fill_to(redis, 0.85)
     assert janitor.tick() == 4, "nothing queued yet: the first batch goes"
     assert janitor.tick() == 0 and redis.llen(keys.DEFAULT.INBOX) == 4, "its load job queued: the rest waits"

@@ -28,7 +28,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
-from shared.backpressure import HOLD_POLL_S, Backpressure
+from shared.backpressure import HOLD_POLL_S, LATER, Backpressure
 from shared.cache import RedisVectorCache
 from shared.errors import ConfigError
 from shared.lanes import Lane, lanes, own_lane
@@ -122,12 +122,12 @@ class StageWorker(SimpleWorker):
         self.lease_redis = connect(settings, retries=0, timeout_s=beat_timeout_s(self.lease_s))
         self._lease: JobLease | None = None
         self.stage = stage_of(queues[0].name)
-        grows = self.stage in ("load", "chunk")  # the pools whose jobs grow the work in Redis
+        grows = self.stage in LATER  # a pool whose jobs grow the work in Redis: all but the writers
         self.pressure = Backpressure(self.connection, settings, self.stage) if grows else None
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        """A loader or chunker takes no job while Redis is past EMBEDPIPE_HOLD_REDIS_SHARE of its maxmemory
-        and a later stage has work queued (shared/backpressure.py): that work drains first."""
+        """A loader, chunker or embedder takes no job while Redis is past EMBEDPIPE_HOLD_REDIS_SHARE of its
+        maxmemory and a later stage has work queued (shared/backpressure.py): that work drains first."""
         if self.pressure is not None and (why := self.pressure.held()):
             self.set_state(WorkerStatus.IDLE)  # a SIGTERM now stops the worker at once (rq's StopRequested)
             log.info("%s worker %s held: %s", self.stage, self.name, why)
