@@ -229,7 +229,7 @@ def within(timeout_s: float, waiting: Callable[[], bool], tick: Callable[[], Non
     help="Redraw every S seconds (default 2) until Ctrl+C; with --json, one JSON line every S seconds (NDJSON).",
 )
 @local_option
-@settings_options(*REDIS, "store", "models")
+@settings_options(*REDIS, "store", "models", "hold_redis_share")
 @fail_clearly
 def status(as_json: bool, watch_s: float | None, local: bool | None, settings: Settings) -> None:
     """Per stage: queued, running, scheduled and failed jobs and live workers; documents done and
@@ -273,6 +273,7 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
         for stage, s in data["stages"].items():
             row = [s["queued"] + s["dequeuing"], s["running"], s["scheduled"] + s["deferred"], s["failed"]]
             click.echo(f"{stage:<{width}}  " + "  ".join(f"{v:>9}" for v in [*row, s["workers"]]))
+        click.echo(redis_line(data["redis"], settings.hold_redis_share))
     else:
         click.echo(f"store: {settings.store_redacted} ({data['chunks_stored']} chunks)")
     click.echo(f"documents: {data['documents_done']} done, {data['documents_failed']} failed (dead letters)")
@@ -282,6 +283,16 @@ def _print_status(as_json: bool, local: bool | None, settings: Settings) -> None
     if probe := data.get("probe"):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(probe["at"]))
         click.echo(f"quality probe: recall@10 {probe['recall_at_10']:.3f}, nDCG@10 {probe['ndcg_at_10']:.3f} ({when})")
+
+
+def redis_line(memory: dict[str, int], hold_share: float) -> str:
+    used, limit = memory["used_bytes"], memory["maxmemory_bytes"]
+    if not limit:
+        return f"redis: {used / 2**20:.0f} MB used, no maxmemory"
+    line = f"redis: {used / 2**20:.0f} of {limit / 2**20:.0f} MB maxmemory ({used / limit:.0%})"
+    if used >= hold_share * limit:
+        line += f": past {hold_share:.0%}, new work and the loaders, chunkers and embedders wait for later stages"
+    return line
 
 
 stage_filter = click.option(

@@ -221,7 +221,14 @@ def distributed_status(redis: Redis, settings: Settings) -> dict[str, Any]:
             if lane.name
         },
         "probe": ledger.last_probe(),
+        "redis": redis_memory(redis),
     }
+
+
+def redis_memory(redis: Redis) -> dict[str, int]:
+    """Redis's used_memory and maxmemory (0: none), in bytes: what EMBEDPIPE_HOLD_REDIS_SHARE is a share of."""
+    info = redis.info("memory")
+    return {"used_bytes": int(info["used_memory"]), "maxmemory_bytes": int(info.get("maxmemory", 0))}
 
 
 def inbox_held(redis: Redis, ks: Keyspace) -> int:

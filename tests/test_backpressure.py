@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from redis import Redis
 
 from producer.cli import main as cli
+from producer.cli_client import redis_line
 from shared import keys
 from shared.backpressure import Backpressure
 from shared.messages import SourceDoc
@@ -120,6 +121,7 @@ def test_loaders_and_chunkers_ahead_of_the_embedders_hold_instead_of_filling_red
 
         wait_until(held, 240, "the loaders and chunkers held at the share", interval_s=0.2)
         assert queue(redis, "embed", "").count > 0, "the work waits for the embedders"
+        assert " of 16 MB maxmemory (" in embedpipe("status", env=env).stdout  # the line redis_line() makes
         with worker_pool(env, tmp_path / "rest", redis, {"embed": 1, "write": 1}):
             wait_until(lambda: peak_memory() and is_idle(distributed_status(redis, settings)), 300, "all stored")
         failed = {
@@ -144,3 +146,12 @@ def test_enqueue_into_a_full_redis_says_so_in_one_line_without_the_document(smal
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "Redis is full" in lines[0] and "PRIVATE-TEXT" not in lines[0], result.output
+
+
+def test_status_says_how_full_redis_is_and_whether_the_pipeline_holds():
+    mb = 2**20
+    assert redis_line({"used_bytes": 5 * mb, "maxmemory_bytes": 0}, 0.8) == "redis: 5 MB used, no maxmemory"
+    half = redis_line({"used_bytes": 50 * mb, "maxmemory_bytes": 100 * mb}, 0.8)
+    assert half == "redis: 50 of 100 MB maxmemory (50%)"
+    past = redis_line({"used_bytes": 85 * mb, "maxmemory_bytes": 100 * mb}, 0.8)
+    assert past.startswith("redis: 85 of 100 MB maxmemory (85%): past 80%, new work and the loaders")
