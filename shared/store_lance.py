@@ -48,7 +48,8 @@ ANN_RETRAIN_GROWTH = 2
 ANN_RETRY_S = 60.0  # wait after a failed build
 # Lance's buffers in the maintenance child, smaller than its defaults (the shuffle of an IVF build holds
 # 128 MiB, a scan reads ahead up to 2 GiB): the child training the IVF index over 1M chunks peaked at
-# 481 MB instead of 653, over 2M at 545 instead of 620, in the same time (bench/README.md, stop 30).
+# 481 MB instead of 653, over 2M at 545 instead of 620, in the same time; over 4M the k-means sample
+# sets the peak (955 MB either way: bench/README.md, stop 30).
 MAINTENANCE_LANCE_ENV = {"LANCE_SHUFFLE_BATCH_BYTES": str(8 * 2**20), "LANCE_DEFAULT_IO_BUFFER_SIZE": str(64 * 2**20)}
 METADATA_CACHE_BYTES = 64 * 2**20
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
