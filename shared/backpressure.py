@@ -20,7 +20,7 @@ import time
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.queues import backlog, pools, queue, queue_lengths, stage_of
+from shared.queues import backlog, pools, queue, queue_lengths, redis_memory, stage_of
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,11 @@ class RedisMemory:
             return self._share
         self._read_at = time.monotonic()
         try:
-            info = self.redis.info("memory")
-            used, limit = int(info["used_memory"]), int(info.get("maxmemory", 0))
+            memory = redis_memory(self.redis)
         except (RedisError, KeyError, TypeError, ValueError) as e:
             log.warning("Redis's memory unreadable (%s): keeping the last reading", e)
             return self._share
+        used, limit = memory["used_bytes"], memory["maxmemory_bytes"]
         self._share = used / limit if limit else None
         return self._share
 
