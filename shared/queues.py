@@ -107,8 +107,22 @@ def pools(settings: Settings) -> list[str]:
     return ["load", "chunk", *(embed_pool(lane.name) for lane in lanes(settings)), "write"]
 
 
+CLEAN_LOCK_S = 30  # a queue's maintenance lock; rq's own lives 899 s
+
+
+class StageQueue(Queue):
+    """rq's Queue, with a short maintenance lock. Whoever cleans a queue's registries (the janitor every few
+    seconds, a worker when it starts) holds the lock while it works; one SIGKILLed meanwhile left rq's
+    899-s lock behind, and nobody handed back that queue's abandoned jobs for 15 minutes (a CI hang). A
+    round of cleaning takes well under a second; should one outlast the lock, a second cleaner only
+    handles the same expired jobs again, which the stages' idempotent jobs tolerate."""
+
+    def acquire_maintenance_lock(self) -> bool:
+        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=CLEAN_LOCK_S))
+
+
 def queue(redis: Redis, stage: str, namespace: str) -> Queue:
-    return Queue(queue_name(stage, namespace), connection=redis, serializer=JSONSerializer)
+    return StageQueue(queue_name(stage, namespace), connection=redis, serializer=JSONSerializer)
 
 
 def stage_of(queue_name: str) -> str:

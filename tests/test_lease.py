@@ -73,6 +73,9 @@ def test_a_killed_workers_long_job_is_redone_within_its_lease(redis_url, tmp_pat
         time.sleep(1)  # well inside the job: 100 chunks take seconds
         assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status() == "started"
         pool.kill(victim)
+        # and a cleaner (janitor or worker) SIGKILLed while it cleaned this queue left the queue's maintenance
+        # lock behind: with rq's own lock (899 s) nobody recovered the job for 15 minutes (a CI hang)
+        assert queue(redis, "embed", "").acquire_maintenance_lock()
         # without the lease, rq would hand the job back 3,600 + 60 s after its start
         embedpipe("wait", "--timeout", "150", env=env, timeout=200)
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)

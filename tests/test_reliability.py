@@ -23,39 +23,20 @@ from shared.settings import STAGES, Settings
 from shared.store import open_store
 from workers.lease import LEASE_LOST_EXIT_CODE
 
-from .helpers import EXAMPLES, assert_nothing_lost, cli_env, embedpipe, expected_chunks, wait_until, worker_pool
+from .helpers import (
+    EXAMPLES,
+    FAST_RECOVERY,
+    assert_nothing_lost,
+    cli_env,
+    embedpipe,
+    expected_chunks,
+    short_documents,
+    wait_until,
+    worker_pool,
+)
 from .servers import free_port, redis_command, start_redis, wait_for_redis
 
 pytestmark = pytest.mark.slow
-
-# Small parts, so that kills land mid-job in every pool, and short job timeouts (settings, not
-# test-only code paths). A job of a SIGKILLed worker is recovered once its lease (EMBEDPIPE_JOB_LEASE_S,
-# 20 s) runs out; the timeouts guard jobs that hang in a live worker.
-FAST_RECOVERY = {
-    "EMBEDPIPE_BATCH_DOCS": "20",
-    "EMBEDPIPE_PART_MAX_CHUNKS": "10",
-    "EMBEDPIPE_LOAD_TIMEOUT_S": "15",
-    "EMBEDPIPE_CHUNK_TIMEOUT_S": "15",
-    "EMBEDPIPE_EMBED_TIMEOUT_S": "20",
-    "EMBEDPIPE_WRITE_TIMEOUT_S": "20",
-    "EMBEDPIPE_JOB_RETRIES": "6",
-    "EMBEDPIPE_INBOX_WAIT_S": "0.2",
-    "EMBEDPIPE_LOG_LEVEL": "INFO",
-}
-TOPICS = ["coffee", "bicycles", "sourdough", "compost", "telescopes", "tea", "ferns", "kites", "maps", "bees"]
-
-
-def short_documents(n: int) -> list[dict[str, str]]:
-    rng = random.Random(7)
-    return [
-        {
-            "id": f"doc-{i:05d}",
-            "text": f"Note {i} about {rng.choice(TOPICS)}: "
-            + " ".join(rng.choice(TOPICS) for _ in range(rng.randint(5, 40)))
-            + ".",
-        }
-        for i in range(n)
-    ]
 
 
 def wait_busy(redis: Redis, stage: str, timeout_s: float = 20) -> bool:
