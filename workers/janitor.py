@@ -67,6 +67,12 @@ ROUND_LIMIT_S = 300  # a round (its Redis calls retrying through an outage) plus
 STALE_TICK_S = 60  # a janitor whose last good round is older than this is unhealthy (health, alert)
 
 
+# rq's maintenance logs each queue's clean-up at INFO (its logger is INFO whatever the settings): here four
+# lines every 5 s, ~70k a day. Its warnings and errors still show.
+RQ_MAINTENANCE_LOG = logging.getLogger("workers.janitor.rq")
+RQ_MAINTENANCE_LOG.setLevel(logging.WARNING)
+
+
 class Janitor:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
@@ -79,6 +85,7 @@ class Janitor:
         queues = [queue(self.redis, p, settings.namespace) for p in pools(settings)]  # its namespace's only
         # A worker object that never works: it only lends rq's own maintenance routine.
         self.maintenance = SimpleWorker(queues, connection=self.redis, serializer=JSONSerializer)
+        self.maintenance.log = RQ_MAINTENANCE_LOG
         self.scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
         self._stop = False
         self._last_clean = 0.0
