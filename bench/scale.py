@@ -15,10 +15,11 @@ Reported:
                alone) in all and in each phase (first run, re-run, prune), and each process's largest
                RSS (alone) in each tenth of the first run: does it grow with the store?
   re-run       the same documents enqueued again: every one skipped as unchanged, 0 chunks written and
-               0 embed jobs run (rq's finished-jobs registry of the embed queue)
+               0 embed jobs run (those rq's finished-jobs registry of the embed queue holds from the re-run)
   prune        `enqueue --prune` of the documents less every 100th: 1% deleted from the store (its rows
                counted before and after), the other 99% skipped
-  search       at the end, in a fresh process (a reader, as `embedpipe search` is): SciFact's first 100
+  search       at the end, once the pools have stopped and the store's maintenance has ended (a quiet
+               machine), in a fresh process (a reader, as `embedpipe search` is): SciFact's first 100
                test queries embedded as the collection was, each timed through the store's search
                (k=10: p50, p95), against exact top-10 from one streamed pass over every stored vector
                (recall@10); the reader's peak RSS before that pass and with it. `--search STORE`
@@ -160,8 +161,24 @@ def store_rows(store: str) -> dict[str, int]:
     return {k: v for c in listed for k, v in ((c["name"], c["chunks"]), (c["name"] + "__docs", c["documents"]))}
 
 
-def embed_jobs_run(redis) -> int:
-    return int(redis.zcard("rq:finished:embed"))  # rq's registry of the embed queue's finished jobs
+def embed_jobs_since(redis, since: float) -> int:
+    """Embed jobs finished since `since` (epoch s): rq's finished registry scores each job by its finish
+    time plus its result TTL. (Counting the registry's entries went negative at 1M documents: the first
+    run's entries expire during the re-run.)"""
+    from shared.queues import RESULT_TTL_S
+
+    return int(redis.zcount("rq:finished:embed", since + RESULT_TTL_S, "+inf"))
+
+
+def wait_for_maintenance(store: str) -> None:
+    """Until no LanceDB maintenance child (compaction, an index build) runs on the store: each holds its
+    collection's index lock (shared/lance_maintenance.py), and one started by the prune's writes outlives
+    the writer. Search is measured on a quiet store, not beside a compaction."""
+    import fcntl
+
+    for lock_path in Path(store).glob(".*.index.lock") if not store.startswith("postgresql") else ():
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while a child holds it
 
 
 def counters_of(redis) -> dict[str, int]:
@@ -295,7 +312,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         }
         print(f"first run: {json.dumps(result['first_run'])}", flush=True)
 
-        embed_before = embed_jobs_run(redis)
+        rerun_since = time.time()
         phase = {n: h.PeakRss(p.pid) for n, p in procs.items()}
         started = time.perf_counter()
         h.embedpipe(env, "enqueue", str(corpus), "--no-progress", timeout=long_s)
@@ -305,7 +322,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "seconds": round(time.perf_counter() - started, 1),
             "documents_skipped": again.get("documents_skipped", 0) - first.get("documents_skipped", 0),
             "chunks_written": again.get("chunks_written", 0) - first.get("chunks_written", 0),
-            "embed_jobs": embed_jobs_run(redis) - embed_before,
+            "embed_jobs": embed_jobs_since(redis, rerun_since),
             "peak_rss_mb": {n: m.stop() for n, m in phase.items()},
         }
         print(f"unchanged re-run: {json.dumps(result['rerun'])}", flush=True)
@@ -326,11 +343,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         }
         print(f"prune of 1%: {json.dumps(result['prune'])}", flush=True)
 
+        result["redis_peak_mb"] = round(int(redis.info("memory")["used_memory_peak"]) / 2**20, 1)
+        h.stop_pools(procs)  # search alone on the machine, as a reader would be after a run
+        wait_for_maintenance(store)
         me = [sys.executable, __file__, "--search", store, "--scifact", str(args.scifact)]
         figures, _, reader_peak = h.run_measured(me, env, timeout=long_s)
         result["search"] = figures | {"reader_peak_rss_mb": reader_peak}
         print(f"search: {json.dumps(result['search'])}", flush=True)
-        result["redis_peak_mb"] = round(int(redis.info("memory")["used_memory_peak"]) / 2**20, 1)
     finally:
         h.stop_pools(procs)
         redis_proc.terminate()
