@@ -177,7 +177,7 @@ def wait_for_maintenance(store: str) -> None:
     import fcntl
 
     if store.startswith("postgresql"):
-        return  # pgvector's index builds run inside the writer, which has stopped
+        return  # pgvector: an index build runs in the server, started by a writer; not waited for here
     for lock_path in Path(store).glob(".*.index.lock"):
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while a child holds it
