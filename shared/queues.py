@@ -114,9 +114,9 @@ class StageQueue(Queue):
     """rq's Queue, with a short maintenance lock. Whoever cleans a queue's registries (the janitor every few
     seconds, a worker when it starts) holds the lock while it works; one SIGKILLed meanwhile left rq's
     899-s lock behind, and nobody handed back that queue's abandoned jobs for 15 minutes (a CI hang). A
-    round of cleaning takes well under a second (up to ~0.1 s a queue at 1M documents); should one outlast the
-    lock, a second cleaner may hand the same expired job back again: a redelivery, which every stage
-    already tolerates (deterministic job IDs, idempotent writes)."""
+    round of cleaning takes well under a second (up to ~0.1 s a queue at 1M documents); should one
+    outlast the lock, a second cleaner may hand the same expired job back again: a redelivery, which
+    every stage already tolerates (deterministic job IDs, idempotent writes)."""
 
     def acquire_maintenance_lock(self) -> bool:
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=CLEAN_LOCK_S))
