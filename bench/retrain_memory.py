@@ -1,18 +1,20 @@
-"""The IVF index's retraining: its memory, time and search, Lance's k-means on its whole sample against
-Lance's streamed k-means (`streaming_sample_rate`), on copies of a store a scale.py run kept:
+"""The IVF index's retraining: its memory, time and search, by index type (IVF_RQ, the maintenance's, or
+IVF_SQ) and k-means (Lance's on its whole sample, or streamed: `streaming_sample_rate`), on copies of a
+store a scale.py run kept:
 
     python bench/scale.py --docs 25000 --model .bench/static-minilm --tmp /tmp/s --keep
-    python bench/retrain_memory.py --store /tmp/s/embedpipe-scale-XXXX/store --rates 0,16
+    python bench/retrain_memory.py --store /tmp/s/embedpipe-scale-XXXX/store --index IVF_SQ --rates 0,16
+    python bench/retrain_memory.py --store STORE --index IVF_RQ --rates 0 --partitions 627
 
 For each rate in turn (0: Lance's k-means on its whole sample, 256 vectors a partition held at once, as
-the store's maintenance trains it: LanceDB's IvfSq runs the same build with the same defaults; N: at most
-N vectors a partition at a time, the centroids trained on a weighted coreset of them):
+the store's maintenance trains it: LanceDB's IvfRq and IvfSq run the same builds with the same defaults;
+N: at most N vectors a partition at a time, the centroids trained on a weighted coreset of them):
 
   - a copy of the store: hard links, so instant and no room taken (the build writes new files beside
     them; store.json and the lock files are copied);
-  - the chunk table's IVF_SQ index (cosine, ANN_PARTITION_ROWS rows a partition) trained again in a
-    child process with the maintenance's environment (MAINTENANCE_LANCE_ENV): its peak RSS (GNU time)
-    and its time;
+  - the chunk table's index (cosine; ANN_PARTITION_ROWS rows a partition, or --partitions: 627 over
+    4.35M chunks is what the pipeline's training at 2.57M left) trained again in a child process with
+    the maintenance's environment (MAINTENANCE_LANCE_ENV): its peak RSS (GNU time) and its time;
   - then, as a fresh reader, search p50/p95 and recall@10 against exact search (scale.py's
     search_figures: SciFact's first 100 test queries).
 
@@ -44,10 +46,10 @@ TRAIN = """
 import sys
 import lance
 from shared.lance_maintenance import ANN_INDEX, ANN_PARTITION_ROWS
-uri, rows, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-partitions = max(1, rows // ANN_PARTITION_ROWS)
+uri, rows, rate, kind, partitions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+partitions = partitions or max(1, rows // ANN_PARTITION_ROWS)
 lance.dataset(uri).create_index(
-    "vector", "IVF_SQ", name=ANN_INDEX, metric="cosine", replace=True, num_partitions=partitions,
+    "vector", kind, name=ANN_INDEX, metric="cosine", replace=True, num_partitions=partitions,
     streaming_sample_rate=rate or None,
 )
 print(partitions)
@@ -64,7 +66,7 @@ def linked_copy(store: Path, copy: Path) -> None:
             shutil.copy2(store / path.name, path)
 
 
-def retrain(copy: Path, rate: int) -> dict:
+def retrain(copy: Path, rate: int, kind: str, partitions: int) -> dict:
     """Train the copy's ANN index again in a child process: its partitions, seconds and peak RSS."""
     import lance
 
@@ -75,8 +77,9 @@ def retrain(copy: Path, rate: int) -> dict:
     started = time.perf_counter()
     # GNU time starts the child: a child forked by this process (grown by the searches) would count this
     # process's RSS at the fork in its peak (Linux's maxrss survives the exec)
+    train = [sys.executable, "-c", TRAIN, uri, str(rows), str(rate), kind, str(partitions)]
     child = subprocess.run(
-        ["/usr/bin/time", "-f", "peak_kb %M", sys.executable, "-c", TRAIN, uri, str(rows), str(rate)],
+        ["/usr/bin/time", "-f", "peak_kb %M", *train],
         env=env,
         capture_output=True,
         text=True,
@@ -94,6 +97,10 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True, help="a LanceDB store scale.py kept (left unchanged)")
     parser.add_argument("--work", type=Path, help="where the copy goes (default: beside the store)")
     parser.add_argument("--rates", default="0,16", help="streaming sample rates, in turn; 0: Lance's whole sample")
+    parser.add_argument("--index", default="IVF_RQ", choices=("IVF_RQ", "IVF_SQ"), help="the index type")
+    parser.add_argument(
+        "--partitions", type=int, default=0, help="IVF partitions (default: ANN_PARTITION_ROWS rows each)"
+    )
     parser.add_argument("--scifact", type=Path, default=h.SCIFACT, help="BEIR SciFact directory")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
@@ -103,7 +110,9 @@ def main() -> None:
     try:
         for rate in (int(r) for r in args.rates.split(",")):
             linked_copy(args.store, copy)
-            figures = {"streaming_sample_rate": rate} | retrain(copy, rate)
+            figures = {"index": args.index, "streaming_sample_rate": rate} | retrain(
+                copy, rate, args.index, args.partitions
+            )
             search = search_figures(str(copy), args.scifact)
             figures |= {k: search[k] for k in ("p50_ms", "p95_ms", "recall@10", "peak_rss_searching_mb")}
             print(json.dumps(figures), flush=True)
