@@ -1,5 +1,5 @@
-"""The IVF index's retraining: its memory, time and search, by index type (IVF_RQ, the maintenance's, or
-IVF_SQ) and k-means (Lance's on its whole sample, or streamed: `streaming_sample_rate`), on copies of a
+"""The IVF index's retraining: its memory, time and search, by index type (IVF_SQ, the maintenance's, or
+IVF_RQ) and k-means (Lance's on its whole sample, or streamed: `streaming_sample_rate`), on copies of a
 store a scale.py run kept:
 
     python bench/scale.py --docs 25000 --model .bench/static-minilm --tmp /tmp/s --keep
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True, help="a LanceDB store scale.py kept (left unchanged)")
     parser.add_argument("--work", type=Path, help="where the copy goes (default: beside the store)")
     parser.add_argument("--rates", default="0,16", help="streaming sample rates, in turn; 0: Lance's whole sample")
-    parser.add_argument("--index", default="IVF_RQ", choices=("IVF_RQ", "IVF_SQ"), help="the index type")
+    parser.add_argument("--index", default="IVF_SQ", choices=("IVF_SQ", "IVF_RQ"), help="the index type")
     parser.add_argument(
         "--partitions", type=int, default=0, help="IVF partitions (default: ANN_PARTITION_ROWS rows each)"
     )

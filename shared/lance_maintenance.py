@@ -25,11 +25,6 @@ ANN_INDEX = "vector_idx"
 # Rows per IVF partition at the training. LanceDB's default (8,192) left 31 partitions at 254k chunks, so
 # 20 probes scanned 65% of the table; at 4,096 a query scans search_nprobes partitions of 4-8k rows.
 ANN_PARTITION_ROWS = 4096
-# The ANN index's codes: IVF_RQ (RaBitQ, 1 bit a dimension, re-ranked by search's refine) scans less per
-# probe than IVF_SQ (8 bits): at 4.35M chunks of real text, 100 probes, p50 37.8 ms at recall@10 0.963
-# against IVF_SQ's 57.7 ms at 0.955, and built in 0.9x the time (bench/README.md, stop 32). RaBitQ needs
-# a dimension that is a multiple of 8; any other gets IVF_SQ.
-RQ_DIM_MULTIPLE = 8
 # Each maintenance indexes the new rows as a delta index of its own, for the ANN index and the BTREEs
 # alike: merging them into one index rewrote the whole index each time (the ANN's: 8 s at 826k chunks,
 # where a delta took 0.3 s; a BTREE's: 1.5-2 s at 4.4M: bench/README.md). A lookup or search probes every
@@ -111,7 +106,7 @@ def maintain(path: Path, name: str, ann_min_rows: int) -> str:
     import fcntl
 
     import lancedb
-    from lancedb.index import IvfRq, IvfSq
+    from lancedb.index import IvfSq
 
     handle = LanceStore(path, collection=name)
     db = lancedb.connect(str(path), session=lance_session())
@@ -126,9 +121,7 @@ def maintain(path: Path, name: str, ann_min_rows: int) -> str:
         if ann_due(rows, handle._trained_rows(), ann_min_rows):
             started = time.monotonic()
             partitions = max(1, rows // ANN_PARTITION_ROWS)
-            dim = table.schema.field("vector").type.list_size
-            kind = IvfRq if dim % RQ_DIM_MULTIPLE == 0 else IvfSq
-            config = kind(distance_type="cosine", num_partitions=partitions)
+            config = IvfSq(distance_type="cosine", num_partitions=partitions)
             table.create_index("vector", config=config, name=ANN_INDEX, replace=True)
             handle._update_manifest(lambda data: data["collections"][name].update(ann_rows=rows))
             took = time.monotonic() - started

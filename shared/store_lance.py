@@ -1,16 +1,15 @@
 """The embedded default store: LanceDB on local disk. Collections are tables; store.json lists them.
 
 At scale: BTREE indexes on chunk_id and doc_id (the merge and the `doc_id IN (...)` lookups use them),
-and an IVF vector index (RaBitQ codes) once a collection holds `ann_min_rows` chunks, trained again each
-time the collection doubles. Both are kept current by the collection's maintenance (optimize): compaction of the
+and an IVF_SQ vector index once a collection holds `ann_min_rows` chunks, trained again each time the
+collection doubles. Both are kept current by the collection's maintenance (optimize): compaction of the
 new fragments, which then join the BTREEs and, as a small delta index, the ANN index (which is no longer
 rewritten whole each time). It runs in a child process started by the writer, under a file lock (one per
 collection at a time, across processes): a write never waits on it nor grows with it, and a failed run
 is logged, counted and tried again later. Search probes the ANN index and scans the rows not yet in it
-(LanceDB's default), so it sees every row. IVF with quantised codes, because it builds fast: IVF_SQ 4.5 s
-at 200k chunks of 384-d on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not finish in 9 minutes at
-600k; IVF_RQ, which scans less per probe, builds in 0.9x IVF_SQ's time. The maintenance itself (and which
-index): shared/lance_maintenance.py."""
+(LanceDB's default), so it sees every row. IVF_SQ, because it builds fast: 4.5 s at 200k chunks of 384-d
+on 2 cores, where IVF_HNSW_SQ took 181 s and IVF_PQ did not finish in 9 minutes at 600k. The maintenance
+itself: shared/lance_maintenance.py."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
 
     store.upsert(*part("p3", 512, 3))  # past 2,000: the build starts beside the write
     store.wait_for_index()
-    assert store.index_stats()["vector_idx"] == {"type": "IVF_RQ", "indexed": 2048, "unindexed": 0}
+    assert store.index_stats()["vector_idx"] == {"type": "IVF_SQ", "indexed": 2048, "unindexed": 0}
     plan = store.search_plan(clustered(1, 7)[0], 10)
     assert "ANNSubIndex: name=vector_idx" in plan
 
@@ -76,20 +76,6 @@ def test_ann_index_is_built_past_the_threshold_used_and_kept_current(tmp_path):
     store.wait_for_index()
     manifest = json.loads((tmp_path / "store.json").read_text())
     assert manifest["collections"][store.collection]["ann_rows"] >= 8192
-    store.close()
-
-
-@pytest.mark.slow  # the index is built in a child process (the store's maintenance)
-def test_a_dimension_rabitq_cannot_take_gets_an_ivf_sq_index(tmp_path):
-    """IVF_RQ needs a multiple of 8 dimensions (an API model's NAME@DIMS may be any): else IVF_SQ."""
-    store = open_store(str(tmp_path), SPEC, settings=Settings(ann_min_rows=1000))
-    for p in range(2):
-        chunks, _, docs = part(f"p{p}", 512, p)
-        store.upsert(chunks, clustered(512, p, dim=36), docs)
-    store.wait_for_index()
-    assert store.index_stats()["vector_idx"] == {"type": "IVF_SQ", "indexed": 1024, "unindexed": 0}
-    query = clustered(1, 7, dim=36)[0]
-    assert [h.chunk_id for h in store.search(query, 10)][:3] == exact_top(store, query, 3)
     store.close()
 
 
