@@ -48,9 +48,9 @@ ANN_RETRAIN_GROWTH = 2
 ANN_RETRY_S = 60.0  # wait after a failed build
 # Lance's buffers in the maintenance child, smaller than its defaults (the shuffle of an IVF build holds
 # 128 MiB, a scan reads ahead up to 2 GiB, several fragments at once): the child training the IVF index
-# over 1M chunks peaked at 481 MB instead of 653 (stop 30). A fragment is 131,072 chunks, ~200 MB of
-# 384-d vectors; one read ahead at a time took that peak (on synthetic vectors) from 622-778 to 454-460 MB,
-# for ~5% more time (bench/README.md, stop 33).
+# over 1M chunks peaked at 481 MB instead of 653 (stop 30). One fragment read ahead at a time took the
+# peak over 1M synthetic 384-d chunks (131,072-row fragments) from 622-778 to 454-460 MB; over a real
+# store of 2.47M 256-d chunks it changed nothing (466 MB both ways): bench/README.md, stop 33.
 MAINTENANCE_LANCE_ENV = {
     "LANCE_SHUFFLE_BATCH_BYTES": str(8 * 2**20),
     "LANCE_DEFAULT_IO_BUFFER_SIZE": str(64 * 2**20),
